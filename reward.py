@@ -1,0 +1,166 @@
+"""
+reward.py: the preference side of SAIL. Who says which response is better?
+
+  * `gold_reward` / `GoldReward`: the embedded task's oracle. A short review scores well when
+    it is positive, names what it reviews, is a finished sentence and does not repeat itself.
+    It is programmatic, deterministic and cheap, and it plays two roles that are kept apart in
+    the code: the labeller that answers oracle queries during training, and the yardstick for
+    evaluation (`train.py` calls it for both, but counts only the labelling calls as queries).
+  * `HFRewardModel`: any Hugging Face sequence-classification reward model with its own
+    tokenizer. It scores *decoded text*, never the policy's token ids.
+  * `bradley_terry_label`: a pairwise label from two rewards (hard by default, sampled optional).
+  * `self_label`: SAIL's self-labelling, z ~ Bernoulli(sigmoid(beta * h)) from the policy's
+    own implicit reward; it costs no oracle query.
+
+Run `python -c "import reward; print(reward.gold_reward('Review of the pizza:', ' the pizza was great .'))"`
+to try the oracle.
+
+Departures from the paper:
+  1. The paper's oracles are 7B reward models (beaver-7b, Eurus-RM-7b). The default task uses a
+     programmatic gold reward so that the whole loop runs on a laptop in minutes and so that
+     the evaluation reward is exact, not another model's opinion.
+  2. Ties (equal rewards) carry no preference. With hard labels `bradley_terry_label` marks them
+     invalid and `train.py` leaves them out of the loss (they still count as oracle queries).
+"""
+import re
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# The gold reward of the embedded task: the lexicon it knows and the score it gives.
+
+SUBJECTS = {  # category -> things one can review; each category has its own aspects
+    "food": ["pizza", "soup", "pasta", "burger", "salad", "coffee"],
+    "film": ["movie", "show", "album", "book", "concert", "play"],
+    "place": ["hotel", "park", "museum", "beach", "cafe", "gym"],
+    "gadget": ["phone", "laptop", "camera", "headphones", "watch", "bike"],
+}
+ASPECTS = {
+    "food": ["taste", "service", "smell", "portion"],
+    "film": ["story", "acting", "music", "ending"],
+    "place": ["staff", "view", "location", "crowd"],
+    "gadget": ["battery", "screen", "design", "sound"],
+}
+POSITIVE = ["great", "good", "lovely", "excellent", "amazing", "wonderful", "fantastic", "perfect", "nice", "superb"]
+NEGATIVE = ["bad", "awful", "terrible", "boring", "poor", "horrible", "bland", "dull", "broken", "disappointing"]
+NEGATIONS = {"not", "never", "no"}
+STOPWORDS = {"the", "a", "it", "was", "is", "and", "but", "i", "this", "so", "very", "really", "quite", "at", "all"}
+
+CATEGORY_OF = {s: c for c, subjects in SUBJECTS.items() for s in subjects}
+_POLARITY = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
+_WORD = re.compile(r"[a-z]+")
+
+
+def subject_of(prompt):
+    """The thing a prompt asks to review: the last known subject named in it (None if none)."""
+    found = [w for w in _WORD.findall(prompt.lower()) if w in CATEGORY_OF]
+    return found[-1] if found else None
+
+
+def gold_reward(prompt, response):
+    """Score one review. Roughly in [-4, 4]; the responses of the default SFT model average ~0.6.
+
+    sentiment  +1 per distinct positive word, -1 per distinct negative word, a negation ("not
+               great") flips the word after it; clipped to [-3, 3]. Counting distinct words
+               is the guard against "great great great".
+    on topic   +1 if it names the subject or one of its category's aspects and no other subject.
+    repetition -0.5 for each repeated content word (anything outside STOPWORDS).
+    finished   -1 unless the text ends with "." (a response cut off by the length limit).
+    An empty response scores -2.
+    """
+    words = _WORD.findall(response.lower())
+    if not words:
+        return -2.0
+    positive, negative = set(), set()
+    for prev, word in zip([""] + words[:-1], words):
+        sign = _POLARITY.get(word, 0) * (-1 if prev in NEGATIONS else 1)
+        if sign > 0:
+            positive.add(word)
+        elif sign < 0:
+            negative.add(word)
+    sentiment = max(-3, min(3, len(positive) - len(negative)))
+
+    subject = subject_of(prompt)
+    named = {w for w in words if w in CATEGORY_OF}
+    own = {subject} | set(ASPECTS.get(CATEGORY_OF.get(subject), []))
+    on_topic = bool(own & set(words)) and named <= {subject}
+
+    content = [w for w in words if w not in STOPWORDS]
+    repeats = len(content) - len(set(content))
+    finished = response.rstrip().endswith(".")
+    return float(sentiment + on_topic - 0.5 * repeats - (not finished))
+
+
+class GoldReward:
+    """The oracle of the embedded task as a batch scorer: (prompts, responses) -> (B,) float32."""
+
+    def __call__(self, prompts, responses):
+        return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face reward model with its own tokenizer.
+
+class HFRewardModel:
+    """Wrap an `AutoModelForSequenceClassification` with one output (a scalar reward).
+
+    It scores decoded text `prompt + response` with its *own* tokenizer, in batches, under
+    `no_grad`, truncated to its own max length; it stays in eval mode with no gradients.
+    """
+
+    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {name_or_path}: expected one score per text (num_labels=1), "
+                             f"got num_labels={self.model.config.num_labels}")
+        if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have no pad token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.batch_size = device, batch_size
+        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length, max_length]
+        self.max_length = min(n for n in limits if n)  # model_max_length is huge when unknown
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        texts = [p + r for p, r in zip(prompts, responses)]
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            logits = self.model(**enc).logits  # (b, 1)
+            if logits.shape != (enc["input_ids"].shape[0], 1):
+                raise ValueError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
+            scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning scores into pairwise labels.
+
+def bradley_terry_label(r1, r2, mode="hard", generator=None):
+    """Label pairs (y1, y2) from their rewards r1, r2, each (B,).
+
+    Returns (y1_wins, valid), both (B,) bool. Bradley-Terry: P(y1 > y2) = sigmoid(r1 - r2).
+    mode="hard":    y1 wins iff r1 > r2; ties are marked invalid (they carry no preference).
+    mode="sampled": y1 wins with probability sigmoid(r1 - r2); every pair is valid.
+    """
+    if mode == "hard":
+        return r1 > r2, r1 != r2
+    if mode == "sampled":
+        y1_wins = torch.bernoulli(torch.sigmoid(r1 - r2), generator=generator).bool()
+        return y1_wins, torch.ones_like(y1_wins)
+    raise ValueError(f"label mode must be 'hard' or 'sampled', got {mode!r}")
+
+
+def self_label(h, beta, generator=None):
+    """SAIL's self-labelling: the policy's own Bradley-Terry preference between y1 and y2.
+
+    h (B,) = [log pi(y1) - log ref(y1)] - [log pi(y2) - log ref(y2)], so that beta * h is the
+    implicit reward margin. Returns y1_wins (B,) bool with z ~ Bernoulli(sigmoid(beta * h)).
+    """
+    p = torch.sigmoid(beta * h.detach().float().cpu())  # on the CPU, where the label generator lives
+    return torch.bernoulli(p, generator=generator).bool()

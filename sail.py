@@ -1,0 +1,145 @@
+"""
+sail.py: the math of SAIL (Ding et al., "SAIL: Self-Improving Efficient Online Alignment of
+Large Language Models", arXiv 2406.15567), as short pure functions.
+
+  sequence_logps  L(y) = log pi(y | x), summed over the response tokens
+  dpo_loss        the DPO loss (Rafailov et al. 2023, eq. 7)
+  sail_loss       a per-pair surrogate whose expected gradient is minus the gradient of SAIL's
+                  single-level objective J(theta) (below); DPO when both coefficients are 0
+  sample          policy sampling with the model's KV cache, in plain PyTorch
+
+Notation (as in ../shared/SAIL_NOTES.md): Delta(y) = L_theta(y) - L_ref(y); for a pair,
+h = Delta(y_w) - Delta(y_l); l = log sigmoid(beta * h). SAIL maximises
+
+    J(theta) = E_{x, y1, y2 ~ pi_theta, (y_w, y_l) ~ labeller} [ l ]
+
+and because the responses (and, when self-labelling, the labels) are drawn from pi_theta itself,
+
+    grad J = E[grad l]                              DPO's gradient on these pairs
+           + E[l * (grad L(y1) + grad L(y2))]       response term  (responses from pi_theta)
+           + E[l * grad l]                          label term     (labels from sigmoid(beta h))
+
+Variants: SAIL-PR (policy responses, oracle labels: response term), SAIL-PP (policy responses,
+self-labels: both terms), SAIL-DP (dataset responses, self-labels: label term).
+
+Run the tests: `python -m pytest -q test_sail.py`.
+
+Departures from the paper and the official code:
+  1. The extra terms are written as a surrogate loss with stop-gradients instead of the
+     official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
+     batch (SAIL_NOTES.md, known problem 1). Its expected gradient is checked exactly against
+     autograd of J in the tests.
+  2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
+     as the mean of -l over the *other* pairs of the batch) is subtracted in the response term.
+     It leaves the expected gradient unchanged and lowers its variance. The paper has none.
+  3. Log-probs are those of the untempered policy (temperature 1), the distribution that the
+     DPO reward-policy equivalence refers to. With the default sampling temperature 1 the
+     response term is then exactly the score-function gradient; with another temperature it is
+     an approximation (the paper samples at 0.9).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logps(logits, labels, mask):
+    """Summed log-probabilities of the response tokens of each sequence.
+
+    logits: (B, T, V) model outputs on `labels`; labels: (B, T) the input ids; mask: (B, T),
+    1 on response tokens at their own positions in `labels` (0 on prompt, padding, after-EOS).
+    Returns (B,), float32 (float64 for float64 logits).
+    """
+    # Position t predicts token t+1. bf16/fp16 logits go to fp32 before log_softmax (float64 stays).
+    logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
+    labels, mask = labels[:, 1:], mask[:, 1:].bool()  # (B, T-1)
+    logps = logits.log_softmax(-1).gather(2, labels.unsqueeze(2)).squeeze(2)  # (B, T-1)
+    # Sum, not mean: log pi(y|x) of a whole response is the sum of its token log-probs, and the
+    # DPO/SAIL implicit reward beta * log pi(y|x) / ref(y|x) is defined on that sequence log-prob.
+    # torch.where rather than multiplying by the mask, so a non-finite value at a masked position
+    # can never leak into the sum or its gradient.
+    return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta):
+    """DPO loss per pair.
+
+    Each *_logps argument: (B,) summed response log-probs (sequence_logps). beta: KL strength.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
+    rewards beta * Delta(y), detached.
+    """
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
+    losses = -F.logsigmoid(beta * h)  # DPO eq. 7: -log sigmoid(beta * h)
+    return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                       reference_rejected_logps, beta))
+
+
+def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+              label_coef=0.0, response_coef=0.0, baseline=None):
+    """SAIL's surrogate loss per pair: its expected gradient is -grad J (module docstring).
+
+    Each *_logps argument: (B,) summed response log-probs. beta: KL strength.
+    label_coef: float or (B,), weight of the label term (self-labelled pairs: SAIL-PP, SAIL-DP).
+    response_coef: float or (B,), weight of the response term (policy-sampled pairs: SAIL-PR, -PP).
+    baseline: None, float or (B,), an estimate of E[-l] independent of each pair's own responses.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
+    ell = F.logsigmoid(beta * h)  # (B,) l = log sigmoid(beta h), the Bradley-Terry log-likelihood
+    cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
+    losses = (-ell  # E[grad l]: DPO
+              - 0.5 * label_coef * ell ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
+              + response_coef * cost * (policy_chosen_logps + policy_rejected_logps))  # E[l grad(L(y1) + L(y2))]
+    return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                       reference_rejected_logps, beta))
+
+
+def _implicit_rewards(pc, pr, rc, rr, beta):
+    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def leave_one_out_mean(x):
+    """For each i, the mean of x over the other entries: a baseline for pair i that does not
+    depend on pair i (so it keeps the response term unbiased). x: (B,) with B >= 2."""
+    x = x.detach()
+    return (x.sum() - x) / (x.numel() - 1)  # (B,)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_token_id, generator=None):
+    """Sample one response per row from a causal LM, token by token with its KV cache.
+
+    prompt_ids, prompt_mask: (B, Tp) left-padded prompts (for two responses per prompt, repeat
+    the rows). temperature 0 means greedy. Each response ends at its first EOS, which is kept;
+    later tokens are filled with EOS and masked; sampling stops once every row has ended.
+    Returns (ids, attention_mask, response_mask), each (B, Tp + n) with n <= max_new_tokens,
+    ready for `sequence_logps(model(ids, ...).logits, ids, response_mask)`.
+    """
+    B = prompt_ids.shape[0]
+    # Left padding shifts where each prompt starts; position ids must count real tokens only,
+    # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, use_cache=True)
+    next_position = position[:, -1:] + 1  # (B, 1)
+    attention = prompt_mask
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # (B,) has this row emitted EOS?
+    tokens, alive = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        else:
+            token = logits.argmax(-1)  # (B,)
+        token = torch.where(done, eos_token_id, token)  # finished rows emit EOS as padding
+        tokens.append(token)
+        alive.append(~done)  # this token is part of the response (the first EOS included)
+        done = done | (token == eos_token_id)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)  # (B, Tp + t + 1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_position = next_position + 1
+    response_mask = torch.stack(alive, 1).long()  # (B, n)
+    ids = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1)  # (B, Tp + n)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + n) after-EOS padding masked
+    return ids, attention_mask, torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)

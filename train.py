@@ -1,0 +1,492 @@
+"""
+train.py: online preference alignment with SAIL, read top to bottom.
+
+    python train.py                      # SFT (cached after the first run), SAIL-PR, evaluation
+    python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix
+    python train.py --help               # every option with its default
+
+Phases: (1) the SFT policy: on the embedded task, fine-tune a small GPT-2 on the task's corpus
+once and cache it with `save_pretrained`; with --model, load any causal LM. (2) A frozen copy
+of it is the reference. (3) Each step builds a batch of preference pairs, routed per pair as in
+the official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses, self-labels),
+SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels); then one
+reference forward, one policy forward+backward on all chosen+rejected rows, one optimiser step.
+(4) Evaluation on held-out prompts against the SFT model, under the gold reward.
+
+Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json, policy/
+(the final policy and tokenizer, `from_pretrained`-ready), reward.png when matplotlib is there.
+
+Departures from the paper (see also sail.py):
+  1. Every method is one routing of pairs: dpo = all offline, sail-dp/pp/pr = all to one route,
+     online-dpo = sail-pr with gamma 0, mix = the paper's per-pair mixture (r, p, g).
+  2. Each training step draws fresh prompts, so new prompts keep entering the online pool (the
+     official code stops after its first generation round), and responses stay attached to the
+     prompt that produced them, in one tensor (the official code pairs mismatched lists).
+  3. Tied oracle labels are left out of the loss and still counted as queries.
+  4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models.
+  5. The response term uses a leave-one-out baseline by default (--baseline none for the plain
+     estimator), which lowers its variance without biasing it.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+import reward
+from sail import leave_one_out_mean, sail_loss, sample, sequence_logps
+
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass; every field becomes a --flag with its help line.
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to run
+    method: str = arg("sail-pr", "dpo | online-dpo | sail-pr | sail-pp | sail-dp | mix (see METHODS)")
+    r: float = arg(0.4, "probability that a pair is routed to SAIL-DP: dataset responses, self-labels (sail-dp, mix)")
+    p: float = arg(0.3, "probability that a pair is routed to SAIL-PP: policy responses, self-labels (sail-pp, mix)")
+    g: float = arg(0.3, "probability that a pair is routed to SAIL-PR: policy responses, oracle labels (sail-pr, mix)")
+    rho: float = arg(0.2, "label-term coefficient of SAIL-DP pairs")
+    pi: float = arg(0.2, "label- and response-term coefficient of SAIL-PP pairs")
+    gamma: float = arg(0.3, "response-term coefficient of SAIL-PR pairs")
+    response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
+    beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
+    baseline: str = arg("loo", "response-term baseline: loo (mean -l of the other pairs in the batch) | none")
+    label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; ties dropped) | sampled (Bernoulli(sigmoid(r1 - r2)))")
+    # optimisation
+    steps: int = arg(150, "alignment steps (optimiser updates)")
+    batch_size: int = arg(16, "preference pairs per step (online pairs: prompts x 2 responses)")
+    lr: float = arg(5e-4, "AdamW learning rate of the alignment phase")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
+    # generation
+    max_new_tokens: int = arg(24, "longest sampled response, in tokens")
+    temperature: float = arg(1.0, "sampling temperature (log-probs always use temperature 1; see sail.py)")
+    max_prompt_len: int = arg(32, "prompts keep their last this-many tokens (truncations are counted and printed)")
+    # models and data
+    model: str = arg("embedded", "policy: 'embedded' (tiny GPT-2, SFT on the embedded task) or a causal-LM id/path")
+    reward_model: str = arg("", "oracle: '' for the embedded gold reward, or a sequence-classification id/path")
+    prompts: str = arg("", "training prompts JSONL ({'prompt'} per line); default: the embedded task's")
+    eval_prompts: str = arg("", "held-out prompts JSONL; default: the embedded task's")
+    pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
+    eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
+    task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
+    sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
+    sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
+    sft_batch_size: int = arg(64, "SFT batch size")
+    cache_dir: str = arg(".cache", "where the embedded SFT model is saved and found again")
+    # evaluation and logging
+    eval_every: int = arg(50, "evaluate on held-out prompts every this many steps (and at the end)")
+    eval_samples: int = arg(4, "responses per held-out prompt in evaluation")
+    sample_every: int = arg(50, "print a prompt with its chosen and rejected responses every this many steps")
+    out_dir: str = arg("runs/sail", "output directory")
+    seed: int = arg(0, "seed of the alignment run (routing, prompt order, sampling, labels)")
+    device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
+
+
+OFFLINE, DP, PP, PR = range(4)  # the four routes a pair can take
+METHODS = {  # method -> probabilities of (offline DPO, SAIL-DP, SAIL-PP, SAIL-PR), as in the official code
+    "dpo": lambda c: (1, 0, 0, 0),
+    "online-dpo": lambda c: (0, 0, 0, 1),  # all pairs online and oracle-labelled, gamma = 0
+    "sail-dp": lambda c: (1 - c.r, c.r, 0, 0),  # the rest of the pairs stay offline DPO pairs
+    "sail-pp": lambda c: (1 - c.p, 0, c.p, 0),
+    "sail-pr": lambda c: (1 - c.g, 0, 0, c.g),  # --g 1 for purely online SAIL-PR
+    "mix": lambda c: (1 - c.r - c.p - c.g, c.r, c.p, c.g),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name}", type=f.type if isinstance(f.type, type) else eval(f.type),
+                            default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problems = []
+    if cfg.method not in METHODS:
+        problems.append(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.beta <= 0:
+        problems.append(f"--beta must be > 0, got {cfg.beta}")
+    for name in ("r", "p", "g", "rho", "pi", "gamma", "response_scale"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("r", "p", "g"):
+        if getattr(cfg, name) > 1:
+            problems.append(f"--{name} is a probability: it must be <= 1, got {getattr(cfg, name)}")
+    if cfg.method == "mix" and cfg.r + cfg.p + cfg.g > 1 + 1e-9:
+        problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
+    if cfg.baseline not in ("loo", "none"):
+        problems.append(f"--baseline {cfg.baseline!r}: choose loo or none")
+    if cfg.label_mode not in ("hard", "sampled"):
+        problems.append(f"--label_mode {cfg.label_mode!r}: choose hard or sampled")
+    if cfg.batch_size < 2:
+        problems.append(f"--batch_size must be >= 2, got {cfg.batch_size}")
+    if problems:
+        parser.error("\n  ".join(problems))
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Small helpers: seeding, device, forward passes
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sequence_logps_of(model, ids, attention_mask, response_mask, amp):
+    """Summed response log-probs (B,) of one batch through `model` (one forward pass)."""
+    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) count real tokens only
+    with amp:
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
+    return sequence_logps(logits, ids, response_mask)  # (B,)
+
+
+def decode(tokenizer, ids, response_mask):
+    """Response texts of a batch, without the prompt, EOS or padding."""
+    return tokenizer.batch_decode(torch.where(response_mask.bool(), ids, tokenizer.eos_token_id),
+                                  skip_special_tokens=True)
+
+
+def order_pairs(y1_wins, x):
+    """Values (2B,) of the rows [all y1; all y2] -> (chosen, rejected), each (B,)."""
+    y1, y2 = x[:len(y1_wins)], x[len(y1_wins):]
+    return torch.where(y1_wins, y1, y2), torch.where(y1_wins, y2, y1)
+
+
+def accuracy(h):
+    """Per pair: 1 if the implicit reward prefers the chosen response, 0.5 on a tie (h = 0)."""
+    return (h > 0).float() + 0.5 * (h == 0).float()
+
+
+def disable_dropout(model):
+    # Dropout would make the policy's and the reference's log-probs of the same text disagree
+    # at initialisation, and adds noise to h; DPO implementations switch it off.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def supervised_finetune(model, tokenizer, task, cfg, device):
+    """Maximum likelihood of the task's reviews given their prompts (the SFT phase)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
+    rng = random.Random(cfg.task_seed)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
+    for _ in bar:
+        prompts, responses = zip(*rng.sample(task.sft, cfg.sft_batch_size))
+        batch = [t.to(device) for t in data.encode_responses(tokenizer, prompts, responses, cfg.max_prompt_len,
+                                                              cfg.max_new_tokens)]
+        logps = sequence_logps_of(model, *batch, amp=torch.autocast(device.type, enabled=False))  # (B,)
+        loss = -logps.sum() / batch[2].sum()  # mean negative log-likelihood per response token
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(nll=f"{loss.item():.3f}")
+
+
+def embedded_policy(cfg, task, device):
+    """The embedded SFT model: load it from the cache, or build, fine-tune and save it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        print(f"sft: loading the cached SFT model from {path}")
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), 0.0
+    t0 = time.perf_counter()
+    tokenizer = data.build_tokenizer([p + y for p, y in task.sft])
+    tokenizer.model_max_length = 64
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.task_seed)
+    model = GPT2LMHeadModel(config).to(device)
+    disable_dropout(model)
+    supervised_finetune(model, data.prepare_tokenizer(tokenizer), task, cfg, device)
+    os.makedirs(path + ".tmp", exist_ok=True)
+    model.save_pretrained(path + ".tmp")
+    tokenizer.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a half-written cache is never mistaken for a finished one
+    print(f"sft: trained and saved to {path} in {time.perf_counter() - t0:.1f}s")
+    return model.cpu(), tokenizer, time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: held-out prompts, gold reward, win rate against SFT, KL, pair accuracy
+
+@torch.no_grad()
+def evaluate(policy, reference, tokenizer, oracle, eval_batch, eval_prompts, sft_rewards, pair_batch, cfg, amp):
+    """Sample held-out responses with a fixed generator (the same noise for every evaluation
+    and for the SFT baseline: common random numbers make the comparison less noisy)."""
+    generator = torch.Generator(eval_batch[0].device).manual_seed(cfg.seed + 1)
+    with amp:
+        ids, attention, response = sample(policy, *eval_batch, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id,
+                                          generator=generator)
+    rewards = oracle(eval_prompts, decode(tokenizer, ids, response))  # (N,)
+    kl = sequence_logps_of(policy, ids, attention, response, amp) - sequence_logps_of(reference, ids, attention, response, amp)
+    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
+    if sft_rewards is not None:
+        out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
+    if pair_batch is not None:
+        logps = sequence_logps_of(policy, *pair_batch, amp) - sequence_logps_of(reference, *pair_batch, amp)  # (2M,)
+        h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
+        out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
+    return out, rewards
+
+
+def main(cfg):
+    t_start = time.perf_counter()
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
+    print(f"device: {device} | compute dtype: {'bfloat16 autocast' if use_bf16 else 'float32'}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    # -------------------------------------------------------------------------
+    # Data first: a bad file should fail before any minute of training is spent.
+    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not (cfg.prompts and cfg.eval_prompts) else None
+    train_prompts = data.load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
+    eval_prompts = data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else task.eval_prompts
+    pairs = data.load_pairs(cfg.pairs) if cfg.pairs else (task.pairs if task else None)
+    eval_pairs = data.load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (task.eval_pairs if task else None)
+    route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
+    if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
+        raise SystemExit(f"--method {cfg.method} trains on offline pairs: give --pairs")
+
+    # -------------------------------------------------------------------------
+    # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
+    t0 = time.perf_counter()
+    if cfg.model == "embedded":
+        policy, tokenizer, sft_seconds = embedded_policy(cfg, task, device)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        policy, tokenizer, sft_seconds = AutoModelForCausalLM.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(cfg.model), 0.0
+    data.prepare_tokenizer(tokenizer)
+    disable_dropout(policy)
+    policy.to(device).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    oracle = reward.HFRewardModel(cfg.reward_model, device) if cfg.reward_model else reward.GoldReward()
+    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
+          f"oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | routing "
+          f"offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in route_probs)}")
+    t_load = time.perf_counter() - t0
+
+    # -------------------------------------------------------------------------
+    # Evaluation batches, fixed for the run, and the SFT baseline they are compared against.
+    repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples)]
+    p_ids, p_mask, n_cut = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
+    eval_batch = (p_ids.to(device), p_mask.to(device))
+    pair_batch = None
+    if eval_pairs:
+        pair_batch = tuple(t.to(device) for t in data.encode_responses(
+            tokenizer, [x["prompt"] for x in eval_pairs] * 2, [x["chosen"] for x in eval_pairs] + [x["rejected"] for x in eval_pairs],
+            cfg.max_prompt_len, cfg.max_new_tokens))
+    _, n_cut_train = data.encode_prompts(tokenizer, train_prompts, cfg.max_prompt_len)[1:] if train_prompts else (0, 0)
+    if n_cut or n_cut_train:
+        print(f"note: {n_cut_train} training and {n_cut // cfg.eval_samples} held-out prompts are longer than "
+              f"--max_prompt_len {cfg.max_prompt_len} and keep only their last tokens")
+    sft_eval, sft_rewards = evaluate(reference, reference, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
+    sft_eval["eval_win"] = 0.5
+    print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
+
+    # -------------------------------------------------------------------------
+    # The alignment loop
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    route_rng = np.random.default_rng([cfg.seed, 0])  # which route each pair takes
+    prompt_stream = data.Stream(len(train_prompts), seed=cfg.seed)
+    pair_stream = data.Stream(len(pairs), seed=cfg.seed) if pairs else None
+    sampling_gen = torch.Generator(device).manual_seed(cfg.seed)  # responses: its own stream
+    label_gen = torch.Generator().manual_seed(cfg.seed)  # BT and self-labels (CPU)
+    label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
+    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
+    oracle_queries, used_pairs, ties = 0, set(), 0
+    B = cfg.batch_size
+    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
+    history = [{"step": 0, **sft_eval}]
+    t_align = time.perf_counter()
+    for step in tqdm(range(1, cfg.steps + 1), desc=cfg.method, dynamic_ncols=True, leave=False):
+        t0, times = time.perf_counter(), {}
+
+        def lap(name):  # wall time of a phase; CUDA runs asynchronously, so wait for it first
+            nonlocal t0
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+
+        # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
+        route = np.sort(route_rng.choice(4, size=B, p=route_probs))
+        n_ds = int((route <= DP).sum())
+        n_on = B - n_ds
+        prompts_ds, prompts_on, texts = [], [], [None] * (2 * B)
+        halves = []  # (y1 rows, y2 rows) per part, to be stacked as [all y1; all y2]
+        if n_ds:
+            idx = pair_stream.next(n_ds)
+            used_pairs.update(i for i, k in zip(idx, route) if k == OFFLINE)  # their dataset labels came from an oracle
+            rows = [pairs[i] for i in idx]
+            prompts_ds = [x["prompt"] for x in rows]
+            ds = data.encode_responses(tokenizer, prompts_ds * 2, [x["chosen"] for x in rows] + [x["rejected"] for x in rows],
+                                       cfg.max_prompt_len, cfg.max_new_tokens)
+            halves.append(tuple(t[:n_ds].to(device) for t in ds) + tuple(t[n_ds:].to(device) for t in ds))
+            texts[:n_ds] = [x["chosen"] for x in rows]
+            texts[B:B + n_ds] = [x["rejected"] for x in rows]
+        if n_on:
+            prompts_on = [train_prompts[i] for i in prompt_stream.next(n_on)]
+            p_ids, p_mask, _ = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
+            with amp:
+                on = sample(policy, p_ids.to(device), p_mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id, generator=sampling_gen)
+            halves.append(tuple(t[:n_on] for t in on) + tuple(t[n_on:] for t in on))
+            on_texts = decode(tokenizer, on[0], on[2])
+            texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
+        lap("generate")
+
+        # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
+        is_pr = torch.from_numpy(route == PR)
+        y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+        scores = torch.full((2 * B,), float("nan"))
+        if is_pr.any():
+            idx = torch.nonzero(is_pr).squeeze(1)
+            prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
+            r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
+            scores[idx], scores[B + idx] = r[:len(idx)], r[len(idx):]
+            y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
+            oracle_queries += len(idx)
+            ties += int((~valid[idx]).sum())
+        lap("label")
+
+        batch = data.pad_cat([h[:3] for h in halves] + [h[3:] for h in halves], tokenizer.pad_token_id)  # (2B, T)
+        with torch.no_grad():  # reference log-probs: once per pair, no graph
+            ref = sequence_logps_of(reference, *batch, amp)  # (2B,)
+        lap("reference")
+
+        logps = sequence_logps_of(policy, *batch, amp)  # (2B,) chosen and rejected through one forward
+        delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
+        self_labelled = torch.from_numpy((route == DP) | (route == PP))
+        if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
+            y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
+        y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
+        h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
+        neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
+        losses, _, _ = sail_loss(*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta,
+                                 label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
+                                 baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
+        n_valid = valid.sum().clamp(min=1)
+        loss = torch.where(valid, losses, 0.0).sum() / n_valid
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lap("policy")
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        lap("optimizer")
+
+        # ---- logging: one line per step, a sample every so often, evaluation
+        on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
+        row = {"step": step, "loss": (torch.where(valid, neg_ell, 0.0).sum() / n_valid).item(),
+               "acc": (torch.where(valid, accuracy(h), 0.0).sum() / n_valid).item(),
+               "margin": (torch.where(valid, cfg.beta * h, 0.0).sum() / n_valid).item(),
+               "kl": delta[on_rows.to(device)].mean().item(),  # a KL estimate on policy samples
+               "reward": scores[~scores.isnan()].mean().item() if is_pr.any() else None,
+               "grad_norm": grad_norm.item(), "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
+               "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            policy.eval()
+            row.update(evaluate(policy, reference, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
+            policy.train()
+            history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        line = f"step {step} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f} | kl {row['kl']:.2f}"
+        line += f" | reward {row['reward']:.2f}" if row["reward"] is not None else ""
+        line += f" | dt {1000 * row['dt']:.0f}ms"
+        line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
+        tqdm.write(line)
+        if step % cfg.sample_every == 0:
+            i = 0 if n_ds == B else n_ds  # show an online pair when there is one
+            w, l = (i, B + i) if bool(y1_wins[i]) else (B + i, i)
+            shown = oracle([(prompts_ds + prompts_on)[i]] * 2, [texts[w], texts[l]])  # display only: not a query
+            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{['offline', 'SAIL-DP', 'SAIL-PP', 'SAIL-PR'][route[i]]}]\n"
+                       f"  chosen   {texts[w]!r}  (gold {shown[0]:.2f})\n  rejected {texts[l]!r}  (gold {shown[1]:.2f})")
+    metrics_file.close()
+    t_align = time.perf_counter() - t_align
+
+    # -------------------------------------------------------------------------
+    # Save the policy and the summary; print the final table.
+    policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    final = history[-1]
+    summary = {
+        "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed,
+        "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
+        "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
+        "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
+        "margin_final": final.get("eval_margin"),
+        "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
+        "seconds": time.perf_counter() - t_start,
+        "seconds_by_phase": {"sft": sft_seconds, "load_and_setup": t_load - sft_seconds, "align": t_align},
+    }
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_history(history, os.path.join(cfg.out_dir, "reward.png"), cfg.method)
+
+    print(f"\n{'held-out prompts':<26}{'SFT':>10}{cfg.method:>12}")
+    for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("KL to reference", "eval_kl"),
+                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
+        if key in final:
+            print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
+    print(f"oracle queries {summary['oracle_queries']} | time: sft {sft_seconds:.0f}s, align {t_align:.0f}s, "
+          f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
+    return summary
+
+
+def plot_history(history, path, title):
+    """Gold reward on held-out prompts against step (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib to get reward.png)")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h["eval_reward"] for h in history], marker="o")
+    ax.set(xlabel="step", ylabel="gold reward (held-out)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())
