@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 import data
 import reward
@@ -91,7 +92,7 @@ class Config:
     sft_batch_size: int = arg(64, "SFT batch size")
     cache_dir: str = arg(".cache", "where the embedded SFT model is saved and found again")
     # evaluation and logging
-    eval_every: int = arg(50, "evaluate on held-out prompts every this many steps (and at the end)")
+    eval_every: int = arg(25, "evaluate on held-out prompts every this many steps (and at the end)")
     eval_samples: int = arg(4, "responses per held-out prompt in evaluation")
     sample_every: int = arg(50, "print a prompt with its chosen and rejected responses every this many steps")
     out_dir: str = arg("runs/sail", "output directory")
@@ -264,6 +265,7 @@ def evaluate(policy, reference, tokenizer, oracle, eval_batch, eval_prompts, sft
 
 def main(cfg):
     t_start = time.perf_counter()
+    hf_logging.disable_progress_bar()  # our own bars only
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -331,6 +333,7 @@ def main(cfg):
     label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
     response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
     oracle_queries, used_pairs, ties = 0, set(), 0
+    phase_seconds = {}  # summed over steps, for the time breakdown
     B = cfg.batch_size
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
     history = [{"step": 0, **sft_eval}]
@@ -410,6 +413,8 @@ def main(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         lap("optimizer")
+        for k, v in times.items():
+            phase_seconds[k] = phase_seconds.get(k, 0.0) + v
 
         # ---- logging: one line per step, a sample every so often, evaluation
         on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
@@ -436,7 +441,8 @@ def main(cfg):
             i = 0 if n_ds == B else n_ds  # show an online pair when there is one
             w, l = (i, B + i) if bool(y1_wins[i]) else (B + i, i)
             shown = oracle([(prompts_ds + prompts_on)[i]] * 2, [texts[w], texts[l]])  # display only: not a query
-            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{['offline', 'SAIL-DP', 'SAIL-PP', 'SAIL-PR'][route[i]]}]\n"
+            how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][route[i]]
+            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[i] else ', a tie: left out'}]\n"
                        f"  chosen   {texts[w]!r}  (gold {shown[0]:.2f})\n  rejected {texts[l]!r}  (gold {shown[1]:.2f})")
     metrics_file.close()
     t_align = time.perf_counter() - t_align
@@ -455,6 +461,7 @@ def main(cfg):
         "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
         "seconds": time.perf_counter() - t_start,
         "seconds_by_phase": {"sft": sft_seconds, "load_and_setup": t_load - sft_seconds, "align": t_align},
+        "seconds_per_step": {k: v / cfg.steps for k, v in phase_seconds.items()},
     }
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
