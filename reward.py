@@ -101,6 +101,10 @@ class GoldReward:
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face reward model with its own tokenizer.
 
+class RewardModelError(ValueError):
+    """A reward model that does not give one score per text."""
+
+
 class HFRewardModel:
     """Wrap an `AutoModelForSequenceClassification` with one output (a scalar reward).
 
@@ -114,7 +118,7 @@ class HFRewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {name_or_path}: expected one score per text (num_labels=1), "
+            raise RewardModelError(f"reward model {name_or_path}: expected one score per text (num_labels=1), "
                              f"got num_labels={self.model.config.num_labels}")
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have no pad token
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -133,7 +137,7 @@ class HFRewardModel:
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits  # (b, 1)
             if logits.shape != (enc["input_ids"].shape[0], 1):
-                raise ValueError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
+                raise RewardModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
             scores.append(logits[:, 0].float().cpu())
         return torch.cat(scores)  # (B,)
 

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -279,8 +280,11 @@ def test_hf_reward_model_scores_text_with_its_own_tokenizer(tmp_path):
 
     GPT2ForSequenceClassification(config(2)).save_pretrained(tmp_path / "rm2")  # a classifier, not a reward model
     tokenizer.save_pretrained(tmp_path / "rm2")
-    with pytest.raises(ValueError, match="one score per text"):
+    with pytest.raises(reward.RewardModelError, match="one score per text"):
         reward.HFRewardModel(str(tmp_path / "rm2"))
+    with pytest.raises(SystemExit, match="error: reward model .*rm2: expected one score per text"):  # before training
+        train.cli(["--reward_model", str(tmp_path / "rm2"), "--out_dir", str(tmp_path / "o"), "--sft_steps", "40",
+                   "--cache_dir", str(tmp_path / "cache")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,17 +321,36 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def test_train_py_end_to_end(tmp_path, cache):
-    """`python train.py` as a user runs it: SFT, a few SAIL-PR steps, evaluation, outputs."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--steps", "3", "--g", "1", "--out_dir", str(out), "--cache_dir", cache, *FAST]
-    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 3 | loss" in result.stdout and "win rate vs SFT" in result.stdout
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    """One short SAIL-PR run three ways: uninterrupted (in this process); as `python train.py`
+    killed with SIGKILL between checkpoints; and the same command run again, which resumes."""
+    root = tmp_path_factory.mktemp("runs")
+    argv = ["--steps", "16", "--save_every", "4", "--batch_size", "8", "--g", "1", "--max_new_tokens", "12",
+            "--eval_every", "8", "--sample_every", "8", "--eval_samples", "1", "--sft_steps", "40", "--cache_dir", cache]
+    full, cut = root / "full", root / "cut"
+    train.main(train.parse_args(argv + ["--out_dir", str(full)]))
+    command = [sys.executable, "train.py", *argv, "--out_dir", str(cut)]
+    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cut / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 6):
+        time.sleep(0.005)  # the kill must land mid-run, after step 6 (the last checkpoint is step 4)
+    proc.kill()
+    killed = proc.wait() == -9
+    resumed = subprocess.run(command, cwd=HERE, capture_output=True, text=True)  # the same command again
+    return SimpleNamespace(full=full, cut=cut, killed=killed, resumed=resumed)
+
+
+def test_train_py_end_to_end(runs, cache):
+    """`python train.py` as a user runs it: SFT, SAIL-PR steps, evaluation, outputs."""
+    assert runs.resumed.returncode == 0, runs.resumed.stderr[-3000:]
+    out = runs.cut
+    assert "step 16 | loss" in runs.resumed.stdout and "win rate vs SFT" in runs.resumed.stdout
+    assert "chosen " in runs.resumed.stdout and "rejected " in runs.resumed.stdout  # the sample display
     summary = json.loads((out / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary) and summary["oracle_queries"] == 3 * 16  # 16 oracle-labelled pairs a step
+    assert SUMMARY_KEYS <= set(summary) and summary["oracle_queries"] == 16 * 8  # 8 oracle-labelled pairs a step
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert [x["step"] for x in lines] == list(range(1, 17)) and "eval_win" in lines[7]
     # The policy's parameters changed, and the saved policy loads back and generates.
     from transformers import AutoModelForCausalLM
     sft = AutoModelForCausalLM.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40"))
@@ -348,11 +371,13 @@ def test_every_method_runs(tmp_path, cache, method):
     assert queries == 32 if method in ("dpo", "online-dpo") else queries < 32
 
 
-def test_help_lists_every_option():
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True)
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = capsys.readouterr().out
     for f in dataclasses.fields(train.Config):
-        assert f"--{f.name}" in result.stdout
-    assert "(default: sail-pr)" in result.stdout
+        assert f"--{f.name}" in help_text
+    assert "(default: sail-pr)" in help_text
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -364,3 +389,90 @@ def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Never lose a run: kill and resume, determinism, non-finite values, bad input
+
+TIMING = ("dt", "t_")
+
+
+def metrics_without_timing(out_dir):
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_result(runs):
+    """SIGKILL a real run between checkpoints, run the same command again: it resumes and ends with
+    the same weights and the same metrics lines as a run that was never interrupted."""
+    assert runs.killed, "the run finished before it could be killed"
+    assert "resuming from" in runs.resumed.stdout
+    assert metrics_without_timing(runs.cut) == metrics_without_timing(runs.full)
+    a, b = weights(runs.full / "policy"), weights(runs.cut / "policy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_run(tmp_path, cache):
+    argv = ["--steps", "2", "--method", "mix", "--g", "0.5", "--p", "0.3", "--r", "0.2", "--cache_dir", cache, *FAST]
+    for name in ("a", "b"):
+        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / name)]))
+    assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
+
+
+def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path, cache, monkeypatch):
+    calls = {"n": 0}
+    real_oracle = reward.GoldReward.__call__
+
+    def oracle_breaks_at_step_2(self, prompts, responses):  # each step makes one labelling call
+        calls["n"] += 1
+        scores = real_oracle(self, prompts, responses)
+        return scores * float("nan") if calls["n"] == 2 else scores
+
+    monkeypatch.setattr(reward.GoldReward, "__call__", oracle_breaks_at_step_2)
+    cfg = train.parse_args(["--steps", "4", "--g", "1", "--save_every", "1", "--out_dir", str(tmp_path), "--cache_dir", cache,
+                            "--sft_steps", "40", "--eval_every", "100", "--sample_every", "100", "--eval_samples", "1"])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({"eval_reward": 0.0}, None))  # keep the call count simple
+    with pytest.raises(SystemExit, match=r"step 2: an oracle reward is nan.*checkpoint is kept"):
+        train.main(cfg)
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+
+    monkeypatch.setattr(reward.GoldReward, "__call__", real_oracle)
+    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (torch.full((16,), float("inf"), requires_grad=True), None, None))
+    with pytest.raises(SystemExit, match=r"step 1: the loss is inf"):
+        train.main(train.parse_args(["--g", "1", "--out_dir", str(tmp_path / "b"), "--cache_dir", cache, "--sft_steps", "40"]))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_data_file_fails_before_training_with_file_line_field(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review of the pizza:"}, {"prompt": ""}])
+    with pytest.raises(SystemExit, match=f"error: {prompts}:2: field 'prompt' is empty"):
+        train.cli(["--prompts", prompts, "--out_dir", str(tmp_path / "o")])  # what `python train.py` runs
+    assert not (tmp_path / "o").exists()  # failed before anything was written
+
+
+def test_long_prompts_are_cut_and_reported(tmp_path, cache, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review of the pizza:"}, {"prompt": "very " * 40 + "the cake:"}])
+    train.main(train.parse_args(["--prompts", prompts, "--g", "1", "--steps", "1", "--max_prompt_len", "8",
+                                 "--out_dir", str(tmp_path / "o"), "--cache_dir", cache, *FAST]))
+    assert "note: 1 of 2 training prompts are longer than --max_prompt_len 8 tokens and keep their last 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max_prompt_len", "60", "--max_new_tokens", "24"], "more than the model's 64 positions"),
+    (["--out_dir", "{tmp}/a-file/out"], "cannot be written"),
+])
+def test_bad_settings_fail_before_training(tmp_path, cache, argv, message):
+    (tmp_path / "a-file").write_text("not a directory")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = (["--out_dir", str(tmp_path / "o")] if "--out_dir" not in argv else []) + argv
+    with pytest.raises(SystemExit, match=message):
+        train.main(train.parse_args(argv + ["--cache_dir", cache, "--sft_steps", "40"]))

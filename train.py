@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class Config:
     eval_samples: int = arg(4, "responses per held-out prompt in evaluation")
     sample_every: int = arg(50, "print a prompt with its chosen and rejected responses every this many steps")
     out_dir: str = arg("runs/sail", "output directory")
+    save_every: int = arg(50, "write a resumable checkpoint every this many steps (and at the end)")
+    resume: str = arg("auto", "auto: continue from the checkpoint in --out_dir if there is one | no: start over")
     seed: int = arg(0, "seed of the alignment run (routing, prompt order, sampling, labels)")
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
 
@@ -137,6 +140,11 @@ def parse_args(argv=None):
         problems.append(f"--label_mode {cfg.label_mode!r}: choose hard or sampled")
     if cfg.batch_size < 2:
         problems.append(f"--batch_size must be >= 2, got {cfg.batch_size}")
+    if cfg.resume not in ("auto", "no"):
+        problems.append(f"--resume {cfg.resume!r}: choose auto or no")
+    for name in ("steps", "eval_every", "sample_every", "save_every", "max_new_tokens", "max_prompt_len", "eval_samples"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if problems:
         parser.error("\n  ".join(problems))
     return cfg
@@ -240,6 +248,86 @@ def embedded_policy(cfg, task, device):
 
 
 # -----------------------------------------------------------------------------
+# Checkpoints: everything a run needs to continue exactly where it stopped
+
+RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir"}
+
+
+def save_checkpoint(out_dir, policy, optimizer, state):
+    """Write out_dir/checkpoint atomically: build checkpoint.tmp/, then swap it in. The previous
+    checkpoint is deleted only once the new one is complete, so a kill at any moment (SIGKILL
+    included) leaves one good checkpoint: `checkpoint/`, or `checkpoint.old/` mid-swap."""
+    path = os.path.join(out_dir, "checkpoint")
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)  # safetensors
+    torch.save({"optimizer": optimizer.state_dict(), **state}, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir):
+    for name in ("checkpoint", "checkpoint.old"):
+        if os.path.isfile(os.path.join(out_dir, name, "state.pt")):
+            return os.path.join(out_dir, name)
+    return None
+
+
+def rng_states(*generators):
+    """Every random stream of the run: Python, numpy, torch (CPU and CUDA), and our own generators
+    (torch.Generator or numpy Generator), in a form torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "own": [g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in generators]}
+
+
+def set_rng_states(states, *generators):
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for g, state in zip(generators, states["own"]):
+        if isinstance(g, torch.Generator):
+            g.set_state(state)
+        else:
+            g.bit_generator.state = state
+
+
+def check_out_dir(out_dir):
+    """Fail at once, before any training, if the output directory cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
+
+
+def stop_if_not_finite(step, name, value, out_dir):
+    """A NaN or inf would poison every later step: stop now, with the last good checkpoint kept."""
+    if not math.isfinite(value):
+        kept = latest_checkpoint(out_dir)
+        raise SystemExit(f"error: step {step}: {name} is {value}; stopped before the update. "
+                         + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+
+
+def report_truncation(tokenizer, what, texts, limit, option, kept):
+    """Never truncate silently: count the texts longer than `limit` tokens and say so."""
+    n = sum(len(ids) > limit for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    if n:
+        print(f"note: {n} of {len(texts)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
+    return n
+
+
+# -----------------------------------------------------------------------------
 # Evaluation: held-out prompts, gold reward, win rate against SFT, KL, pair accuracy
 
 @torch.no_grad()
@@ -271,12 +359,9 @@ def main(cfg):
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
     print(f"device: {device} | compute dtype: {'bfloat16 autocast' if use_bf16 else 'float32'}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
 
     # -------------------------------------------------------------------------
-    # Data first: a bad file should fail before any minute of training is spent.
+    # Inputs first: a bad file or directory should fail before any minute of training is spent.
     task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not (cfg.prompts and cfg.eval_prompts) else None
     train_prompts = data.load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
     eval_prompts = data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else task.eval_prompts
@@ -284,7 +369,19 @@ def main(cfg):
     eval_pairs = data.load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (task.eval_pairs if task else None)
     route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
     if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
-        raise SystemExit(f"--method {cfg.method} trains on offline pairs: give --pairs")
+        raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
+    check_out_dir(cfg.out_dir)
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else None
+    if checkpoint:  # resuming: the run's settings must be the checkpoint's (a few may change)
+        state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
+        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+                   if k not in RESUMABLE_CHANGES and v != getattr(cfg, k)}
+        if changed:
+            raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
+                             + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items())
+                             + "); use another --out_dir, or --resume no to start over")
+
+    oracle = reward.HFRewardModel(cfg.reward_model, device) if cfg.reward_model else reward.GoldReward()
 
     # -------------------------------------------------------------------------
     # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
@@ -298,47 +395,81 @@ def main(cfg):
     disable_dropout(policy)
     policy.to(device).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    oracle = reward.HFRewardModel(cfg.reward_model, device) if cfg.reward_model else reward.GoldReward()
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
           f"oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | routing "
           f"offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in route_probs)}")
     t_load = time.perf_counter() - t0
+    positions = getattr(policy.config, "max_position_embeddings", None)
+    if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
+        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
+                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
+    all_pairs = (pairs or []) + (eval_pairs or [])
+    report_truncation(tokenizer, "training prompts", train_prompts, cfg.max_prompt_len, "--max_prompt_len", "last")
+    report_truncation(tokenizer, "held-out prompts", eval_prompts, cfg.max_prompt_len, "--max_prompt_len", "last")
+    report_truncation(tokenizer, "pair prompts", [x["prompt"] for x in all_pairs], cfg.max_prompt_len, "--max_prompt_len", "last")
+    report_truncation(tokenizer, "pair responses (with EOS)", [x[k] + tokenizer.eos_token for x in all_pairs for k in ("chosen", "rejected")],
+                      cfg.max_new_tokens, "--max_new_tokens", "first")
 
     # -------------------------------------------------------------------------
     # Evaluation batches, fixed for the run, and the SFT baseline they are compared against.
     repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples)]
-    p_ids, p_mask, n_cut = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
+    p_ids, p_mask, _ = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
     eval_batch = (p_ids.to(device), p_mask.to(device))
     pair_batch = None
     if eval_pairs:
         pair_batch = tuple(t.to(device) for t in data.encode_responses(
             tokenizer, [x["prompt"] for x in eval_pairs] * 2, [x["chosen"] for x in eval_pairs] + [x["rejected"] for x in eval_pairs],
             cfg.max_prompt_len, cfg.max_new_tokens))
-    _, n_cut_train = data.encode_prompts(tokenizer, train_prompts, cfg.max_prompt_len)[1:] if train_prompts else (0, 0)
-    if n_cut or n_cut_train:
-        print(f"note: {n_cut_train} training and {n_cut // cfg.eval_samples} held-out prompts are longer than "
-              f"--max_prompt_len {cfg.max_prompt_len} and keep only their last tokens")
     sft_eval, sft_rewards = evaluate(reference, reference, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
     sft_eval["eval_win"] = 0.5
     print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
 
     # -------------------------------------------------------------------------
-    # The alignment loop
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The run's state: optimiser, random streams, data order, counters. A checkpoint holds all of
+    # it, so a resumed run continues exactly where the interrupted one stopped.
     route_rng = np.random.default_rng([cfg.seed, 0])  # which route each pair takes
     prompt_stream = data.Stream(len(train_prompts), seed=cfg.seed)
-    pair_stream = data.Stream(len(pairs), seed=cfg.seed) if pairs else None
+    pair_stream = data.Stream(len(pairs) if pairs else 1, seed=cfg.seed)
     sampling_gen = torch.Generator(device).manual_seed(cfg.seed)  # responses: its own stream
     label_gen = torch.Generator().manual_seed(cfg.seed)  # BT and self-labels (CPU)
-    label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
-    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
+    generators = (route_rng, sampling_gen, label_gen)
     oracle_queries, used_pairs, ties = 0, set(), 0
     phase_seconds = {}  # summed over steps, for the time breakdown
-    B = cfg.batch_size
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
     history = [{"step": 0, **sft_eval}]
+    start = 1
+    if checkpoint:
+        policy = type(policy).from_pretrained(checkpoint).to(device).train()  # safetensors
+        disable_dropout(policy)
+        set_rng_states(state["rng"], *generators)
+        (prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos) = state["streams"]
+        oracle_queries, ties, phase_seconds, history = state["oracle_queries"], state["ties"], state["phase_seconds"], state["history"]
+        used_pairs = set(state["used_pairs"])
+        start = state["step"] + 1
+        print(f"resuming from {checkpoint} at step {state['step']} of {cfg.steps}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if checkpoint:
+        optimizer.load_state_dict(state["optimizer"])
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    # metrics.jsonl holds exactly the steps up to the checkpoint (a killed run may have logged more).
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    kept = []
+    if checkpoint and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = f.readlines()[:start - 1]
+    with open(metrics_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    metrics_file = open(metrics_path, "a")
+
+    # -------------------------------------------------------------------------
+    # The alignment loop
+    label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
+    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
+    B = cfg.batch_size
     t_align = time.perf_counter()
-    for step in tqdm(range(1, cfg.steps + 1), desc=cfg.method, dynamic_ncols=True, leave=False):
+    for step in tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.method,
+                     dynamic_ncols=True, leave=False):
         t0, times = time.perf_counter(), {}
 
         def lap(name):  # wall time of a phase; CUDA runs asynchronously, so wait for it first
@@ -383,6 +514,7 @@ def main(cfg):
             idx = torch.nonzero(is_pr).squeeze(1)
             prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
             r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
+            stop_if_not_finite(step, "an oracle reward", r.sum().item(), cfg.out_dir)
             scores[idx], scores[B + idx] = r[:len(idx)], r[len(idx):]
             y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
             oracle_queries += len(idx)
@@ -407,10 +539,12 @@ def main(cfg):
                                  baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
         n_valid = valid.sum().clamp(min=1)
         loss = torch.where(valid, losses, 0.0).sum() / n_valid
+        stop_if_not_finite(step, "the loss", loss.item(), cfg.out_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lap("policy")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        stop_if_not_finite(step, "the gradient norm", grad_norm.item(), cfg.out_dir)
         optimizer.step()
         lap("optimizer")
         for k, v in times.items():
@@ -444,6 +578,12 @@ def main(cfg):
             how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][route[i]]
             tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[i] else ', a tie: left out'}]\n"
                        f"  chosen   {texts[w]!r}  (gold {shown[0]:.2f})\n  rejected {texts[l]!r}  (gold {shown[1]:.2f})")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(cfg.out_dir, policy, optimizer, {
+                "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states(*generators),
+                "streams": [(prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos)],
+                "oracle_queries": oracle_queries, "ties": ties, "used_pairs": sorted(used_pairs),
+                "phase_seconds": phase_seconds, "history": history})
     metrics_file.close()
     t_align = time.perf_counter() - t_align
 
@@ -495,5 +635,12 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
+def cli(argv=None):
+    try:
+        return main(parse_args(argv))
+    except (data.DataError, reward.RewardModelError) as e:  # bad input: the message says where and what
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()
