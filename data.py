@@ -124,7 +124,7 @@ def prepare_tokenizer(tokenizer):
 def encode_prompts(tokenizer, prompts, max_len):
     """Left-padded prompt ids and mask, each (B, Tp). Longer prompts keep their last `max_len`
     tokens (the end of a prompt is what the response continues); `n_truncated` counts them."""
-    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    rows = tokenizer(list(prompts))["input_ids"]  # with the tokenizer's own BOS, if it adds one
     n_truncated = sum(len(r) > max_len for r in rows)
     rows = [r[-max_len:] for r in rows]
     width = max(len(r) for r in rows)
@@ -215,6 +215,15 @@ def load_jsonl(path, fields):
     if not rows:
         raise DataError(f"{path}: no records")
     return rows
+
+
+def hold_out(rows, fraction, seed):
+    """Split rows into (train, held-out) at random but reproducibly; at least one held out."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n = max(1, int(round(fraction * len(rows))))
+    if len(rows) < 2:
+        raise DataError(f"{len(rows)} record(s): too few to hold some out for evaluation; give a held-out file")
+    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
 
 
 def load_prompts(path):

@@ -106,24 +106,33 @@ class RewardModelError(ValueError):
 
 
 class HFRewardModel:
-    """Wrap an `AutoModelForSequenceClassification` with one output (a scalar reward).
+    """Wrap an `AutoModelForSequenceClassification` as a reward: (prompts, responses) -> (B,).
 
     It scores decoded text `prompt + response` with its *own* tokenizer, in batches, under
-    `no_grad`, truncated to its own max length; it stays in eval mode with no gradients.
+    `no_grad`, truncated to its own max length; it stays in eval mode with no gradients. A reward
+    model has one output (num_labels=1); for a classifier, `label` names the output whose logit
+    is the reward (a label name such as "POSITIVE", or an index).
     """
 
-    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None):
+    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None, label="", dtype=None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        if self.model.config.num_labels != 1:
-            raise RewardModelError(f"reward model {name_or_path}: expected one score per text (num_labels=1), "
-                             f"got num_labels={self.model.config.num_labels}")
+        n_outputs, names = self.model.config.num_labels, {v: int(k) for k, v in self.model.config.id2label.items()}
+        if label:
+            self.column = names.get(label, int(label) if label.isdigit() else -1)
+            if not 0 <= self.column < n_outputs:
+                raise RewardModelError(f"reward model {name_or_path}: no output label {label!r}; its labels are {sorted(names, key=names.get)}")
+        elif n_outputs != 1:
+            raise RewardModelError(f"reward model {name_or_path}: expected one score per text (num_labels=1), got num_labels="
+                                   f"{n_outputs}; for a classifier, name the output to use (--reward_label, one of {sorted(names, key=names.get)})")
+        else:
+            self.column = 0
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have no pad token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval().requires_grad_(False)
+        self.model.to(device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.batch_size = device, batch_size
         limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length, max_length]
         self.max_length = min(n for n in limits if n)  # model_max_length is huge when unknown
@@ -135,10 +144,10 @@ class HFRewardModel:
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
-            logits = self.model(**enc).logits  # (b, 1)
-            if logits.shape != (enc["input_ids"].shape[0], 1):
+            logits = self.model(**enc).logits  # (b, num_labels)
+            if logits.dim() != 2 or logits.shape[0] != enc["input_ids"].shape[0]:
                 raise RewardModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
-            scores.append(logits[:, 0].float().cpu())
+            scores.append(logits[:, self.column].float().cpu())
         return torch.cat(scores)  # (B,)
 
 

@@ -461,7 +461,8 @@ def test_bad_data_file_fails_before_training_with_file_line_field(tmp_path):
 
 def test_long_prompts_are_cut_and_reported(tmp_path, cache, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review of the pizza:"}, {"prompt": "very " * 40 + "the cake:"}])
-    train.main(train.parse_args(["--prompts", prompts, "--g", "1", "--steps", "1", "--max_prompt_len", "8",
+    held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Rate the soup:"}])
+    train.main(train.parse_args(["--prompts", prompts, "--eval_prompts", held_out, "--g", "1", "--steps", "1", "--max_prompt_len", "8",
                                  "--out_dir", str(tmp_path / "o"), "--cache_dir", cache, *FAST]))
     assert "note: 1 of 2 training prompts are longer than --max_prompt_len 8 tokens and keep their last 8" in capsys.readouterr().out
 

@@ -76,6 +76,9 @@ class Config:
     lr: float = arg(5e-4, "AdamW learning rate of the alignment phase")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
+    grad_accum: int = arg(1, "split each step's pairs into this many micro-batches (less memory, same update)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
+    offload_reference: bool = arg(False, "keep the frozen reference model on the CPU (less GPU memory, slower)")
     # generation
     max_new_tokens: int = arg(24, "longest sampled response, in tokens")
     temperature: float = arg(1.0, "sampling temperature (log-probs always use temperature 1; see sail.py)")
@@ -83,10 +86,13 @@ class Config:
     # models and data
     model: str = arg("embedded", "policy: 'embedded' (tiny GPT-2, SFT on the embedded task) or a causal-LM id/path")
     reward_model: str = arg("", "oracle: '' for the embedded gold reward, or a sequence-classification id/path")
+    reward_label: str = arg("", "for a classifier with several outputs: the label whose logit is the reward (e.g. POSITIVE)")
+    reward_batch_size: int = arg(32, "texts per reward-model forward pass")
     prompts: str = arg("", "training prompts JSONL ({'prompt'} per line); default: the embedded task's")
     eval_prompts: str = arg("", "held-out prompts JSONL; default: the embedded task's")
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
     eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
+    holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction held out for evaluation")
     task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
     sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
     sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
@@ -118,8 +124,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name}", type=f.type if isinstance(f.type, type) else eval(f.type),
-                            default=f.default, help=f.metadata["help"])
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type  # --flag true/false
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     cfg = Config(**vars(parser.parse_args(argv)))
     problems = []
     if cfg.method not in METHODS:
@@ -138,8 +144,10 @@ def parse_args(argv=None):
         problems.append(f"--baseline {cfg.baseline!r}: choose loo or none")
     if cfg.label_mode not in ("hard", "sampled"):
         problems.append(f"--label_mode {cfg.label_mode!r}: choose hard or sampled")
-    if cfg.batch_size < 2:
-        problems.append(f"--batch_size must be >= 2, got {cfg.batch_size}")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum or cfg.batch_size // cfg.grad_accum < 2:
+        problems.append(f"--batch_size {cfg.batch_size} must split into --grad_accum {cfg.grad_accum} micro-batches of >= 2 pairs")
+    if not 0 < cfg.holdout < 1:
+        problems.append(f"--holdout must be between 0 and 1, got {cfg.holdout}")
     if cfg.resume not in ("auto", "no"):
         problems.append(f"--resume {cfg.resume!r}: choose auto or no")
     for name in ("steps", "eval_every", "sample_every", "save_every", "max_new_tokens", "max_prompt_len", "eval_samples"):
@@ -319,11 +327,11 @@ def stop_if_not_finite(step, name, value, out_dir):
                          + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
 
 
-def report_truncation(tokenizer, what, texts, limit, option, kept):
+def report_truncation(what, token_lists, limit, option, kept):
     """Never truncate silently: count the texts longer than `limit` tokens and say so."""
-    n = sum(len(ids) > limit for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    n = sum(len(ids) > limit for ids in token_lists)
     if n:
-        print(f"note: {n} of {len(texts)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
+        print(f"note: {n} of {len(token_lists)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
     return n
 
 
@@ -331,23 +339,26 @@ def report_truncation(tokenizer, what, texts, limit, option, kept):
 # Evaluation: held-out prompts, gold reward, win rate against SFT, KL, pair accuracy
 
 @torch.no_grad()
-def evaluate(policy, reference, tokenizer, oracle, eval_batch, eval_prompts, sft_rewards, pair_batch, cfg, amp):
+def evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, eval_prompts, sft_rewards, pair_batch, cfg, amp):
     """Sample held-out responses with a fixed generator (the same noise for every evaluation
     and for the SFT baseline: common random numbers make the comparison less noisy)."""
+    was_training = policy.training
+    policy.eval()
     generator = torch.Generator(eval_batch[0].device).manual_seed(cfg.seed + 1)
     with amp:
         ids, attention, response = sample(policy, *eval_batch, max_new_tokens=cfg.max_new_tokens,
                                           temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id,
                                           generator=generator)
     rewards = oracle(eval_prompts, decode(tokenizer, ids, response))  # (N,)
-    kl = sequence_logps_of(policy, ids, attention, response, amp) - sequence_logps_of(reference, ids, attention, response, amp)
+    kl = sequence_logps_of(policy, ids, attention, response, amp) - reference_logps(ids, attention, response)  # (N,)
     out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
     if sft_rewards is not None:
         out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
     if pair_batch is not None:
-        logps = sequence_logps_of(policy, *pair_batch, amp) - sequence_logps_of(reference, *pair_batch, amp)  # (2M,)
+        logps = sequence_logps_of(policy, *pair_batch, amp) - reference_logps(*pair_batch)  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
+    policy.train(was_training)
     return out, rewards
 
 
@@ -358,15 +369,23 @@ def main(cfg):
     device = pick_device(cfg.device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
+    if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"device: {device} | compute dtype: {'bfloat16 autocast' if use_bf16 else 'float32'}")
 
     # -------------------------------------------------------------------------
     # Inputs first: a bad file or directory should fail before any minute of training is spent.
-    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not (cfg.prompts and cfg.eval_prompts) else None
-    train_prompts = data.load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
-    eval_prompts = data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else task.eval_prompts
-    pairs = data.load_pairs(cfg.pairs) if cfg.pairs else (task.pairs if task else None)
-    eval_pairs = data.load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (task.eval_pairs if task else None)
+    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
+    train_prompts, eval_prompts = task.train_prompts if task else None, task.eval_prompts if task else None
+    pairs, eval_pairs = (task.pairs, task.eval_pairs) if task else (None, None)
+    if cfg.prompts:  # a prompt file without a held-out file: hold out a fixed fraction of it
+        train_prompts = data.load_prompts(cfg.prompts)
+        train_prompts, eval_prompts = data.hold_out(train_prompts, cfg.holdout, cfg.task_seed) if not cfg.eval_prompts else (train_prompts, None)
+    eval_prompts = data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else eval_prompts
+    if cfg.pairs:
+        pairs = data.load_pairs(cfg.pairs)
+        pairs, eval_pairs = data.hold_out(pairs, cfg.holdout, cfg.task_seed) if not cfg.eval_pairs else (pairs, None)
+    eval_pairs = data.load_pairs(cfg.eval_pairs) if cfg.eval_pairs else eval_pairs
     route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
     if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
         raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
@@ -380,8 +399,10 @@ def main(cfg):
             raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
                              + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items())
                              + "); use another --out_dir, or --resume no to start over")
-
-    oracle = reward.HFRewardModel(cfg.reward_model, device) if cfg.reward_model else reward.GoldReward()
+    oracle = reward.GoldReward()
+    if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
+        oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
+                                      dtype=torch.bfloat16 if use_bf16 else None)
 
     # -------------------------------------------------------------------------
     # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
@@ -393,22 +414,33 @@ def main(cfg):
         policy, tokenizer, sft_seconds = AutoModelForCausalLM.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(cfg.model), 0.0
     data.prepare_tokenizer(tokenizer)
     disable_dropout(policy)
+    ref_device = torch.device("cpu") if cfg.offload_reference else device
+    reference = copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)  # frozen: eval, no grads
+    ref_amp = amp if ref_device == device else torch.autocast("cpu", enabled=False)
     policy.to(device).train()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+
+    @torch.no_grad()  # reference log-probs never need a graph
+    def reference_logps(ids, attention_mask, response_mask):
+        batch = (ids.to(ref_device), attention_mask.to(ref_device), response_mask.to(ref_device))
+        return sequence_logps_of(reference, *batch, ref_amp).to(device)  # (B,)
+
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
-          f"oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | routing "
-          f"offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in route_probs)}")
+          f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
+          f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in route_probs)}")
     t_load = time.perf_counter() - t0
     positions = getattr(policy.config, "max_position_embeddings", None)
     if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
         raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
                          f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
     all_pairs = (pairs or []) + (eval_pairs or [])
-    report_truncation(tokenizer, "training prompts", train_prompts, cfg.max_prompt_len, "--max_prompt_len", "last")
-    report_truncation(tokenizer, "held-out prompts", eval_prompts, cfg.max_prompt_len, "--max_prompt_len", "last")
-    report_truncation(tokenizer, "pair prompts", [x["prompt"] for x in all_pairs], cfg.max_prompt_len, "--max_prompt_len", "last")
-    report_truncation(tokenizer, "pair responses (with EOS)", [x[k] + tokenizer.eos_token for x in all_pairs for k in ("chosen", "rejected")],
-                      cfg.max_new_tokens, "--max_new_tokens", "first")
+    for what, prompts in [("training prompts", train_prompts), ("held-out prompts", eval_prompts),
+                          ("pair prompts", [x["prompt"] for x in all_pairs])]:
+        report_truncation(what, tokenizer(prompts)["input_ids"] if prompts else [], cfg.max_prompt_len, "--max_prompt_len", "last")
+    responses = [x[k] for x in all_pairs for k in ("chosen", "rejected")]
+    report_truncation("pair responses", [ids + [0] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]] if responses else [],
+                      cfg.max_new_tokens, "--max_new_tokens (EOS included)", "first")
 
     # -------------------------------------------------------------------------
     # Evaluation batches, fixed for the run, and the SFT baseline they are compared against.
@@ -420,7 +452,8 @@ def main(cfg):
         pair_batch = tuple(t.to(device) for t in data.encode_responses(
             tokenizer, [x["prompt"] for x in eval_pairs] * 2, [x["chosen"] for x in eval_pairs] + [x["rejected"] for x in eval_pairs],
             cfg.max_prompt_len, cfg.max_new_tokens))
-    sft_eval, sft_rewards = evaluate(reference, reference, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
+    # The policy is still the SFT model here (a resumed run loads its checkpoint below).
+    sft_eval, sft_rewards = evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
     sft_eval["eval_win"] = 0.5
     print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
 
@@ -438,8 +471,7 @@ def main(cfg):
     history = [{"step": 0, **sft_eval}]
     start = 1
     if checkpoint:
-        policy = type(policy).from_pretrained(checkpoint).to(device).train()  # safetensors
-        disable_dropout(policy)
+        policy.load_state_dict(type(policy).from_pretrained(checkpoint).state_dict())  # weights via safetensors
         set_rng_states(state["rng"], *generators)
         (prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos) = state["streams"]
         oracle_queries, ties, phase_seconds, history = state["oracle_queries"], state["ties"], state["phase_seconds"], state["history"]
@@ -466,7 +498,7 @@ def main(cfg):
     # The alignment loop
     label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
     response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
-    B = cfg.batch_size
+    B = cfg.batch_size // cfg.grad_accum  # pairs per micro-batch
     t_align = time.perf_counter()
     for step in tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.method,
                      dynamic_ncols=True, leave=False):
@@ -479,70 +511,75 @@ def main(cfg):
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
 
-        # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
-        route = np.sort(route_rng.choice(4, size=B, p=route_probs))
-        n_ds = int((route <= DP).sum())
-        n_on = B - n_ds
-        prompts_ds, prompts_on, texts = [], [], [None] * (2 * B)
-        halves = []  # (y1 rows, y2 rows) per part, to be stacked as [all y1; all y2]
-        if n_ds:
-            idx = pair_stream.next(n_ds)
-            used_pairs.update(i for i, k in zip(idx, route) if k == OFFLINE)  # their dataset labels came from an oracle
-            rows = [pairs[i] for i in idx]
-            prompts_ds = [x["prompt"] for x in rows]
-            ds = data.encode_responses(tokenizer, prompts_ds * 2, [x["chosen"] for x in rows] + [x["rejected"] for x in rows],
-                                       cfg.max_prompt_len, cfg.max_new_tokens)
-            halves.append(tuple(t[:n_ds].to(device) for t in ds) + tuple(t[n_ds:].to(device) for t in ds))
-            texts[:n_ds] = [x["chosen"] for x in rows]
-            texts[B:B + n_ds] = [x["rejected"] for x in rows]
-        if n_on:
-            prompts_on = [train_prompts[i] for i in prompt_stream.next(n_on)]
-            p_ids, p_mask, _ = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
-            with amp:
-                on = sample(policy, p_ids.to(device), p_mask.to(device), max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id, generator=sampling_gen)
-            halves.append(tuple(t[:n_on] for t in on) + tuple(t[n_on:] for t in on))
-            on_texts = decode(tokenizer, on[0], on[2])
-            texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
-        lap("generate")
-
-        # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
-        is_pr = torch.from_numpy(route == PR)
-        y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
-        scores = torch.full((2 * B,), float("nan"))
-        if is_pr.any():
-            idx = torch.nonzero(is_pr).squeeze(1)
-            prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
-            r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
-            stop_if_not_finite(step, "an oracle reward", r.sum().item(), cfg.out_dir)
-            scores[idx], scores[B + idx] = r[:len(idx)], r[len(idx):]
-            y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
-            oracle_queries += len(idx)
-            ties += int((~valid[idx]).sum())
-        lap("label")
-
-        batch = data.pad_cat([h[:3] for h in halves] + [h[3:] for h in halves], tokenizer.pad_token_id)  # (2B, T)
-        with torch.no_grad():  # reference log-probs: once per pair, no graph
-            ref = sequence_logps_of(reference, *batch, amp)  # (2B,)
-        lap("reference")
-
-        logps = sequence_logps_of(policy, *batch, amp)  # (2B,) chosen and rejected through one forward
-        delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
-        self_labelled = torch.from_numpy((route == DP) | (route == PP))
-        if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
-            y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
-        y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
-        h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
-        neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
-        losses, _, _ = sail_loss(*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta,
-                                 label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
-                                 baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
-        n_valid = valid.sum().clamp(min=1)
-        loss = torch.where(valid, losses, 0.0).sum() / n_valid
-        stop_if_not_finite(step, "the loss", loss.item(), cfg.out_dir)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lap("policy")
+        logged = {"neg_ell": [], "h": [], "valid": [], "kl": [], "scores": []}
+        for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
+            # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
+            route = np.sort(route_rng.choice(4, size=B, p=route_probs))
+            n_ds = int((route <= DP).sum())
+            n_on = B - n_ds
+            prompts_ds, prompts_on, texts = [], [], [None] * (2 * B)
+            halves = []  # (y1 rows, y2 rows) per part, to be stacked as [all y1; all y2]
+            if n_ds:
+                idx = pair_stream.next(n_ds)
+                used_pairs.update(i for i, k in zip(idx, route) if k == OFFLINE)  # their dataset labels came from an oracle
+                rows = [pairs[i] for i in idx]
+                prompts_ds = [x["prompt"] for x in rows]
+                ds = data.encode_responses(tokenizer, prompts_ds * 2, [x["chosen"] for x in rows] + [x["rejected"] for x in rows],
+                                           cfg.max_prompt_len, cfg.max_new_tokens)
+                halves.append(tuple(t[:n_ds].to(device) for t in ds) + tuple(t[n_ds:].to(device) for t in ds))
+                texts[:n_ds] = [x["chosen"] for x in rows]
+                texts[B:B + n_ds] = [x["rejected"] for x in rows]
+            if n_on:
+                prompts_on = [train_prompts[i] for i in prompt_stream.next(n_on)]
+                p_ids, p_mask, _ = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
+                policy.eval()  # sampling uses the KV cache (gradient checkpointing, if on, only applies in train mode)
+                with amp:
+                    on = sample(policy, p_ids.to(device), p_mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id, generator=sampling_gen)
+                policy.train()
+                halves.append(tuple(t[:n_on] for t in on) + tuple(t[n_on:] for t in on))
+                on_texts = decode(tokenizer, on[0], on[2])
+                texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
+            lap("generate")
+
+            # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
+            is_pr = torch.from_numpy(route == PR)
+            y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+            scores = torch.full((2 * B,), float("nan"))
+            if is_pr.any():
+                idx = torch.nonzero(is_pr).squeeze(1)
+                prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
+                r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
+                stop_if_not_finite(step, "an oracle reward", r.sum().item(), cfg.out_dir)
+                scores[idx], scores[B + idx] = r[:len(idx)], r[len(idx):]
+                y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
+                oracle_queries += len(idx)
+                ties += int((~valid[idx]).sum())
+            lap("label")
+
+            batch = data.pad_cat([h[:3] for h in halves] + [h[3:] for h in halves], tokenizer.pad_token_id)  # (2B, T)
+            ref = reference_logps(*batch)  # (2B,) once per pair, no graph
+            lap("reference")
+
+            logps = sequence_logps_of(policy, *batch, amp)  # (2B,) chosen and rejected through one forward
+            delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
+            self_labelled = torch.from_numpy((route == DP) | (route == PP))
+            if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
+                y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
+            y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
+            h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
+            neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
+            losses, _, _ = sail_loss(*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta,
+                                     label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
+                                     baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
+            loss = torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1) / cfg.grad_accum
+            stop_if_not_finite(step, "the loss", loss.item(), cfg.out_dir)
+            loss.backward()
+            lap("policy")
+            on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
+            for k, v in [("neg_ell", neg_ell), ("h", h), ("valid", valid), ("kl", delta[on_rows.to(device)]), ("scores", scores)]:
+                logged[k].append(v)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         stop_if_not_finite(step, "the gradient norm", grad_norm.item(), cfg.out_dir)
         optimizer.step()
@@ -551,18 +588,17 @@ def main(cfg):
             phase_seconds[k] = phase_seconds.get(k, 0.0) + v
 
         # ---- logging: one line per step, a sample every so often, evaluation
-        on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
+        neg_ell, h, valid, kl, scores = (torch.cat(logged[k]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
+        n_valid = valid.sum().clamp(min=1)
         row = {"step": step, "loss": (torch.where(valid, neg_ell, 0.0).sum() / n_valid).item(),
                "acc": (torch.where(valid, accuracy(h), 0.0).sum() / n_valid).item(),
                "margin": (torch.where(valid, cfg.beta * h, 0.0).sum() / n_valid).item(),
-               "kl": delta[on_rows.to(device)].mean().item(),  # a KL estimate on policy samples
-               "reward": scores[~scores.isnan()].mean().item() if is_pr.any() else None,
+               "kl": kl.mean().item(),  # mean log-ratio of the policy-sampled responses: a KL estimate
+               "reward": scores[~scores.isnan()].mean().item() if (~scores.isnan()).any() else None,
                "grad_norm": grad_norm.item(), "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
                "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            policy.eval()
-            row.update(evaluate(policy, reference, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
-            policy.train()
+            row.update(evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
             history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
@@ -571,13 +607,13 @@ def main(cfg):
         line += f" | dt {1000 * row['dt']:.0f}ms"
         line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
         tqdm.write(line)
-        if step % cfg.sample_every == 0:
+        if step % cfg.sample_every == 0:  # a pair of the last micro-batch
             i = 0 if n_ds == B else n_ds  # show an online pair when there is one
             w, l = (i, B + i) if bool(y1_wins[i]) else (B + i, i)
             shown = oracle([(prompts_ds + prompts_on)[i]] * 2, [texts[w], texts[l]])  # display only: not a query
             how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][route[i]]
-            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[i] else ', a tie: left out'}]\n"
-                       f"  chosen   {texts[w]!r}  (gold {shown[0]:.2f})\n  rejected {texts[l]!r}  (gold {shown[1]:.2f})")
+            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[-B + i] else ', a tie: left out'}]\n"
+                       f"  chosen   {texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {texts[l]!r}  (reward {shown[1]:.2f})")
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(cfg.out_dir, policy, optimizer, {
                 "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states(*generators),
