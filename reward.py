@@ -111,10 +111,11 @@ class HFRewardModel:
     It scores decoded text `prompt + response` with its *own* tokenizer, in batches, under
     `no_grad`, truncated to its own max length; it stays in eval mode with no gradients. A reward
     model has one output (num_labels=1); for a classifier, `label` names the output whose logit
-    is the reward (a label name such as "POSITIVE", or an index).
+    is the reward (a label name such as "POSITIVE", or an index). With `text_pair`, prompt and
+    response go in as a text pair (as OpenAssistant's reward models expect) instead of one text.
     """
 
-    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None, label="", dtype=None):
+    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None, label="", dtype=None, text_pair=False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -133,17 +134,19 @@ class HFRewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device, dtype=dtype).eval().requires_grad_(False)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.text_pair = device, batch_size, text_pair
         limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length, max_length]
         self.max_length = min(n for n in limits if n)  # model_max_length is huge when unknown
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        texts = [p + r for p, r in zip(prompts, responses)]
+        prompts, responses = list(prompts), list(responses)
         scores = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+        for i in range(0, len(prompts), self.batch_size):
+            p, r = prompts[i:i + self.batch_size], responses[i:i + self.batch_size]
+            text = (p, r) if self.text_pair else ([a + b for a, b in zip(p, r)],)
+            enc = self.tokenizer(*text, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits  # (b, num_labels)
             if logits.dim() != 2 or logits.shape[0] != enc["input_ids"].shape[0]:
                 raise RewardModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")

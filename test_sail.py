@@ -131,17 +131,22 @@ def test_sample_masks_first_eos_and_stops_early():
     assert model.calls == 4  # the prompt pass + 3 cached steps (the 4th token ends the last row)
 
 
-def tiny_gpt2(vocab=32, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_causal_lm(arch, vocab=32, seed=0):
+    """A randomly initialised GPT-2 or GPT-NeoX (Pythia's architecture: rotary positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                        bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    return GPT2LMHeadModel(config).eval()
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                                          bos_token_id=vocab - 1, eos_token_id=vocab - 1)).eval()
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=64,
+                                            bos_token_id=0, eos_token_id=0, pad_token_id=1)).eval()
 
 
-def test_padding_invariance_of_logps_and_sampling():
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_padding_invariance_of_logps_and_sampling(arch):
     """A sequence's log-prob must not change with its neighbours or its padding."""
-    model, amp = tiny_gpt2(), torch.autocast("cpu", enabled=False)
+    model, amp = tiny_causal_lm(arch), torch.autocast("cpu", enabled=False)
     alone = (t([[3, 4, 5, 6, 7]]), t([[1, 1, 1, 1, 1]]), t([[0, 0, 1, 1, 1]]))
     # The same sequence, left-padded by 3 and right-padded by 2, beside a longer neighbour.
     ids = t([[0, 0, 0, 3, 4, 5, 6, 7, 0, 0], [9, 8, 7, 6, 5, 4, 3, 2, 1, 2]])
@@ -152,9 +157,9 @@ def test_padding_invariance_of_logps_and_sampling():
         b = train.sequence_logps_of(model, ids, attention, response, amp)
     assert a.item() == pytest.approx(b[0].item(), abs=1e-5)
     # Greedy continuation of a left-padded prompt equals that of the unpadded prompt.
-    out_alone = sample(model, t([[3, 4, 5]]), t([[1, 1, 1]]), max_new_tokens=6, temperature=0, eos_token_id=31)
+    out_alone = sample(model, t([[3, 4, 5]]), t([[1, 1, 1]]), max_new_tokens=6, temperature=0, eos_token_id=30)
     out_batch = sample(model, t([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]), t([[0, 0, 1, 1, 1], [1] * 5]),
-                       max_new_tokens=6, temperature=0, eos_token_id=31)
+                       max_new_tokens=6, temperature=0, eos_token_id=30)
     n = out_alone[0].shape[1] - 3
     assert out_batch[0][0, 5:5 + n].tolist() == out_alone[0][0, 3:].tolist()
 
@@ -277,6 +282,13 @@ def test_hf_reward_model_scores_text_with_its_own_tokenizer(tmp_path):
     with torch.no_grad():
         alone = model.eval()(**enc).logits[0, 0]
     assert scores[1].item() == pytest.approx(alone.item(), abs=1e-5)
+    # A classifier's named output, and (prompt, response) given as a text pair.
+    GPT2ForSequenceClassification(config(2)).save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    clf = reward.HFRewardModel(str(tmp_path / "clf"), label="LABEL_1", text_pair=True)
+    with torch.no_grad():
+        pair = clf.model(**tokenizer(["review of the pizza :"], [" awful ."], return_tensors="pt")).logits[0, 1]
+    assert clf(["review of the pizza :"], [" awful ."]).item() == pytest.approx(pair.item(), abs=1e-5)
 
     GPT2ForSequenceClassification(config(2)).save_pretrained(tmp_path / "rm2")  # a classifier, not a reward model
     tokenizer.save_pretrained(tmp_path / "rm2")
@@ -477,3 +489,75 @@ def test_bad_settings_fail_before_training(tmp_path, cache, argv, message):
     argv = (["--out_dir", str(tmp_path / "o")] if "--out_dir" not in argv else []) + argv
     with pytest.raises(SystemExit, match=message):
         train.main(train.parse_args(argv + ["--cache_dir", cache, "--sft_steps", "40"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real checkpoints: GPT-2 and GPT-NeoX policies and a reward model with another tokenizer, all
+# built and saved here with save_pretrained (no hub), then given to train.py by path
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("checkpoints")
+    task = data.make_task(0, n_sft=400, n_pairs=40, n_eval_pairs=8)
+    texts = [p + y for p, y in task.sft]
+    # GPT-2: byte-level BPE with EOS only (the pad token is added by data.prepare_tokenizer).
+    tok = data.build_tokenizer(texts, vocab_size=300)
+    model = tiny_causal_lm("gpt2", vocab=len(tok))
+    model.config.eos_token_id = model.config.bos_token_id = tok.eos_token_id
+    model.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    # GPT-NeoX (Pythia): its own special tokens, EOS id 0 and a separate pad token id 1.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|padding|>")
+    tiny_causal_lm("gpt_neox", vocab=len(tok)).save_pretrained(root / "neox")
+    tok.save_pretrained(root / "neox")
+    # The reward model: a word-level tokenizer, unlike either policy's.
+    words = sorted({w for x in texts for w in x.replace(":", " :").replace("?", " ?").split()})
+    rm_tok = word_tokenizer(words)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(rm_tok), n_positions=64, n_embd=8, n_layer=1, n_head=2, num_labels=1,
+                                             pad_token_id=rm_tok.pad_token_id)).save_pretrained(root / "rm")
+    rm_tok.save_pretrained(root / "rm")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in task.train_prompts[:40]])
+    pairs = write_jsonl(root / "pairs.jsonl", task.pairs)
+    return SimpleNamespace(root=root, prompts=prompts, pairs=pairs, rm_words=set(words))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_real_checkpoints_end_to_end(tmp_path, checkpoints, arch, monkeypatch):
+    seen = []
+    real_call = reward.HFRewardModel.__call__
+
+    def spy(self, prompts, responses):  # record what the reward model is given and how it tokenizes it
+        seen.append((list(prompts), list(responses), self.tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]))
+        return real_call(self, prompts, responses)
+
+    monkeypatch.setattr(reward.HFRewardModel, "__call__", spy)
+    out = tmp_path / "out"
+    summary = train.main(train.parse_args([
+        "--model", str(checkpoints.root / arch), "--reward_model", str(checkpoints.root / "rm"),
+        "--prompts", checkpoints.prompts, "--pairs", checkpoints.pairs, "--method", "mix", "--r", "0.25", "--p", "0.25",
+        "--g", "0.5", "--steps", "2", "--batch_size", "8", "--max_new_tokens", "8", "--eval_samples", "1",
+        "--grad_accum", "2", "--reward_batch_size", "5", "--out_dir", str(out)]))
+    assert SUMMARY_KEYS <= set(summary) and math.isfinite(summary["gold_reward_final"])
+    # The reward model was given decoded text (prompt + response) and read it with its own tokenizer.
+    prompt_texts = {json.loads(x)["prompt"] for x in open(checkpoints.prompts)}
+    assert seen and all(isinstance(r, str) for _, rs, _ in seen for r in rs)
+    assert all(p in prompt_texts for ps, _, _ in seen for p in ps)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    rm_tok = AutoTokenizer.from_pretrained(checkpoints.root / "rm")
+    policy_tok = AutoTokenizer.from_pretrained(checkpoints.root / arch)
+    prompt, response, rm_ids = seen[0][0][0], seen[0][1][0], seen[0][2][0]
+    assert rm_ids == rm_tok(prompt + response)["input_ids"] != policy_tok(prompt + response)["input_ids"]
+    assert any(rm_tok.convert_ids_to_tokens(i) in checkpoints.rm_words for i in rm_ids)  # real words, not all [UNK]
+    # The final policy loads back with from_pretrained and generates.
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy")
+    tok = AutoTokenizer.from_pretrained(out / "policy")
+    ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
+    assert policy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                           pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]

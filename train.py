@@ -88,6 +88,7 @@ class Config:
     reward_model: str = arg("", "oracle: '' for the embedded gold reward, or a sequence-classification id/path")
     reward_label: str = arg("", "for a classifier with several outputs: the label whose logit is the reward (e.g. POSITIVE)")
     reward_batch_size: int = arg(32, "texts per reward-model forward pass")
+    reward_text_pair: bool = arg(False, "give the reward model (prompt, response) as a text pair instead of one text")
     prompts: str = arg("", "training prompts JSONL ({'prompt'} per line); default: the embedded task's")
     eval_prompts: str = arg("", "held-out prompts JSONL; default: the embedded task's")
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
@@ -402,7 +403,7 @@ def main(cfg):
     oracle = reward.GoldReward()
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
-                                      dtype=torch.bfloat16 if use_bf16 else None)
+                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair)
 
     # -------------------------------------------------------------------------
     # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
