@@ -21,6 +21,7 @@ Departures from the paper:
   1. The paper trains on PKU-SafeRLHF and UltraFeedback prompts with a 7B reward model; the
      embedded task is a small synthetic one so that the full loop runs on a laptop CPU.
 """
+import functools
 import json
 import os
 import random
@@ -65,8 +66,9 @@ class Task:
     eval_pairs: list    # the same, on the held-out prompts
 
 
+@functools.lru_cache(maxsize=2)  # --compare and the tests build it many times; nothing mutates it
 def make_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs=256):
-    """Build the embedded task deterministically from `seed` (about a second, no download)."""
+    """Build the embedded task deterministically from `seed` (under a second, no download)."""
     rng = random.Random(seed)
     prompts = [t.format(s=s) for t in PROMPT_TEMPLATES for s in CATEGORY_OF]  # 8 x 24 = 192
     rng.shuffle(prompts)

@@ -6,6 +6,8 @@ Large Language Models", arXiv 2406.15567), as short pure functions.
   dpo_loss        the DPO loss (Rafailov et al. 2023, eq. 7)
   sail_loss       a per-pair surrogate whose expected gradient is minus the gradient of SAIL's
                   single-level objective J(theta) (below); DPO when both coefficients are 0
+  selm_loss,      two related online methods for comparison: DPO plus an exploration bonus on a
+  xpo_loss        response of the reference (SELM, XPO)
   sample          policy sampling with the model's KV cache, in plain PyTorch
 
 Notation (as in ../shared/SAIL_NOTES.md): Delta(y) = L_theta(y) - L_ref(y); for a pair,
@@ -92,6 +94,35 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
                                        reference_rejected_logps, beta))
 
 
+def selm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+              policy_explore_logps, reference_explore_logps, alpha):
+    """SELM (Zhang et al. 2024, arXiv 2405.19332): DPO plus an optimism bonus on a response of
+    the reference, loss = -l + alpha * beta * Delta(y~), y~ the reference's greedy response.
+
+    Each *_logps argument: (B,) summed response log-probs; the explore ones are of y~ under the
+    policy and the reference. Minimising the bonus lowers the policy's implicit reward of what the
+    reference would already say, pushing probability towards unexplored responses.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                        reference_chosen_logps, reference_rejected_logps, beta)
+    bonus = alpha * beta * (policy_explore_logps - reference_explore_logps)  # (B,) alpha * beta * Delta(y~)
+    return losses + bonus, chosen_rewards, rejected_rewards
+
+
+def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+             policy_explore_logps, alpha):
+    """XPO (Xie et al. 2024, arXiv 2405.21046): loss = -l + alpha * log pi_theta(y~), y~ ~ pi_ref.
+
+    Each *_logps argument: (B,) summed response log-probs; policy_explore_logps is log pi_theta of
+    a fresh sample y~ of the reference (the log pi_ref(y~) part of SELM's bonus has no gradient).
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                        reference_chosen_logps, reference_rejected_logps, beta)
+    return losses + alpha * policy_explore_logps, chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
+
+
 def _implicit_rewards(pc, pr, rc, rr, beta):
     return beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
@@ -101,6 +132,15 @@ def leave_one_out_mean(x):
     depend on pair i (so it keeps the response term unbiased). x: (B,) with B >= 2."""
     x = x.detach()
     return (x.sum() - x) / (x.numel() - 1)  # (B,)
+
+
+def sample_token(logits, temperature, generator=None):
+    """One token per row from softmax(logits / temperature), (B, V) -> (B,), by inverting the CDF
+    with one uniform number per row: exact, and several times faster on a CPU than
+    torch.multinomial, which draws randomness for the whole vocabulary."""
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (B,) first cdf > u
 
 
 @torch.no_grad()
@@ -119,24 +159,20 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, use_cache=True)
     next_position = position[:, -1:] + 1  # (B, 1)
-    attention = prompt_mask
+    Tp = prompt_ids.shape[1]
+    attention = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], 1)  # (B, Tp + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # (B,) has this row emitted EOS?
     tokens, alive = [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()  # (B, V)
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-        else:
-            token = logits.argmax(-1)  # (B,)
+        token = sample_token(logits, temperature, generator) if temperature > 0 else logits.argmax(-1)  # (B,)
         token = torch.where(done, eos_token_id, token)  # finished rows emit EOS as padding
         tokens.append(token)
         alive.append(~done)  # this token is part of the response (the first EOS included)
         done = done | (token == eos_token_id)
         if bool(done.all()):
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)  # (B, Tp + t + 1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+        out = model(input_ids=token[:, None], attention_mask=attention[:, :Tp + t + 1], position_ids=next_position,
                     past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
     response_mask = torch.stack(alive, 1).long()  # (B, n)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import data
 import reward
 import train
-from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sequence_logps
+from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 t = torch.tensor
@@ -63,6 +63,53 @@ def test_sail_loss_without_extra_terms_is_dpo():
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(8, generator=g) * 5 for _ in range(4)]
     assert torch.equal(sail_loss(*args, 0.1)[0], dpo_loss(*args, 0.1)[0])
+
+
+def test_selm_and_xpo_losses_by_hand():
+    # The pair above (-l = 0.4740769841801067) and a reference response y~ with log pi(y~) = -3,
+    # log ref(y~) = -4: SELM adds alpha * beta * (-3 + 4), XPO adds alpha * (-3).
+    selm, _, _ = selm_loss(**PAIR, policy_explore_logps=t([-3.0]), reference_explore_logps=t([-4.0]), alpha=0.2)
+    assert selm.item() == pytest.approx(0.4740769841801067 + 0.2 * 0.5 * 1.0, abs=1e-6)
+    xpo, _, _ = xpo_loss(**PAIR, policy_explore_logps=t([-3.0]), alpha=0.01)
+    assert xpo.item() == pytest.approx(0.4740769841801067 - 0.03, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["SELM", "XPO"])
+def test_selm_and_xpo_gradients_on_a_tabular_policy(method):
+    """Pairs from a fixed distribution mu, y~ the reference's greedy response (SELM) or a sample of
+    it (XPO): the expected surrogate gradient is minus the gradient of
+    J = E_mu[l] - alpha beta Delta(y~_greedy) (SELM), J = E_mu[l] - alpha E_ref[log pi(y~)] (XPO)."""
+    K, beta, alpha = 5, 0.7, 0.3
+    g = torch.Generator().manual_seed(2)
+    theta = torch.randn(K, generator=g, dtype=torch.float64).requires_grad_()
+    L_ref = torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    mu = torch.softmax(torch.randn(K * K, generator=g, dtype=torch.float64), 0).view(K, K)  # P(y_w = i, y_l = j)
+    greedy = int(L_ref.argmax())
+
+    def grad(f):
+        return torch.autograd.grad(f(torch.log_softmax(theta, 0)), theta)[0]
+
+    def J(L):
+        dpo = sum(mu[i, j] * F.logsigmoid(beta * ((L[i] - L_ref[i]) - (L[j] - L_ref[j]))) for i in range(K) for j in range(K))
+        if method == "SELM":
+            return dpo - alpha * beta * (L[greedy] - L_ref[greedy])
+        return dpo - alpha * (L_ref.exp() * L).sum()
+
+    def expected_surrogate(L):
+        total = 0.0
+        explore = [(greedy, 1.0)] if method == "SELM" else [(k, L_ref[k].exp()) for k in range(K)]
+        for i in range(K):
+            for j in range(K):
+                for y, q in explore:
+                    pair = (L[i:i + 1], L[j:j + 1], L_ref[i:i + 1], L_ref[j:j + 1], beta)
+                    if method == "SELM":
+                        loss = selm_loss(*pair, policy_explore_logps=L[y:y + 1], reference_explore_logps=L_ref[y:y + 1], alpha=alpha)[0]
+                    else:
+                        loss = xpo_loss(*pair, policy_explore_logps=L[y:y + 1], alpha=alpha)[0]
+                    total = total + mu[i, j] * q * loss.sum()
+        return total
+
+    assert torch.allclose(grad(expected_surrogate), -grad(J), rtol=1e-10, atol=1e-13)
 
 
 def test_leave_one_out_mean():
@@ -372,15 +419,35 @@ def test_train_py_end_to_end(runs, cache):
     assert policy.generate(t([[1, 2]]), max_new_tokens=3, do_sample=False).shape[1] >= 3
 
 
-@pytest.mark.parametrize("method", ["dpo", "online-dpo", "sail-pp", "sail-dp", "mix"])
-def test_every_method_runs(tmp_path, cache, method):
-    cfg = train.parse_args(["--method", method, "--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", cache, *FAST])
-    summary = train.main(cfg)
-    assert SUMMARY_KEYS <= set(summary) and math.isfinite(summary["gold_reward_final"])
-    # 2 steps x 16 pairs: every DPO pair carries a dataset (oracle) label and every online-DPO
-    # pair an online one; self-labelled SAIL-PP / SAIL-DP pairs cost none.
-    queries = summary["oracle_queries"]
-    assert queries == 32 if method in ("dpo", "online-dpo") else queries < 32
+def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache):
+    """`python train.py --compare`: every method, from one SFT model, resumable; also checks that
+    each --method runs and counts its oracle labels."""
+    argv = ["--compare", "--compare_seeds", "1", "--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", cache, *FAST]
+    stats = train.cli(argv)
+    root = tmp_path / "compare"
+    assert set(stats) == set(train.METHODS)
+    # 2 steps x 16 pairs: an offline pair carries a dataset (oracle) label, an online SAIL-PR pair an
+    # online one; self-labelled pairs (SAIL-PP, SAIL-DP, and in the mixture) cost none.
+    for method, (queries, _) in ((m, stats[m]["oracle_queries"]) for m in stats):
+        assert queries == 32 if method in ("dpo", "online-dpo", "sail-pr", "selm", "xpo") else queries < 32, method
+    results = (root / "results.md").read_text()
+    assert all(f"| {m} |" in results for m in train.METHODS) and "generated tok/s" in results
+    report = json.loads((root / "compare.json").read_text())
+    assert len(report["runs"]) == len(train.METHODS) and all(math.isfinite(r["summary"]["gold_reward_final"]) for r in report["runs"])
+    for png in ("reward_vs_step.png", "reward_vs_kl.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (root / png).stat().st_size > 10_000
+    # Started again, it reuses every finished run instead of training it again.
+    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
+    train.cli(argv)
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
+
+
+def test_benchmark_measures_sampler_and_step(tmp_path, cache):
+    result = train.cli(["--benchmark", "--bench_reps", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    assert result["sampler_ms"] > 0 and result["generate_ms"] > 0 and 0.5 < result["sampler_forward_share"] <= 1
+    assert set(result["online_step_ms"]) == {"generate", "label", "reference", "update"}
+    assert abs(sum(result["online_step_phase_share"].values()) - 1) < 1e-9
 
 
 def test_help_lists_every_option(capsys):

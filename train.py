@@ -46,7 +46,7 @@ from transformers.utils import logging as hf_logging
 
 import data
 import reward
-from sail import leave_one_out_mean, sail_loss, sample, sequence_logps
+from sail import leave_one_out_mean, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
 
 
 # -----------------------------------------------------------------------------
@@ -59,13 +59,16 @@ def arg(default, help):
 @dataclass
 class Config:
     # what to run
-    method: str = arg("sail-pr", "dpo | online-dpo | sail-pr | sail-pp | sail-dp | mix (see METHODS)")
+    method: str = arg("sail-pr", "dpo | online-dpo | sail-pr | sail-pp | sail-dp | mix | selm | xpo (see METHODS)")
     r: float = arg(0.4, "probability that a pair is routed to SAIL-DP: dataset responses, self-labels (sail-dp, mix)")
     p: float = arg(0.3, "probability that a pair is routed to SAIL-PP: policy responses, self-labels (sail-pp, mix)")
     g: float = arg(0.3, "probability that a pair is routed to SAIL-PR: policy responses, oracle labels (sail-pr, mix)")
     rho: float = arg(0.2, "label-term coefficient of SAIL-DP pairs")
     pi: float = arg(0.2, "label- and response-term coefficient of SAIL-PP pairs")
     gamma: float = arg(0.3, "response-term coefficient of SAIL-PR pairs")
+    selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
+    xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
+    ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
     response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the other pairs in the batch) | none")
@@ -108,6 +111,12 @@ class Config:
     resume: str = arg("auto", "auto: continue from the checkpoint in --out_dir if there is one | no: start over")
     seed: int = arg(0, "seed of the alignment run (routing, prompt order, sampling, labels)")
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
+    # side by side
+    compare: bool = arg(False, "run every --compare_methods method for --compare_seeds seeds; write a table, JSON and plots")
+    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pp,sail-dp,mix,selm,xpo", "methods of --compare, comma-separated")
+    compare_seeds: int = arg(3, "seeds per method in --compare (--seed, --seed + 1, ...)")
+    benchmark: bool = arg(False, "measure the sampler and an online step against transformers' generate; write bench.json")
+    bench_reps: int = arg(15, "repetitions of each timing in --benchmark (medians are reported)")
 
 
 OFFLINE, DP, PP, PR = range(4)  # the four routes a pair can take
@@ -118,15 +127,21 @@ METHODS = {  # method -> probabilities of (offline DPO, SAIL-DP, SAIL-PP, SAIL-P
     "sail-pp": lambda c: (1 - c.p, 0, c.p, 0),
     "sail-pr": lambda c: (1 - c.g, 0, 0, c.g),  # --g 1 for purely online SAIL-PR
     "mix": lambda c: (1 - c.r - c.p - c.g, c.r, c.p, c.g),
+    "selm": lambda c: (0, 0, 0, 1),  # online DPO + a bonus on the reference's greedy response
+    "xpo": lambda c: (0, 0, 0, 1),  # online DPO + a bonus on a sample of the reference
 }
+EXPLORE = {"selm", "xpo"}  # methods that also need a response of the reference per prompt
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type  # --flag true/false
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+        if f.type is bool:  # --flag, or --flag true/false
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
+                                default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
     cfg = Config(**vars(parser.parse_args(argv)))
     problems = []
     if cfg.method not in METHODS:
@@ -149,9 +164,12 @@ def parse_args(argv=None):
         problems.append(f"--batch_size {cfg.batch_size} must split into --grad_accum {cfg.grad_accum} micro-batches of >= 2 pairs")
     if not 0 < cfg.holdout < 1:
         problems.append(f"--holdout must be between 0 and 1, got {cfg.holdout}")
+    unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS]
+    if unknown:
+        problems.append(f"--compare_methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if cfg.resume not in ("auto", "no"):
         problems.append(f"--resume {cfg.resume!r}: choose auto or no")
-    for name in ("steps", "eval_every", "sample_every", "save_every", "max_new_tokens", "max_prompt_len", "eval_samples"):
+    for name in ("steps", "eval_every", "sample_every", "save_every", "max_new_tokens", "max_prompt_len", "eval_samples", "compare_seeds"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if problems:
@@ -262,7 +280,7 @@ def embedded_policy(cfg, task, device):
 RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir"}
 
 
-def save_checkpoint(out_dir, policy, optimizer, state):
+def save_checkpoint(out_dir, policy, train_reference, optimizer, state):
     """Write out_dir/checkpoint atomically: build checkpoint.tmp/, then swap it in. The previous
     checkpoint is deleted only once the new one is complete, so a kill at any moment (SIGKILL
     included) leaves one good checkpoint: `checkpoint/`, or `checkpoint.old/` mid-swap."""
@@ -270,6 +288,8 @@ def save_checkpoint(out_dir, policy, optimizer, state):
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)  # safetensors
+    if train_reference is not None:  # SELM's moving reference
+        train_reference.save_pretrained(os.path.join(tmp, "reference"))
     torch.save({"optimizer": optimizer.state_dict(), **state}, os.path.join(tmp, "state.pt"))
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -355,8 +375,8 @@ def evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, eval_prompt
     out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
     if sft_rewards is not None:
         out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
-    if pair_batch is not None:
-        logps = sequence_logps_of(policy, *pair_batch, amp) - reference_logps(*pair_batch)  # (2M,)
+    if pair_batch is not None:  # (ids, attention, response, reference log-probs): the reference is frozen
+        logps = sequence_logps_of(policy, *pair_batch[:3], amp) - pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
     policy.train(was_training)
@@ -418,14 +438,18 @@ def main(cfg):
     ref_device = torch.device("cpu") if cfg.offload_reference else device
     reference = copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)  # frozen: eval, no grads
     ref_amp = amp if ref_device == device else torch.autocast("cpu", enabled=False)
+    # SELM trains in iterations: its training reference is the last iterate, so it gets its own
+    # copy; the SFT reference stays the yardstick of KL in evaluation.
+    ref_every = cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0)
+    train_reference = copy.deepcopy(reference) if ref_every else reference
     policy.to(device).train()
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
 
     @torch.no_grad()  # reference log-probs never need a graph
-    def reference_logps(ids, attention_mask, response_mask):
+    def reference_logps(ids, attention_mask, response_mask, model=reference):
         batch = (ids.to(ref_device), attention_mask.to(ref_device), response_mask.to(ref_device))
-        return sequence_logps_of(reference, *batch, ref_amp).to(device)  # (B,)
+        return sequence_logps_of(model, *batch, ref_amp).to(device)  # (B,)
 
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
           f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
@@ -453,6 +477,7 @@ def main(cfg):
         pair_batch = tuple(t.to(device) for t in data.encode_responses(
             tokenizer, [x["prompt"] for x in eval_pairs] * 2, [x["chosen"] for x in eval_pairs] + [x["rejected"] for x in eval_pairs],
             cfg.max_prompt_len, cfg.max_new_tokens))
+        pair_batch += (reference_logps(*pair_batch),)  # computed once
     # The policy is still the SFT model here (a resumed run loads its checkpoint below).
     sft_eval, sft_rewards = evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
     sft_eval["eval_win"] = 0.5
@@ -466,16 +491,20 @@ def main(cfg):
     pair_stream = data.Stream(len(pairs) if pairs else 1, seed=cfg.seed)
     sampling_gen = torch.Generator(device).manual_seed(cfg.seed)  # responses: its own stream
     label_gen = torch.Generator().manual_seed(cfg.seed)  # BT and self-labels (CPU)
-    generators = (route_rng, sampling_gen, label_gen)
+    explore_gen = torch.Generator(ref_device).manual_seed(cfg.seed + 2)  # XPO's samples of the reference
+    generators = (route_rng, sampling_gen, label_gen, explore_gen)
     oracle_queries, used_pairs, ties = 0, set(), 0
-    phase_seconds = {}  # summed over steps, for the time breakdown
+    phase_seconds, token_totals = {}, {"generated": 0, "trained": 0}  # summed over steps, for the time breakdown
     history = [{"step": 0, **sft_eval}]
     start = 1
     if checkpoint:
         policy.load_state_dict(type(policy).from_pretrained(checkpoint).state_dict())  # weights via safetensors
+        if ref_every:
+            train_reference.load_state_dict(type(policy).from_pretrained(os.path.join(checkpoint, "reference")).state_dict())
         set_rng_states(state["rng"], *generators)
         (prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos) = state["streams"]
-        oracle_queries, ties, phase_seconds, history = state["oracle_queries"], state["ties"], state["phase_seconds"], state["history"]
+        oracle_queries, ties, history = state["oracle_queries"], state["ties"], state["history"]
+        phase_seconds, token_totals = state["phase_seconds"], state["token_totals"]
         used_pairs = set(state["used_pairs"])
         start = state["step"] + 1
         print(f"resuming from {checkpoint} at step {state['step']} of {cfg.steps}")
@@ -498,7 +527,8 @@ def main(cfg):
     # -------------------------------------------------------------------------
     # The alignment loop
     label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
-    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, 0.0 if cfg.method == "online-dpo" else cfg.gamma], device=device)
+    gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
+    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device)
     B = cfg.batch_size // cfg.grad_accum  # pairs per micro-batch
     t_align = time.perf_counter()
     for step in tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.method,
@@ -514,6 +544,7 @@ def main(cfg):
 
         optimizer.zero_grad(set_to_none=True)
         logged = {"neg_ell": [], "h": [], "valid": [], "kl": [], "scores": []}
+        tokens = {"generated": 0, "trained": 0}
         for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
             # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
             route = np.sort(route_rng.choice(4, size=B, p=route_probs))
@@ -542,6 +573,15 @@ def main(cfg):
                 halves.append(tuple(t[:n_on] for t in on) + tuple(t[n_on:] for t in on))
                 on_texts = decode(tokenizer, on[0], on[2])
                 texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
+                tokens["generated"] += int(on[2].sum())
+            explore = None
+            if cfg.method in EXPLORE:  # a response y~ of the reference per prompt: greedy (SELM) or sampled (XPO)
+                with ref_amp:
+                    explore = sample(train_reference, p_ids[:n_on].to(ref_device), p_mask[:n_on].to(ref_device),
+                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     temperature=0.0 if cfg.method == "selm" else cfg.temperature, generator=explore_gen)
+                explore = tuple(t.to(device) for t in explore)
+                tokens["generated"] += int(explore[2].sum())
             lap("generate")
 
             # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
@@ -559,11 +599,14 @@ def main(cfg):
                 ties += int((~valid[idx]).sum())
             lap("label")
 
-            batch = data.pad_cat([h[:3] for h in halves] + [h[3:] for h in halves], tokenizer.pad_token_id)  # (2B, T)
-            ref = reference_logps(*batch)  # (2B,) once per pair, no graph
+            blocks = [h[:3] for h in halves] + [h[3:] for h in halves] + ([explore] if explore else [])
+            batch = data.pad_cat(blocks, tokenizer.pad_token_id)  # (2B, T) rows [all y1; all y2], then any y~
+            tokens["trained"] += int(batch[1].sum())
+            ref = reference_logps(*batch, model=train_reference)  # (2B,) once per pair, no graph
             lap("reference")
 
             logps = sequence_logps_of(policy, *batch, amp)  # (2B,) chosen and rejected through one forward
+            (logps, logps_explore), (ref, ref_explore) = logps.split([2 * B, len(logps) - 2 * B]), ref.split([2 * B, len(ref) - 2 * B])
             delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
             self_labelled = torch.from_numpy((route == DP) | (route == PP))
             if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
@@ -571,9 +614,15 @@ def main(cfg):
             y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
             h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
             neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
-            losses, _, _ = sail_loss(*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta,
-                                     label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
-                                     baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
+            pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
+            if cfg.method == "selm":
+                losses, _, _ = selm_loss(*pair, policy_explore_logps=logps_explore, reference_explore_logps=ref_explore,
+                                         alpha=cfg.selm_alpha)
+            elif cfg.method == "xpo":
+                losses, _, _ = xpo_loss(*pair, policy_explore_logps=logps_explore, alpha=cfg.xpo_alpha)
+            else:
+                losses, _, _ = sail_loss(*pair, label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
+                                         baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
             loss = torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1) / cfg.grad_accum
             stop_if_not_finite(step, "the loss", loss.item(), cfg.out_dir)
             loss.backward()
@@ -585,8 +634,12 @@ def main(cfg):
         stop_if_not_finite(step, "the gradient norm", grad_norm.item(), cfg.out_dir)
         optimizer.step()
         lap("optimizer")
+        if ref_every and step % ref_every == 0:  # SELM: this policy is the next iteration's reference
+            train_reference.load_state_dict(policy.state_dict())
         for k, v in times.items():
             phase_seconds[k] = phase_seconds.get(k, 0.0) + v
+        for k in token_totals:
+            token_totals[k] += tokens[k]
 
         # ---- logging: one line per step, a sample every so often, evaluation
         neg_ell, h, valid, kl, scores = (torch.cat(logged[k]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
@@ -597,6 +650,7 @@ def main(cfg):
                "kl": kl.mean().item(),  # mean log-ratio of the policy-sampled responses: a KL estimate
                "reward": scores[~scores.isnan()].mean().item() if (~scores.isnan()).any() else None,
                "grad_norm": grad_norm.item(), "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
+               "generated_tokens": tokens["generated"], "trained_tokens": tokens["trained"],
                "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
@@ -616,11 +670,11 @@ def main(cfg):
             tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[-B + i] else ', a tie: left out'}]\n"
                        f"  chosen   {texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {texts[l]!r}  (reward {shown[1]:.2f})")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(cfg.out_dir, policy, optimizer, {
+            save_checkpoint(cfg.out_dir, policy, train_reference if ref_every else None, optimizer, {
                 "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states(*generators),
                 "streams": [(prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos)],
                 "oracle_queries": oracle_queries, "ties": ties, "used_pairs": sorted(used_pairs),
-                "phase_seconds": phase_seconds, "history": history})
+                "phase_seconds": phase_seconds, "token_totals": token_totals, "history": history})
     metrics_file.close()
     t_align = time.perf_counter() - t_align
 
@@ -639,6 +693,9 @@ def main(cfg):
         "seconds": time.perf_counter() - t_start,
         "seconds_by_phase": {"sft": sft_seconds, "load_and_setup": t_load - sft_seconds, "align": t_align},
         "seconds_per_step": {k: v / cfg.steps for k, v in phase_seconds.items()},
+        "phase_share": {k: v / sum(phase_seconds.values()) for k, v in phase_seconds.items()},
+        "tokens_per_second": {"generated": token_totals["generated"] / max(phase_seconds.get("generate", 0.0), 1e-9),
+                              "trained": token_totals["trained"] / max(phase_seconds["policy"], 1e-9)},
     }
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -649,6 +706,9 @@ def main(cfg):
                       ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
         if key in final:
             print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
+    print("time per step: " + " | ".join(f"{k} {1000 * v:.0f}ms ({100 * summary['phase_share'][k]:.0f}%)"
+                                         for k, v in summary["seconds_per_step"].items())
+          + f" | tokens/s generated {summary['tokens_per_second']['generated']:.0f}, trained {summary['tokens_per_second']['trained']:.0f}")
     print(f"oracle queries {summary['oracle_queries']} | time: sft {sft_seconds:.0f}s, align {t_align:.0f}s, "
           f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
     return summary
@@ -672,9 +732,238 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# Side by side: every method, several seeds, one table, two plots
+
+def compare(cfg):
+    """`python train.py --compare`: every method from the same SFT model, with the same number of
+    updates and pairs per update, over several seeds. The oracle-label budget is the same cap for
+    all (batch_size x steps labels); the self-labelling variants use less of it, and the table says
+    how much. Finished runs are not redone; an interrupted one resumes from its checkpoint."""
+    import contextlib
+    import platform
+
+    root = os.path.join(cfg.out_dir, "compare")
+    check_out_dir(root)
+    t0 = time.perf_counter()
+    runs = []
+    plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
+    for method, seed in tqdm(plan, desc="compare", dynamic_ncols=True):
+        out = os.path.join(root, f"{method}-seed{seed}")
+        if not os.path.isfile(os.path.join(out, "summary.json")):
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
+                main(dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False))
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            evals = [{k: v for k, v in json.loads(x).items() if k == "step" or k.startswith("eval_")} for x in f]
+        sft = {"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0}
+        runs.append({"method": method, "seed": seed, "summary": summary, "history": [sft] + [e for e in evals if len(e) > 1]})
+    wall = time.perf_counter() - t0
+
+    stats = {}  # method -> {figure: (mean, std)}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r["summary"] for r in runs if r["method"] == method]
+        figures = {k: [s[k] for s in group] for k in ("gold_reward_final", "win_rate_vs_sft", "kl", "oracle_queries")}
+        figures["seconds_per_step"] = [sum(s["seconds_per_step"].values()) for s in group]
+        for phase in group[0]["seconds_per_step"]:
+            figures[f"ms_{phase}"] = [1000 * s["seconds_per_step"][phase] for s in group]
+        figures["tokens_per_second_generated"] = [s["tokens_per_second"]["generated"] for s in group]
+        figures["tokens_per_second_trained"] = [s["tokens_per_second"]["trained"] for s in group]
+        stats[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in figures.items()}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
+    with open(os.path.join(root, "compare.json"), "w") as f:
+        json.dump({"machine": machine, "wall_seconds": wall, "config": dataclasses.asdict(cfg), "stats": stats, "runs": runs}, f, indent=1)
+
+    sft_reward = runs[0]["summary"]["gold_reward_sft"]
+    budget = cfg.batch_size * cfg.steps
+    lines = [f"{len(plan)} runs ({cfg.compare_seeds} seeds), {cfg.steps} updates x {cfg.batch_size} pairs each, "
+             f"oracle-label budget {budget} per run; {machine}; wall time {wall / 60:.1f} min. Mean ± std over seeds.", "",
+             f"| method | gold reward (SFT {sft_reward:.2f}) | win rate vs SFT | KL to SFT | oracle labels used | s/step |",
+             "|---|---|---|---|---|---|"]
+    pm = lambda m, k, d=2: f"{stats[m][k][0]:.{d}f} ± {stats[m][k][1]:.{d}f}"  # noqa: E731
+    for m in stats:
+        lines.append(f"| {m} | {pm(m, 'gold_reward_final')} | {pm(m, 'win_rate_vs_sft')} | {pm(m, 'kl', 1)} | "
+                     f"{stats[m]['oracle_queries'][0]:.0f} | {stats[m]['seconds_per_step'][0]:.3f} |")
+    phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
+    lines += ["", "Time per step (ms, share of the step) and throughput:", "",
+              "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
+    for m in stats:
+        total = sum(stats[m][f"ms_{p}"][0] for p in phases)
+        lines.append(f"| {m} | " + " | ".join(f"{stats[m][f'ms_{p}'][0]:.1f} ({100 * stats[m][f'ms_{p}'][0] / total:.0f}%)" for p in phases)
+                     + f" | {stats[m]['tokens_per_second_generated'][0]:.0f} | {stats[m]['tokens_per_second_trained'][0]:.0f} |")
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_compare(runs, root)
+    print(f"compare: outputs in {root}/")
+    return stats
+
+
+def plot_compare(runs, root):
+    """reward_vs_step.png (mean ± std over seeds) and reward_vs_kl.png (the reward-KL frontier)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib to get the plots; compare.json and results.md hold all the data)")
+        return
+    fig1, ax1 = plt.subplots(figsize=(6.4, 4))
+    fig2, ax2 = plt.subplots(figsize=(6.4, 4))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        histories = [r["history"] for r in runs if r["method"] == method]
+        steps = [h["step"] for h in histories[0]]
+        reward = np.array([[h["eval_reward"] for h in hist] for hist in histories])  # (seeds, evals)
+        kl = np.array([[h["eval_kl"] for h in hist] for hist in histories])
+        line, = ax1.plot(steps, reward.mean(0), marker=".", label=method)
+        ax1.fill_between(steps, reward.mean(0) - reward.std(0), reward.mean(0) + reward.std(0), color=line.get_color(), alpha=0.15)
+        ax2.plot(kl.mean(0), reward.mean(0), marker="o", markersize=3, label=method)
+    ax1.set(xlabel="step", ylabel="gold reward, held-out prompts", title="Gold reward during alignment")
+    ax2.set(xlabel="KL(policy || SFT), sampled estimate", ylabel="gold reward, held-out prompts", title="Reward-KL frontier")
+    for fig, ax, name in [(fig1, ax1, "reward_vs_step.png"), (fig2, ax2, "reward_vs_kl.png")]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(root, name), dpi=120)
+        plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: where an online step's time goes, against transformers' generate
+
+def benchmark(cfg):
+    """`python train.py --benchmark`, on the embedded SFT model (2 layers, 128 wide), 16 prompts x 2
+    responses, measured side by side in one process, medians of --bench_reps interleaved runs:
+    (1) sail.sample against model.generate(do_sample=True, use_cache=True), both made to produce
+    exactly 32 new tokens, and the share of sample's time spent inside the model's forward;
+    (2) an online sail-pr step against the same step built around model.generate (again exactly
+    32 new tokens, so both do the same work), with the share of each phase; (3) the cost of SAIL's extra terms:
+    one update (forward, loss, backward, optimiser) on the same pairs with gamma > 0 and gamma = 0."""
+    from statistics import median
+
+    device = pick_device(cfg.device)
+    task = data.make_task(cfg.task_seed)
+    policy, tokenizer, _ = embedded_policy(cfg, task, device)
+    data.prepare_tokenizer(tokenizer)
+    disable_dropout(policy)
+    policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    off = torch.autocast(device.type, enabled=False)
+    prompts = task.train_prompts[:16]
+    p_ids, p_mask, _ = (t.to(device) if torch.is_tensor(t) else t for t in data.encode_prompts(tokenizer, prompts * 2, cfg.max_prompt_len))
+    eos, gen, n_new = tokenizer.eos_token_id, torch.Generator(device).manual_seed(cfg.seed), 32
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)  # the full update's work, without drifting the model
+
+    def clock(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    def generate(max_tokens, until_eos):  # a lean wrapper around model.generate, output in sample's layout
+        ids = policy.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                              max_new_tokens=max_tokens, min_new_tokens=None if until_eos else max_tokens, use_cache=True,
+                              pad_token_id=eos)
+        new = ids[:, p_ids.shape[1]:]  # (B, n)
+        is_eos = (new == eos).long()
+        response = (is_eos.cumsum(1) - is_eos == 0).long()  # up to and including the first EOS
+        return ids, torch.cat([p_mask, response], 1), torch.cat([torch.zeros_like(p_mask), response], 1)
+
+    def ours(max_tokens, until_eos):
+        return sample(policy, p_ids, p_mask, max_new_tokens=max_tokens, temperature=1.0,
+                      eos_token_id=eos if until_eos else -1, generator=gen)  # -1: no token ends a row
+
+    def update(batch, ref, gamma):  # policy forward, loss, backward, optimiser step
+        logps = sequence_logps_of(policy, *batch, off)  # (2B,)
+        pair = (logps[:16], logps[16:], ref[:16], ref[16:], cfg.beta)
+        neg_ell = -F.logsigmoid(cfg.beta * ((logps[:16] - ref[:16]) - (logps[16:] - ref[16:]))).detach()
+        loss = sail_loss(*pair, response_coef=gamma, baseline=leave_one_out_mean(neg_ell) if gamma else None)[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def online_step(generator_fn):  # one sail-pr step (all pairs online), timed by phase
+        times = {}
+        times["generate"], batch = clock(lambda: generator_fn(n_new, False))
+        texts = decode(tokenizer, batch[0], batch[2])
+        times["label"], _ = clock(lambda: reward.bradley_terry_label(*reward.GoldReward()(prompts * 2, texts).split(16)))
+        times["reference"], ref = clock(lambda: torch.no_grad()(sequence_logps_of)(reference, *batch, off))
+        times["update"], _ = clock(lambda: update(batch, ref, cfg.gamma * cfg.response_scale))
+        return times
+
+    # (1) the sampler: fixed work, 32 tokens for every row
+    forward_seconds = [0.0]
+    plain_forward = policy.forward
+
+    def timed_forward(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = plain_forward(*args, **kwargs)
+        forward_seconds[0] += time.perf_counter() - t0
+        return out
+
+    policy.eval()
+    ours(n_new, False), generate(n_new, False)  # warm-up
+    t_ours, t_generate, shares = [], [], []
+    for _ in tqdm(range(cfg.bench_reps), desc="sampler", dynamic_ncols=True, leave=False):
+        forward_seconds[0], policy.forward = 0.0, timed_forward
+        seconds, _ = clock(lambda: ours(n_new, False))
+        policy.forward = plain_forward
+        t_ours.append(seconds)
+        shares.append(forward_seconds[0] / seconds)
+        t_generate.append(clock(lambda: generate(n_new, False))[0])
+
+    # (2) an online step, and (3) the extra terms' cost on one fixed batch
+    steps_ours, steps_generate = [], []
+    for _ in tqdm(range(cfg.bench_reps), desc="online step", dynamic_ncols=True, leave=False):
+        steps_ours.append(online_step(ours))
+        steps_generate.append(online_step(generate))
+    batch = ours(n_new, False)
+    with torch.no_grad():
+        ref = sequence_logps_of(reference, *batch, off)
+    t_sail, t_dpo = [], []
+    for _ in range(3 * cfg.bench_reps):
+        t_sail.append(clock(lambda: update(batch, ref, cfg.gamma * cfg.response_scale))[0])
+        t_dpo.append(clock(lambda: update(batch, ref, 0.0))[0])
+
+    step_ours = {k: median(s[k] for s in steps_ours) for k in steps_ours[0]}
+    step_generate = {k: median(s[k] for s in steps_generate) for k in steps_generate[0]}
+    result = {
+        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "model": "embedded GPT-2, 2 layers x 128 wide", "rows": 32, "new_tokens": n_new,
+        "sampler_ms": 1000 * median(t_ours), "generate_ms": 1000 * median(t_generate),
+        "sampler_speedup_vs_generate": median(t_generate) / median(t_ours), "sampler_forward_share": median(shares),
+        "online_step_ms": {k: 1000 * v for k, v in step_ours.items()},
+        "online_step_with_generate_ms": {k: 1000 * v for k, v in step_generate.items()},
+        "online_step_ratio": sum(step_ours.values()) / sum(step_generate.values()),
+        "online_step_phase_share": {k: v / sum(step_ours.values()) for k, v in step_ours.items()},
+        "update_sail_pr_ms": 1000 * median(t_sail), "update_online_dpo_ms": 1000 * median(t_dpo),
+        "extra_terms_overhead": median(t_sail) / median(t_dpo) - 1,
+    }
+    check_out_dir(cfg.out_dir)
+    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    r = result
+    print(f"device {device}, {r['cpu_threads']} threads, {r['model']}, {r['rows']} rows")
+    print(f"sampler, {n_new} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
+          f"speed-up {r['sampler_speedup_vs_generate']:.2f}x | time inside the model's forward {100 * r['sampler_forward_share']:.0f}%")
+    print(f"online sail-pr step:     ours {sum(step_ours.values()) * 1000:.1f} ms | around model.generate "
+          f"{sum(step_generate.values()) * 1000:.1f} ms | ratio {r['online_step_ratio']:.2f}")
+    print("  phase shares (ours):   " + " | ".join(f"{k} {100 * v:.0f}%" for k, v in r["online_step_phase_share"].items()))
+    print(f"update on the same pairs: sail-pr {r['update_sail_pr_ms']:.2f} ms | online-dpo {r['update_online_dpo_ms']:.2f} ms | "
+          f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
+    print(f"benchmark: {cfg.out_dir}/bench.json")
+    return result
+
+
 def cli(argv=None):
     try:
-        return main(parse_args(argv))
+        cfg = parse_args(argv)
+        return compare(cfg) if cfg.compare else benchmark(cfg) if cfg.benchmark else main(cfg)
     except (data.DataError, reward.RewardModelError) as e:  # bad input: the message says where and what
         raise SystemExit(f"error: {e}") from None
 
