@@ -219,12 +219,16 @@ def load_jsonl(path, fields):
     return rows
 
 
-def hold_out(rows, fraction, seed):
-    """Split rows into (train, held-out) at random but reproducibly; at least one held out."""
+def load_split(path, held_out_path, loader, fraction, seed):
+    """(training rows, held-out rows): from two files, or from one file whose held-out part is a
+    random but reproducible `fraction` of its rows (at least one)."""
+    rows = loader(path)
+    if held_out_path:
+        return rows, loader(held_out_path)
+    if len(rows) < 2:
+        raise DataError(f"{path}: {len(rows)} record; too few to hold some out for evaluation: give a held-out file too")
     order = np.random.default_rng(seed).permutation(len(rows))
     n = max(1, int(round(fraction * len(rows))))
-    if len(rows) < 2:
-        raise DataError(f"{len(rows)} record(s): too few to hold some out for evaluation; give a held-out file")
     return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
 
 

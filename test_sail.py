@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import data
 import reward
 import train
-from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
+from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 t = torch.tensor
@@ -176,6 +176,16 @@ def test_sample_masks_first_eos_and_stops_early():
     assert attention.tolist() == [[0, 0, 1, 1, 1, 0, 0],   # left pad and filler masked
                                   [0, 1, 1, 1, 1, 1, 1]]
     assert model.calls == 4  # the prompt pass + 3 cached steps (the 4th token ends the last row)
+
+
+def test_sample_token_draws_from_the_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = t([[2.0, 0.0, -1.0, 1.0, -30.0]]).repeat(200_000, 1)  # the last token has probability ~1e-14
+    for temperature in (1.0, 0.5):
+        draws = sample_token(logits, temperature, g)
+        freq = torch.bincount(draws, minlength=5).double() / len(draws)
+        assert torch.allclose(freq, torch.softmax(logits[0].double() / temperature, 0), atol=4e-3)
+        assert freq[4] == 0
 
 
 def tiny_causal_lm(arch, vocab=32, seed=0):

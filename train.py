@@ -2,30 +2,36 @@
 train.py: online preference alignment with SAIL, read top to bottom.
 
     python train.py                      # SFT (cached after the first run), SAIL-PR, evaluation
-    python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix
+    python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix, selm, xpo
+    python train.py --compare            # every method x 3 seeds: results.md, compare.json, plots
+    python train.py --benchmark          # where an online step's time goes, against model.generate
     python train.py --help               # every option with its default
 
-Phases: (1) the SFT policy: on the embedded task, fine-tune a small GPT-2 on the task's corpus
-once and cache it with `save_pretrained`; with --model, load any causal LM. (2) A frozen copy
-of it is the reference. (3) Each step builds a batch of preference pairs, routed per pair as in
-the official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses, self-labels),
-SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels); then one
-reference forward, one policy forward+backward on all chosen+rejected rows, one optimiser step.
-(4) Evaluation on held-out prompts against the SFT model, under the gold reward.
+Phases of `main`: (1) the SFT policy: on the embedded task, fine-tune a small GPT-2 on the task's
+corpus once and cache it with `save_pretrained`; with --model, load any causal LM. (2) A frozen
+copy of it is the reference. (3) Each step builds a batch of preference pairs, routed per pair as
+in the official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses,
+self-labels), SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels);
+then one reference forward, one policy forward+backward on all chosen+rejected rows, one
+optimiser step. (4) Evaluation on held-out prompts against the SFT model, under the gold reward.
+`compare` and `benchmark`, at the end of the file, call the same pieces.
 
-Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json, policy/
-(the final policy and tokenizer, `from_pretrained`-ready), reward.png when matplotlib is there.
+Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json, checkpoint/
+(to resume), policy/ (the final policy and tokenizer, `from_pretrained`-ready), reward.png.
 
 Departures from the paper (see also sail.py):
-  1. Every method is one routing of pairs: dpo = all offline, sail-dp/pp/pr = all to one route,
-     online-dpo = sail-pr with gamma 0, mix = the paper's per-pair mixture (r, p, g).
+  1. Every method is a routing of pairs: dpo = all offline; sail-dp / sail-pp / sail-pr route a
+     pair to their SAIL variant with probability r / p / g and keep the rest as offline DPO pairs
+     (as the official code does); online-dpo = all pairs online with gamma 0; mix = all three
+     routes at once; selm and xpo = online DPO plus their exploration bonus.
   2. Each training step draws fresh prompts, so new prompts keep entering the online pool (the
      official code stops after its first generation round), and responses stay attached to the
      prompt that produced them, in one tensor (the official code pairs mismatched lists).
   3. Tied oracle labels are left out of the loss and still counted as queries.
   4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models.
   5. The response term uses a leave-one-out baseline by default (--baseline none for the plain
-     estimator), which lowers its variance without biasing it.
+     estimator), which lowers its variance without biasing it, and its coefficients are scaled
+     by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
 """
 import argparse
 import copy
@@ -277,7 +283,8 @@ def embedded_policy(cfg, task, device):
 # -----------------------------------------------------------------------------
 # Checkpoints: everything a run needs to continue exactly where it stopped
 
-RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
+                     "compare", "compare_methods", "compare_seeds", "benchmark", "bench_reps"}
 
 
 def save_checkpoint(out_dir, policy, train_reference, optimizer, state):
@@ -296,6 +303,14 @@ def save_checkpoint(out_dir, policy, train_reference, optimizer, state):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_changed_settings(saved, cfg, advice):
+    """A run continues only with its own settings (a few, in RESUMABLE_CHANGES, may change)."""
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in RESUMABLE_CHANGES and v != getattr(cfg, k, v)}
+    if changed:
+        raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
+                         + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items()) + f"); {advice}")
 
 
 def latest_checkpoint(out_dir):
@@ -397,16 +412,16 @@ def main(cfg):
     # -------------------------------------------------------------------------
     # Inputs first: a bad file or directory should fail before any minute of training is spent.
     task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
-    train_prompts, eval_prompts = task.train_prompts if task else None, task.eval_prompts if task else None
+    train_prompts, eval_prompts = (task.train_prompts, task.eval_prompts) if task else (None, None)
     pairs, eval_pairs = (task.pairs, task.eval_pairs) if task else (None, None)
-    if cfg.prompts:  # a prompt file without a held-out file: hold out a fixed fraction of it
-        train_prompts = data.load_prompts(cfg.prompts)
-        train_prompts, eval_prompts = data.hold_out(train_prompts, cfg.holdout, cfg.task_seed) if not cfg.eval_prompts else (train_prompts, None)
-    eval_prompts = data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else eval_prompts
+    if cfg.prompts:  # a file without a held-out file gives up a --holdout fraction to evaluation
+        train_prompts, eval_prompts = data.load_split(cfg.prompts, cfg.eval_prompts, data.load_prompts, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_prompts:
+        eval_prompts = data.load_prompts(cfg.eval_prompts)
     if cfg.pairs:
-        pairs = data.load_pairs(cfg.pairs)
-        pairs, eval_pairs = data.hold_out(pairs, cfg.holdout, cfg.task_seed) if not cfg.eval_pairs else (pairs, None)
-    eval_pairs = data.load_pairs(cfg.eval_pairs) if cfg.eval_pairs else eval_pairs
+        pairs, eval_pairs = data.load_split(cfg.pairs, cfg.eval_pairs, data.load_pairs, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_pairs:
+        eval_pairs = data.load_pairs(cfg.eval_pairs)
     route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
     if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
         raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
@@ -414,12 +429,7 @@ def main(cfg):
     checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else None
     if checkpoint:  # resuming: the run's settings must be the checkpoint's (a few may change)
         state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-                   if k not in RESUMABLE_CHANGES and v != getattr(cfg, k)}
-        if changed:
-            raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
-                             + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items())
-                             + "); use another --out_dir, or --resume no to start over")
+        refuse_changed_settings(state["config"], cfg, "use another --out_dir, or --resume no to start over")
     oracle = reward.GoldReward()
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
@@ -750,10 +760,17 @@ def compare(cfg):
     plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
     for method, seed in tqdm(plan, desc="compare", dynamic_ncols=True):
         out = os.path.join(root, f"{method}-seed{seed}")
-        if not os.path.isfile(os.path.join(out, "summary.json")):
+        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False)
+        done = os.path.isfile(os.path.join(out, "summary.json"))
+        if done:  # finished: reuse it if it ran with these settings (more --steps: it resumes and goes on)
+            with open(os.path.join(out, "config.json")) as f:
+                refuse_changed_settings(json.load(f), run_cfg, "delete it or use another --out_dir")
+            with open(os.path.join(out, "summary.json")) as f:
+                done = json.load(f)["steps"] == cfg.steps
+        if not done:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
-                main(dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False))
+                main(run_cfg)
         with open(os.path.join(out, "summary.json")) as f:
             summary = json.load(f)
         with open(os.path.join(out, "metrics.jsonl")) as f:
