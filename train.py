@@ -724,14 +724,22 @@ def main(cfg):
     return summary
 
 
-def plot_history(history, path, title):
-    """Gold reward on held-out prompts against step (matplotlib is optional)."""
+def pyplot(what):
+    """matplotlib's pyplot, headless; or None, with a note: plots are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("(pip install matplotlib to get reward.png)")
+        print(f"(pip install matplotlib to get {what}; the data is written all the same)")
+        return None
+
+
+def plot_history(history, path, title):
+    """Gold reward on held-out prompts against step."""
+    plt = pyplot("reward.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([h["step"] for h in history], [h["eval_reward"] for h in history], marker="o")
@@ -820,12 +828,8 @@ def compare(cfg):
 
 def plot_compare(runs, root):
     """reward_vs_step.png (mean ± std over seeds) and reward_vs_kl.png (the reward-KL frontier)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib to get the plots; compare.json and results.md hold all the data)")
+    plt = pyplot("the plots")
+    if plt is None:
         return
     fig1, ax1 = plt.subplots(figsize=(6.4, 4))
     fig2, ax2 = plt.subplots(figsize=(6.4, 4))
