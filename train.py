@@ -34,6 +34,7 @@ Departures from the paper (see also sail.py):
      by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -41,11 +42,13 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -347,7 +350,7 @@ def check_out_dir(out_dir):
     """Fail at once, before any training, if the output directory cannot be written."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # one per process (ranks check at once)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -355,12 +358,35 @@ def check_out_dir(out_dir):
         raise SystemExit(f"error: --out_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
 
 
-def stop_if_not_finite(step, name, value, out_dir):
-    """A NaN or inf would poison every later step: stop now, with the last good checkpoint kept."""
-    if not math.isfinite(value):
-        kept = latest_checkpoint(out_dir)
-        raise SystemExit(f"error: step {step}: {name} is {value}; stopped before the update. "
-                         + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
+    """A NaN or inf would poison every later step: stop now, before the update, with the last good
+    checkpoint kept. values: {name: number}. Under DDP every rank stops if any rank must."""
+    bad = [not math.isfinite(v) for v in values.values()]
+    if world > 1:  # ddp
+        bad = (all_ranks_sum(torch.tensor(bad, dtype=torch.float64, device=device), world) > 0).tolist()
+    for (name, value), stop in zip(values.items(), bad):
+        if stop:
+            kept = latest_checkpoint(out_dir)
+            raise SystemExit(f"error: step {step}: {name} is {value if not math.isfinite(value) else 'not finite on another rank'}; "
+                             "stopped before the update. "
+                             + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+
+
+def all_ranks_sum(x, world):
+    """ddp: the sum of tensor x over all ranks (x itself on one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def check_ranks_in_sync(model, world, device):
+    """ddp: DDP keeps the ranks' weights identical; check it (max and min of a checksum agree)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().to(device)
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return bool(high == low)
 
 
 def report_truncation(what, token_lists, limit, option, kept):
@@ -403,6 +429,24 @@ def main(cfg):
     hf_logging.disable_progress_bar()  # our own bars only
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    # Data parallel (a one-GPU reader can skip the lines marked "ddp"): `torchrun --nproc_per_node=N
+    # train.py` starts N copies of this script, ranks 0..N-1. Each samples, labels and trains on its
+    # own share of every step's pairs; DDP averages the gradients; rank 0 alone prints and writes.
+    # Plain `python train.py` is rank 0 of 1.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # ddp
+    master = rank == 0
+    if world > 1:  # ddp
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not master:
+            sys.stdout = open(os.devnull, "w")
+        if cfg.batch_size % (world * cfg.grad_accum) or cfg.batch_size // (world * cfg.grad_accum) < 2:
+            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks x --grad_accum "
+                             f"{cfg.grad_accum} micro-batches of >= 2 pairs")
+        print(f"data parallel: {world} ranks | global batch {cfg.batch_size} pairs = {world} ranks x "
+              f"{cfg.batch_size // world} pairs ({cfg.grad_accum} micro-batches each)")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
     if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
@@ -439,7 +483,11 @@ def main(cfg):
     # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
     t0 = time.perf_counter()
     if cfg.model == "embedded":
+        if world > 1 and not master:  # ddp: rank 0 trains and caches the SFT model first
+            dist.barrier()
         policy, tokenizer, sft_seconds = embedded_policy(cfg, task, device)
+        if world > 1 and master:
+            dist.barrier()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         policy, tokenizer, sft_seconds = AutoModelForCausalLM.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(cfg.model), 0.0
@@ -489,7 +537,9 @@ def main(cfg):
             cfg.max_prompt_len, cfg.max_new_tokens))
         pair_batch += (reference_logps(*pair_batch),)  # computed once
     # The policy is still the SFT model here (a resumed run loads its checkpoint below).
-    sft_eval, sft_rewards = evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
+    sft_eval, sft_rewards = {}, None  # ddp: only rank 0 evaluates
+    if master:
+        sft_eval, sft_rewards = evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
     sft_eval["eval_win"] = 0.5
     print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
 
@@ -499,9 +549,10 @@ def main(cfg):
     route_rng = np.random.default_rng([cfg.seed, 0])  # which route each pair takes
     prompt_stream = data.Stream(len(train_prompts), seed=cfg.seed)
     pair_stream = data.Stream(len(pairs) if pairs else 1, seed=cfg.seed)
-    sampling_gen = torch.Generator(device).manual_seed(cfg.seed)  # responses: its own stream
-    label_gen = torch.Generator().manual_seed(cfg.seed)  # BT and self-labels (CPU)
-    explore_gen = torch.Generator(ref_device).manual_seed(cfg.seed + 2)  # XPO's samples of the reference
+    rank_seed = cfg.seed + 7919 * rank  # ddp: every rank samples and labels with streams of its own
+    sampling_gen = torch.Generator(device).manual_seed(rank_seed)  # responses: its own stream
+    label_gen = torch.Generator().manual_seed(rank_seed)  # BT and self-labels (CPU)
+    explore_gen = torch.Generator(ref_device).manual_seed(rank_seed + 2)  # XPO's samples of the reference
     generators = (route_rng, sampling_gen, label_gen, explore_gen)
     oracle_queries, used_pairs, ties = 0, set(), 0
     phase_seconds, token_totals = {}, {"generated": 0, "trained": 0}  # summed over steps, for the time breakdown
@@ -511,7 +562,9 @@ def main(cfg):
         policy.load_state_dict(type(policy).from_pretrained(checkpoint).state_dict())  # weights via safetensors
         if ref_every:
             train_reference.load_state_dict(type(policy).from_pretrained(os.path.join(checkpoint, "reference")).state_dict())
-        set_rng_states(state["rng"], *generators)
+        if state["world_size"] != world:
+            raise SystemExit(f"error: {checkpoint} was written by {state['world_size']} processes; resume it with as many")
+        set_rng_states(state["rng"][rank], *generators)
         (prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos) = state["streams"]
         oracle_queries, ties, history = state["oracle_queries"], state["ties"], state["history"]
         phase_seconds, token_totals = state["phase_seconds"], state["token_totals"]
@@ -521,28 +574,33 @@ def main(cfg):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint:
         optimizer.load_state_dict(state["optimizer"])
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    # metrics.jsonl holds exactly the steps up to the checkpoint (a killed run may have logged more).
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    kept = []
-    if checkpoint and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            kept = f.readlines()[:start - 1]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
-    metrics_file = open(metrics_path, "a")
+    train_policy = policy  # what the loss's forward runs through: the policy itself, or its DDP wrapper
+    if world > 1:  # ddp: averages the gradients over ranks during backward
+        train_policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics_file = None
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        # metrics.jsonl holds exactly the steps up to the checkpoint (a killed run may have logged more).
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        kept = []
+        if checkpoint and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = f.readlines()[:start - 1]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        metrics_file = open(metrics_path, "a")
 
     # -------------------------------------------------------------------------
     # The alignment loop
     label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
     gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
     response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device)
-    B = cfg.batch_size // cfg.grad_accum  # pairs per micro-batch
+    B = cfg.batch_size // (world * cfg.grad_accum)  # pairs per micro-batch on this rank
     t_align = time.perf_counter()
     for step in tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.method,
-                     dynamic_ncols=True, leave=False):
+                     dynamic_ncols=True, leave=False, disable=not master):
         t0, times = time.perf_counter(), {}
 
         def lap(name):  # wall time of a phase; CUDA runs asynchronously, so wait for it first
@@ -555,17 +613,27 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         logged = {"neg_ell": [], "h": [], "valid": [], "kl": [], "scores": []}
         tokens = {"generated": 0, "trained": 0}
+        step_queries = step_ties = 0
         for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
             # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
-            route = np.sort(route_rng.choice(4, size=B, p=route_probs))
+            # Every rank draws the whole micro-batch of all ranks (the same routes, pairs and prompts,
+            # from the same streams) and keeps its own slice: ranks never share a pair or a prompt.
+            routes = [np.sort(r) for r in route_rng.choice(4, size=B * world, p=route_probs).reshape(world, B)]
+            route = routes[rank]
             n_ds = int((route <= DP).sum())
             n_on = B - n_ds
+            ds_all = pair_stream.next(sum(int((r <= DP).sum()) for r in routes))
+            on_all = prompt_stream.next(sum(int((r > DP).sum()) for r in routes))
+            ds_start = sum(int((r <= DP).sum()) for r in routes[:rank])
+            on_start = sum(int((r > DP).sum()) for r in routes[:rank])
+            first = 0
+            for r in routes:  # dataset pairs used with their (oracle) dataset label, on any rank
+                used_pairs.update(ds_all[first:first + int((r == OFFLINE).sum())])
+                first += int((r <= DP).sum())
             prompts_ds, prompts_on, texts = [], [], [None] * (2 * B)
             halves = []  # (y1 rows, y2 rows) per part, to be stacked as [all y1; all y2]
             if n_ds:
-                idx = pair_stream.next(n_ds)
-                used_pairs.update(i for i, k in zip(idx, route) if k == OFFLINE)  # their dataset labels came from an oracle
-                rows = [pairs[i] for i in idx]
+                rows = [pairs[i] for i in ds_all[ds_start:ds_start + n_ds]]
                 prompts_ds = [x["prompt"] for x in rows]
                 ds = data.encode_responses(tokenizer, prompts_ds * 2, [x["chosen"] for x in rows] + [x["rejected"] for x in rows],
                                            cfg.max_prompt_len, cfg.max_new_tokens)
@@ -573,7 +641,7 @@ def main(cfg):
                 texts[:n_ds] = [x["chosen"] for x in rows]
                 texts[B:B + n_ds] = [x["rejected"] for x in rows]
             if n_on:
-                prompts_on = [train_prompts[i] for i in prompt_stream.next(n_on)]
+                prompts_on = [train_prompts[i] for i in on_all[on_start:on_start + n_on]]
                 p_ids, p_mask, _ = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
                 policy.eval()  # sampling uses the KV cache (gradient checkpointing, if on, only applies in train mode)
                 with amp:
@@ -597,16 +665,16 @@ def main(cfg):
             # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
             is_pr = torch.from_numpy(route == PR)
             y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
-            scores = torch.full((2 * B,), float("nan"))
+            scores = torch.full((2 * B,), float("nan"))  # NaN: not scored
+            reward_sum = 0.0
             if is_pr.any():
                 idx = torch.nonzero(is_pr).squeeze(1)
                 prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
                 r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
-                stop_if_not_finite(step, "an oracle reward", r.sum().item(), cfg.out_dir)
-                scores[idx], scores[B + idx] = r[:len(idx)], r[len(idx):]
+                scores[idx], scores[B + idx], reward_sum = r[:len(idx)], r[len(idx):], r.sum().item()
                 y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
-                oracle_queries += len(idx)
-                ties += int((~valid[idx]).sum())
+                step_queries += len(idx)
+                step_ties += int((~valid[idx]).sum())
             lap("label")
 
             blocks = [h[:3] for h in halves] + [h[3:] for h in halves] + ([explore] if explore else [])
@@ -615,53 +683,72 @@ def main(cfg):
             ref = reference_logps(*batch, model=train_reference)  # (2B,) once per pair, no graph
             lap("reference")
 
-            logps = sequence_logps_of(policy, *batch, amp)  # (2B,) chosen and rejected through one forward
-            (logps, logps_explore), (ref, ref_explore) = logps.split([2 * B, len(logps) - 2 * B]), ref.split([2 * B, len(ref) - 2 * B])
-            delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
-            self_labelled = torch.from_numpy((route == DP) | (route == PP))
-            if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
-                y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
-            y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
-            h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
-            neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
-            pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
-            if cfg.method == "selm":
-                losses, _, _ = selm_loss(*pair, policy_explore_logps=logps_explore, reference_explore_logps=ref_explore,
-                                         alpha=cfg.selm_alpha)
-            elif cfg.method == "xpo":
-                losses, _, _ = xpo_loss(*pair, policy_explore_logps=logps_explore, alpha=cfg.xpo_alpha)
-            else:
-                losses, _, _ = sail_loss(*pair, label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
-                                         baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
-            loss = torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1) / cfg.grad_accum
-            stop_if_not_finite(step, "the loss", loss.item(), cfg.out_dir)
-            loss.backward()
+            last = micro == cfg.grad_accum - 1  # ddp: average gradients over ranks once, after the last micro-batch
+            sync = train_policy.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                logps = sequence_logps_of(train_policy, *batch, amp)  # (2B,) chosen and rejected through one forward
+                (logps, logps_explore), (ref, ref_explore) = logps.split([2 * B, len(logps) - 2 * B]), ref.split([2 * B, len(ref) - 2 * B])
+                delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
+                self_labelled = torch.from_numpy((route == DP) | (route == PP))
+                if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
+                    y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
+                y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
+                h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
+                neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
+                pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
+                if cfg.method == "selm":
+                    losses, _, _ = selm_loss(*pair, policy_explore_logps=logps_explore, reference_explore_logps=ref_explore,
+                                             alpha=cfg.selm_alpha)
+                elif cfg.method == "xpo":
+                    losses, _, _ = xpo_loss(*pair, policy_explore_logps=logps_explore, alpha=cfg.xpo_alpha)
+                else:
+                    losses, _, _ = sail_loss(*pair, label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
+                                             baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
+                # The mean over the valid pairs of all ranks (DDP averages over ranks, hence the factor world).
+                n_valid = all_ranks_sum(valid.sum().float(), world)
+                loss = torch.where(valid, losses, 0.0).sum() * world / n_valid.clamp(min=1) / cfg.grad_accum
+                stop_if_not_finite(step, {"an oracle reward": reward_sum, "the loss": loss.item()},
+                                   cfg.out_dir, world, device)
+                loss.backward()
             lap("policy")
             on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
             for k, v in [("neg_ell", neg_ell), ("h", h), ("valid", valid), ("kl", delta[on_rows.to(device)]), ("scores", scores)]:
                 logged[k].append(v)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        stop_if_not_finite(step, "the gradient norm", grad_norm.item(), cfg.out_dir)
+        stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, world, device)
         optimizer.step()
         lap("optimizer")
         if ref_every and step % ref_every == 0:  # SELM: this policy is the next iteration's reference
             train_reference.load_state_dict(policy.state_dict())
         for k, v in times.items():
             phase_seconds[k] = phase_seconds.get(k, 0.0) + v
-        for k in token_totals:
-            token_totals[k] += tokens[k]
 
-        # ---- logging: one line per step, a sample every so often, evaluation
+        # ---- logging: one line per step (sums over all ranks), a sample every so often, evaluation
         neg_ell, h, valid, kl, scores = (torch.cat(logged[k]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
-        n_valid = valid.sum().clamp(min=1)
-        row = {"step": step, "loss": (torch.where(valid, neg_ell, 0.0).sum() / n_valid).item(),
-               "acc": (torch.where(valid, accuracy(h), 0.0).sum() / n_valid).item(),
-               "margin": (torch.where(valid, cfg.beta * h, 0.0).sum() / n_valid).item(),
-               "kl": kl.mean().item(),  # mean log-ratio of the policy-sampled responses: a KL estimate
-               "reward": scores[~scores.isnan()].mean().item() if (~scores.isnan()).any() else None,
+        sums = all_ranks_sum(torch.tensor([
+            valid.sum(), torch.where(valid, neg_ell, 0.0).sum(), torch.where(valid, accuracy(h), 0.0).sum(),
+            torch.where(valid, cfg.beta * h, 0.0).sum(), kl.sum(), kl.numel(), scores.nan_to_num(0.0).sum().item(),
+            (~scores.isnan()).sum(), step_queries, step_ties, tokens["generated"], tokens["trained"]],
+            dtype=torch.float64, device=device), world).tolist()
+        n_valid, loss_sum, acc_sum, margin_sum, kl_sum, n_kl, reward_sum, n_scored, step_queries, step_ties, n_gen, n_train = sums
+        oracle_queries, ties = oracle_queries + int(step_queries), ties + int(step_ties)
+        tokens = {"generated": int(n_gen), "trained": int(n_train)}
+        row = {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1),
+               "margin": margin_sum / max(n_valid, 1),
+               "kl": kl_sum / n_kl,  # mean log-ratio of the policy-sampled responses: a KL estimate
+               "reward": reward_sum / n_scored if n_scored else None,
                "grad_norm": grad_norm.item(), "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
                "generated_tokens": tokens["generated"], "trained_tokens": tokens["trained"],
                "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
+        for k in token_totals:
+            token_totals[k] += tokens[k]
+        if world > 1:  # ddp: every rank's random streams go into the checkpoint, so each can resume its own
+            states = [None] * world
+            dist.all_gather_object(states, rng_states(*generators))
+        else:
+            states = [rng_states(*generators)]
+        if not master:
+            continue  # ddp: the rest of the step (evaluation, logging, checkpoints) is rank 0's
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
             history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
@@ -681,12 +768,19 @@ def main(cfg):
                        f"  chosen   {texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {texts[l]!r}  (reward {shown[1]:.2f})")
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(cfg.out_dir, policy, train_reference if ref_every else None, optimizer, {
-                "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states(*generators),
+                "step": step, "config": dataclasses.asdict(cfg), "world_size": world, "rng": states,
                 "streams": [(prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos)],
                 "oracle_queries": oracle_queries, "ties": ties, "used_pairs": sorted(used_pairs),
                 "phase_seconds": phase_seconds, "token_totals": token_totals, "history": history})
-    metrics_file.close()
     t_align = time.perf_counter() - t_align
+    if world > 1:  # ddp: the ranks' weights must still agree; then rank 0 writes the results
+        in_sync = check_ranks_in_sync(policy, world, device)
+        dist.destroy_process_group()
+        if not master:
+            return None
+        if not in_sync:
+            raise SystemExit("error: the ranks' weights differ at the end of training")
+    metrics_file.close()
 
     # -------------------------------------------------------------------------
     # Save the policy and the summary; print the final table.
@@ -694,7 +788,7 @@ def main(cfg):
     tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     final = history[-1]
     summary = {
-        "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed,
+        "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
         "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
         "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
