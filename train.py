@@ -5,6 +5,7 @@ train.py: online preference alignment with SAIL, read top to bottom.
     python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix, selm, xpo
     python train.py --compare            # every method x 3 seeds: results.md, compare.json, plots
     python train.py --benchmark          # where an online step's time goes, against model.generate
+    torchrun --nproc_per_node=N -- train.py ...   # data parallel: the same loop on N GPUs (lines marked ddp)
     python train.py --help               # every option with its default
 
 Phases of `main`: (1) the SFT policy: on the embedded task, fine-tune a small GPT-2 on the task's
@@ -666,12 +667,12 @@ def main(cfg):
             is_pr = torch.from_numpy(route == PR)
             y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
             scores = torch.full((2 * B,), float("nan"))  # NaN: not scored
-            reward_sum = 0.0
+            oracle_sum = 0.0  # checked for NaN / inf below
             if is_pr.any():
                 idx = torch.nonzero(is_pr).squeeze(1)
                 prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
                 r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
-                scores[idx], scores[B + idx], reward_sum = r[:len(idx)], r[len(idx):], r.sum().item()
+                scores[idx], scores[B + idx], oracle_sum = r[:len(idx)], r[len(idx):], r.sum().item()
                 y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
                 step_queries += len(idx)
                 step_ties += int((~valid[idx]).sum())
@@ -707,7 +708,7 @@ def main(cfg):
                 # The mean over the valid pairs of all ranks (DDP averages over ranks, hence the factor world).
                 n_valid = all_ranks_sum(valid.sum().float(), world)
                 loss = torch.where(valid, losses, 0.0).sum() * world / n_valid.clamp(min=1) / cfg.grad_accum
-                stop_if_not_finite(step, {"an oracle reward": reward_sum, "the loss": loss.item()},
+                stop_if_not_finite(step, {"an oracle reward": oracle_sum, "the loss": loss.item()},
                                    cfg.out_dir, world, device)
                 loss.backward()
             lap("policy")
@@ -742,11 +743,12 @@ def main(cfg):
                "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
         for k in token_totals:
             token_totals[k] += tokens[k]
-        if world > 1:  # ddp: every rank's random streams go into the checkpoint, so each can resume its own
-            states = [None] * world
-            dist.all_gather_object(states, rng_states(*generators))
-        else:
+        save = step % cfg.save_every == 0 or step == cfg.steps
+        if save:  # every rank's random streams go into the checkpoint, so that each can resume its own
             states = [rng_states(*generators)]
+            if world > 1:  # ddp
+                states = [None] * world
+                dist.all_gather_object(states, rng_states(*generators))
         if not master:
             continue  # ddp: the rest of the step (evaluation, logging, checkpoints) is rank 0's
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -766,7 +768,7 @@ def main(cfg):
             how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][route[i]]
             tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[-B + i] else ', a tie: left out'}]\n"
                        f"  chosen   {texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {texts[l]!r}  (reward {shown[1]:.2f})")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if save:
             save_checkpoint(cfg.out_dir, policy, train_reference if ref_every else None, optimizer, {
                 "step": step, "config": dataclasses.asdict(cfg), "world_size": world, "rng": states,
                 "streams": [(prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos)],
