@@ -9,8 +9,9 @@ Large Language Models", arXiv 2406.15567), as short pure functions.
   selm_loss,      two related online methods for comparison: DPO plus an exploration bonus on a
   xpo_loss        response of the reference (SELM, XPO)
   sample          policy sampling with the model's KV cache, in plain PyTorch
+  sample_token    one token per row from softmax(logits / temperature)
 
-Notation (as in ../shared/SAIL_NOTES.md): Delta(y) = L_theta(y) - L_ref(y); for a pair,
+Notation (as in the README): Delta(y) = L_theta(y) - L_ref(y); for a pair,
 h = Delta(y_w) - Delta(y_l); l = log sigmoid(beta * h). SAIL maximises
 
     J(theta) = E_{x, y1, y2 ~ pi_theta, (y_w, y_l) ~ labeller} [ l ]
@@ -29,7 +30,7 @@ Run the tests: `python -m pytest -q test_sail.py`.
 Departures from the paper and the official code:
   1. The extra terms are written as a surrogate loss with stop-gradients instead of the
      official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
-     batch (SAIL_NOTES.md, known problem 1). Its expected gradient is checked exactly against
+     batch (the README's "differences", 1). Its expected gradient is checked exactly against
      autograd of J in the tests.
   2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
      as the mean of -l over the *other* pairs of the batch) is subtracted in the response term.

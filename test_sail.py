@@ -4,7 +4,7 @@ test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (ab
   * losses: DPO and SAIL values and gradients computed by hand
   * masks: log-prob masks and sampled-response masks against literal tensors
   * padding: a sequence's log-probs and greedy continuation do not depend on its batch or padding
-  * the exact-gradient check of SAIL_NOTES.md for SAIL-PR, SAIL-PP and SAIL-DP (tabular policy)
+  * the exact-gradient check for SAIL-PR, SAIL-PP and SAIL-DP (and SELM, XPO) on a tabular policy
   * labellers, the gold reward, the HF reward-model wrapper, JSONL errors
   * end to end: `python train.py` for a few steps changes the policy and writes a full summary
 """
@@ -222,7 +222,7 @@ def test_padding_invariance_of_logps_and_sampling(arch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The exact-gradient check (SAIL_NOTES.md): tabular softmax policy over K responses, float64
+# The exact-gradient check: tabular softmax policy over K responses, float64
 
 @pytest.mark.parametrize("variant", ["SAIL-PR", "SAIL-PP", "SAIL-DP"])
 def test_expected_surrogate_gradient_equals_minus_grad_J(variant):

@@ -899,8 +899,9 @@ def compare(cfg):
 
     sft_reward = runs[0]["summary"]["gold_reward_sft"]
     budget = cfg.batch_size * cfg.steps
+    run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # not just this invocation's: some runs may be reused
     lines = [f"{len(plan)} runs ({cfg.compare_seeds} seeds), {cfg.steps} updates x {cfg.batch_size} pairs each, "
-             f"oracle-label budget {budget} per run; {machine}; wall time {wall / 60:.1f} min. Mean ± std over seeds.", "",
+             f"oracle-label budget {budget} per run; {machine}; the runs took {run_minutes:.1f} min. Mean ± std over seeds.", "",
              f"| method | gold reward (SFT {sft_reward:.2f}) | win rate vs SFT | KL to SFT | oracle labels used | s/step |",
              "|---|---|---|---|---|---|"]
     pm = lambda m, k, d=2: f"{stats[m][k][0]:.{d}f} ± {stats[m][k][1]:.{d}f}"  # noqa: E731
