@@ -125,24 +125,22 @@ def prepare_tokenizer(tokenizer):
 
 def encode_prompts(tokenizer, prompts, max_len):
     """Left-padded prompt ids and mask, each (B, Tp). Longer prompts keep their last `max_len`
-    tokens (the end of a prompt is what the response continues); `n_truncated` counts them."""
-    rows = tokenizer(list(prompts))["input_ids"]  # with the tokenizer's own BOS, if it adds one
-    n_truncated = sum(len(r) > max_len for r in rows)
-    rows = [r[-max_len:] for r in rows]
+    tokens (the end of a prompt is what the response continues; train.py reports how many)."""
+    rows = [r[-max_len:] for r in tokenizer(list(prompts))["input_ids"]]  # with the tokenizer's own BOS, if any
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, Tp)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, Tp)
     for i, r in enumerate(rows):
         if r:
             ids[i, -len(r):], mask[i, -len(r):] = torch.tensor(r), 1
-    return ids, mask, n_truncated
+    return ids, mask
 
 
 def encode_responses(tokenizer, prompts, responses, max_prompt_len, max_response_len):
     """Prompt + response + EOS in the batch layout above: returns ids, attention_mask and
     response_mask, each (B, Tp + Tr). A response longer than `max_response_len` is cut (and has
     no EOS, like a sampled response that hit the length limit)."""
-    p_ids, p_mask, _ = encode_prompts(tokenizer, prompts, max_prompt_len)
+    p_ids, p_mask = encode_prompts(tokenizer, prompts, max_prompt_len)
     rows = [(r + [tokenizer.eos_token_id])[:max_response_len]
             for r in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
     width = max(len(r) for r in rows)

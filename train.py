@@ -529,7 +529,7 @@ def main(cfg):
     # -------------------------------------------------------------------------
     # Evaluation batches, fixed for the run, and the SFT baseline they are compared against.
     repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples)]
-    p_ids, p_mask, _ = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
+    p_ids, p_mask = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
     eval_batch = (p_ids.to(device), p_mask.to(device))
     pair_batch = None
     if eval_pairs:
@@ -643,7 +643,7 @@ def main(cfg):
                 texts[B:B + n_ds] = [x["rejected"] for x in rows]
             if n_on:
                 prompts_on = [train_prompts[i] for i in on_all[on_start:on_start + n_on]]
-                p_ids, p_mask, _ = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
+                p_ids, p_mask = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
                 policy.eval()  # sampling uses the KV cache (gradient checkpointing, if on, only applies in train mode)
                 with amp:
                     on = sample(policy, p_ids.to(device), p_mask.to(device), max_new_tokens=cfg.max_new_tokens,
@@ -854,7 +854,6 @@ def compare(cfg):
     updates and pairs per update, over several seeds. The oracle-label budget is the same cap for
     all (batch_size x steps labels); the self-labelling variants use less of it, and the table says
     how much. Finished runs are not redone; an interrupted one resumes from its checkpoint."""
-    import contextlib
     import platform
 
     root = os.path.join(cfg.out_dir, "compare")
@@ -904,7 +903,10 @@ def compare(cfg):
              f"oracle-label budget {budget} per run; {machine}; the runs took {run_minutes:.1f} min. Mean ± std over seeds.", "",
              f"| method | gold reward (SFT {sft_reward:.2f}) | win rate vs SFT | KL to SFT | oracle labels used | s/step |",
              "|---|---|---|---|---|---|"]
-    pm = lambda m, k, d=2: f"{stats[m][k][0]:.{d}f} ± {stats[m][k][1]:.{d}f}"  # noqa: E731
+
+    def pm(m, k, d=2):  # "mean ± std"
+        return f"{stats[m][k][0]:.{d}f} ± {stats[m][k][1]:.{d}f}"
+
     for m in stats:
         lines.append(f"| {m} | {pm(m, 'gold_reward_final')} | {pm(m, 'win_rate_vs_sft')} | {pm(m, 'kl', 1)} | "
                      f"{stats[m]['oracle_queries'][0]:.0f} | {stats[m]['seconds_per_step'][0]:.3f} |")
@@ -970,7 +972,7 @@ def benchmark(cfg):
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     off = torch.autocast(device.type, enabled=False)
     prompts = task.train_prompts[:16]
-    p_ids, p_mask, _ = (t.to(device) if torch.is_tensor(t) else t for t in data.encode_prompts(tokenizer, prompts * 2, cfg.max_prompt_len))
+    p_ids, p_mask = (t.to(device) for t in data.encode_prompts(tokenizer, prompts * 2, cfg.max_prompt_len))
     eos, gen, n_new = tokenizer.eos_token_id, torch.Generator(device).manual_seed(cfg.seed), 32
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)  # the full update's work, without drifting the model
 
