@@ -191,27 +191,38 @@ class DataError(ValueError):
 
 def load_jsonl(path, fields):
     """Read a JSONL file whose every line is an object with non-empty string `fields`."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a JSONL file")
+    try:
+        with open(path, "rb") as f:  # bytes, so a bad encoding is reported with its line number
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in fields:
-                if field not in row:
-                    raise DataError(f"{path}:{lineno}: field '{field}' is missing")
-                if not isinstance(row[field], str):
-                    raise DataError(f"{path}:{lineno}: field '{field}' must be a string, got {type(row[field]).__name__}")
-                if not row[field].strip():
-                    raise DataError(f"{path}:{lineno}: field '{field}' is empty")
-            rows.append({k: row[k] for k in fields})
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            "expected a JSONL file") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for field in fields:
+            if field not in row:
+                raise DataError(f"{path}:{lineno}: field '{field}' is missing")
+            if not isinstance(row[field], str):
+                raise DataError(f"{path}:{lineno}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            if not row[field].strip():
+                raise DataError(f"{path}:{lineno}: field '{field}' is empty")
+        rows.append({k: row[k] for k in fields})
     if not rows:
         raise DataError(f"{path}: no records")
     return rows

@@ -22,6 +22,7 @@ Departures from the paper:
   2. Ties (equal rewards) carry no preference. With hard labels `bradley_terry_label` marks them
      invalid and `train.py` leaves them out of the loss (they still count as oracle queries).
 """
+import os
 import re
 
 import torch
@@ -101,8 +102,22 @@ class GoldReward:
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face reward model with its own tokenizer.
 
-class RewardModelError(ValueError):
-    """A reward model that does not give one score per text."""
+class ModelError(ValueError):
+    """A model or reward model that cannot be loaded, or a reward model without one score per text."""
+
+
+def load_pretrained(auto_class, path, what):
+    """`auto_class.from_pretrained(path)`, or ModelError with one line naming `what` (an option) and
+    the path: a file or a directory that is not a saved model, broken weights, an unknown hub id."""
+    if os.path.isfile(path):
+        raise ModelError(f"{what} {path}: is a file; expected a directory written by save_pretrained, or a hub id")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"{what} {path}: no config.json in this directory; expected a directory written by save_pretrained")
+    try:
+        return auto_class.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  transformers raises OSError, ValueError, KeyError, ... by cause
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"{what} {path}: cannot be loaded ({type(e).__name__}: {first})") from None
 
 
 class HFRewardModel:
@@ -115,18 +130,19 @@ class HFRewardModel:
     response go in as a text pair (as OpenAssistant's reward models expect) instead of one text.
     """
 
-    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None, label="", dtype=None, text_pair=False):
+    def __init__(self, name_or_path, device="cpu", batch_size=32, max_length=None, label="", dtype=None, text_pair=False,
+                 what="reward model"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        self.model = load_pretrained(AutoModelForSequenceClassification, name_or_path, what)
+        self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, what)
         n_outputs, names = self.model.config.num_labels, {v: int(k) for k, v in self.model.config.id2label.items()}
         if label:
             self.column = names.get(label, int(label) if label.isdigit() else -1)
             if not 0 <= self.column < n_outputs:
-                raise RewardModelError(f"reward model {name_or_path}: no output label {label!r}; its labels are {sorted(names, key=names.get)}")
+                raise ModelError(f"{what} {name_or_path}: no output label {label!r}; its labels are {sorted(names, key=names.get)}")
         elif n_outputs != 1:
-            raise RewardModelError(f"reward model {name_or_path}: expected one score per text (num_labels=1), got num_labels="
+            raise ModelError(f"{what} {name_or_path}: expected one score per text (num_labels=1), got num_labels="
                                    f"{n_outputs}; for a classifier, name the output to use (--reward_label, one of {sorted(names, key=names.get)})")
         else:
             self.column = 0
@@ -149,7 +165,7 @@ class HFRewardModel:
                                  return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits  # (b, num_labels)
             if logits.dim() != 2 or logits.shape[0] != enc["input_ids"].shape[0]:
-                raise RewardModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
+                raise ModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
             scores.append(logits[:, self.column].float().cpu())
         return torch.cat(scores)  # (B,)
 

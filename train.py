@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -153,38 +154,72 @@ def parse_args(argv=None):
         else:
             parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
     cfg = Config(**vars(parser.parse_args(argv)))
+    problems = check_config(cfg)
+    if problems:  # one line per problem, no traceback, exit status 1
+        raise SystemExit("\n".join(f"error: {p}" for p in problems))
+    return cfg
+
+
+# The valid range of every numeric option: (test, what the test says, options).
+RANGES = [
+    (lambda x: x > 0, "> 0", ["beta", "lr", "sft_lr", "temperature"]),
+    (lambda x: x >= 0, ">= 0", ["rho", "pi", "gamma", "response_scale", "selm_alpha", "xpo_alpha", "weight_decay",
+                                "grad_clip", "seed", "task_seed"]),
+    (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
+    (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
+    (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
+                                "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every",
+                                "compare_seeds", "bench_reps"]),
+    (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
+    (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
+]
+CHOICES = {"method": METHODS, "baseline": ("loo", "none"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
+
+
+def check_config(cfg):
+    """Every problem with the options, as messages naming the option (empty: all good). Nothing
+    here touches the disk, so a refused command changes nothing."""
     problems = []
-    if cfg.method not in METHODS:
-        problems.append(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    if cfg.beta <= 0:
-        problems.append(f"--beta must be > 0, got {cfg.beta}")
-    for name in ("r", "p", "g", "rho", "pi", "gamma", "response_scale"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("r", "p", "g"):
-        if getattr(cfg, name) > 1:
-            problems.append(f"--{name} is a probability: it must be <= 1, got {getattr(cfg, name)}")
+    for test, what, names in RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name} must be a finite number, got {value}")
+            elif not test(value):
+                problems.append(f"--{name} must be {what}, got {value}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            problems.append(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
     if cfg.method == "mix" and cfg.r + cfg.p + cfg.g > 1 + 1e-9:
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
-    if cfg.baseline not in ("loo", "none"):
-        problems.append(f"--baseline {cfg.baseline!r}: choose loo or none")
-    if cfg.label_mode not in ("hard", "sampled"):
-        problems.append(f"--label_mode {cfg.label_mode!r}: choose hard or sampled")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum or cfg.batch_size // cfg.grad_accum < 2:
+    if cfg.grad_accum >= 1 and (cfg.batch_size % cfg.grad_accum or cfg.batch_size // cfg.grad_accum < 2):
         problems.append(f"--batch_size {cfg.batch_size} must split into --grad_accum {cfg.grad_accum} micro-batches of >= 2 pairs")
-    if not 0 < cfg.holdout < 1:
-        problems.append(f"--holdout must be between 0 and 1, got {cfg.holdout}")
     unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS]
     if unknown:
-        problems.append(f"--compare_methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if cfg.resume not in ("auto", "no"):
-        problems.append(f"--resume {cfg.resume!r}: choose auto or no")
-    for name in ("steps", "eval_every", "sample_every", "save_every", "max_new_tokens", "max_prompt_len", "eval_samples", "compare_seeds"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if problems:
-        parser.error("\n  ".join(problems))
-    return cfg
+        problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+    device_problem = check_device(cfg.device)
+    if device_problem:
+        problems.append(device_problem)
+    return problems
+
+
+def check_device(name):
+    """A message if --device names hardware this machine does not have (None if it is fine)."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r}: choose auto, cpu, cuda, cuda:N or mps"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device auto or cpu"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: Apple's MPS is not available here; use --device auto or cpu"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name!r}: choose auto, cpu, cuda, cuda:N or mps"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +301,11 @@ def embedded_policy(cfg, task, device):
     path = os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"sft: loading the cached SFT model from {path}")
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), 0.0
+        what = "--cache_dir holds a broken SFT model (delete it to train it again):"
+        return reward.load_pretrained(AutoModelForCausalLM, path, what), reward.load_pretrained(AutoTokenizer, path, what), 0.0
+    check_writable_dir(cfg.cache_dir, "--cache_dir")  # before the SFT run, not after it
+    if cfg.sft_batch_size > len(task.sft):
+        raise SystemExit(f"error: --sft_batch_size {cfg.sft_batch_size} is larger than the SFT corpus ({len(task.sft)} texts)")
     t0 = time.perf_counter()
     tokenizer = data.build_tokenizer([p + y for p, y in task.sft])
     tokenizer.model_max_length = 64
@@ -347,16 +386,16 @@ def set_rng_states(states, *generators):
             g.bit_generator.state = state
 
 
-def check_out_dir(out_dir):
-    """Fail at once, before any training, if the output directory cannot be written."""
+def check_writable_dir(path, option="--out_dir"):
+    """Fail at once, before any training, if a directory the run writes to cannot be written."""
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # one per process (ranks check at once)
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")  # one per process (ranks check at once)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise SystemExit(f"error: --out_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
+        raise SystemExit(f"error: {option} {path!r} cannot be written: {e.strerror or e}") from None
 
 
 def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
@@ -470,15 +509,19 @@ def main(cfg):
     route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
     if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
         raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
-    check_out_dir(cfg.out_dir)
+    check_writable_dir(cfg.out_dir)
     checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else None
     if checkpoint:  # resuming: the run's settings must be the checkpoint's (a few may change)
-        state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
+        try:
+            state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
+        except Exception as e:  # noqa: BLE001  a truncated or foreign file: say so, touch nothing
+            raise SystemExit(f"error: --out_dir {cfg.out_dir}: its checkpoint {checkpoint}/state.pt cannot be read "
+                             f"({type(e).__name__}); use another --out_dir, or --resume no to start over") from None
         refuse_changed_settings(state["config"], cfg, "use another --out_dir, or --resume no to start over")
     oracle = reward.GoldReward()
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
-                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair)
+                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
 
     # -------------------------------------------------------------------------
     # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
@@ -491,7 +534,10 @@ def main(cfg):
             dist.barrier()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        policy, tokenizer, sft_seconds = AutoModelForCausalLM.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(cfg.model), 0.0
+        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
+        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
     data.prepare_tokenizer(tokenizer)
     disable_dropout(policy)
     ref_device = torch.device("cpu") if cfg.offload_reference else device
@@ -777,6 +823,11 @@ def main(cfg):
     t_align = time.perf_counter() - t_align
     if world > 1:  # ddp: the ranks' weights must still agree; then rank 0 writes the results
         in_sync = check_ranks_in_sync(policy, world, device)
+        dist.barrier()  # every rank is past its last collective
+        # DDP holds the process group: free it now, so that gloo's threads are joined here and not
+        # during interpreter exit, where they can abort the process ("terminate called ...").
+        del train_policy
+        gc.collect()
         dist.destroy_process_group()
         if not master:
             return None
@@ -857,7 +908,7 @@ def compare(cfg):
     import platform
 
     root = os.path.join(cfg.out_dir, "compare")
-    check_out_dir(root)
+    check_writable_dir(root)
     t0 = time.perf_counter()
     runs = []
     plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
@@ -1064,7 +1115,7 @@ def benchmark(cfg):
         "update_sail_pr_ms": 1000 * median(t_sail), "update_online_dpo_ms": 1000 * median(t_dpo),
         "extra_terms_overhead": median(t_sail) / median(t_dpo) - 1,
     }
-    check_out_dir(cfg.out_dir)
+    check_writable_dir(cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     r = result
@@ -1084,7 +1135,7 @@ def cli(argv=None):
     try:
         cfg = parse_args(argv)
         return compare(cfg) if cfg.compare else benchmark(cfg) if cfg.benchmark else main(cfg)
-    except (data.DataError, reward.RewardModelError) as e:  # bad input: the message says where and what
+    except (data.DataError, reward.ModelError) as e:  # bad input: the message says where and what
         raise SystemExit(f"error: {e}") from None
 
 
