@@ -429,11 +429,18 @@ def check_ranks_in_sync(model, world, device):
     return bool(high == low)
 
 
-def report_truncation(what, token_lists, limit, option, kept):
+def token_lengths(tokenizer, texts, **kwargs):
+    """The token count of each text; each distinct text is tokenized once (pair files repeat prompts)."""
+    unique = list(dict.fromkeys(texts))
+    count = dict(zip(unique, map(len, tokenizer(unique, **kwargs)["input_ids"]))) if unique else {}
+    return [count[x] for x in texts]
+
+
+def report_truncation(what, lengths, limit, option, kept):
     """Never truncate silently: count the texts longer than `limit` tokens and say so."""
-    n = sum(len(ids) > limit for ids in token_lists)
+    n = sum(length > limit for length in lengths)
     if n:
-        print(f"note: {n} of {len(token_lists)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
+        print(f"note: {n} of {len(lengths)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
     return n
 
 
@@ -567,9 +574,9 @@ def main(cfg):
     all_pairs = (pairs or []) + (eval_pairs or [])
     for what, prompts in [("training prompts", train_prompts), ("held-out prompts", eval_prompts),
                           ("pair prompts", [x["prompt"] for x in all_pairs])]:
-        report_truncation(what, tokenizer(prompts)["input_ids"] if prompts else [], cfg.max_prompt_len, "--max_prompt_len", "last")
+        report_truncation(what, token_lengths(tokenizer, prompts or []), cfg.max_prompt_len, "--max_prompt_len", "last")
     responses = [x[k] for x in all_pairs for k in ("chosen", "rejected")]
-    report_truncation("pair responses", [ids + [0] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]] if responses else [],
+    report_truncation("pair responses", [n + 1 for n in token_lengths(tokenizer, responses, add_special_tokens=False)],  # + EOS
                       cfg.max_new_tokens, "--max_new_tokens (EOS included)", "first")
 
     # -------------------------------------------------------------------------
