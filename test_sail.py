@@ -540,7 +540,8 @@ def test_benchmark_measures_sampler_and_step(tmp_path, cache):
     result = train.cli(["--benchmark", "--bench_reps", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["sampler_ms"] > 0 and result["generate_ms"] > 0 and 0.5 < result["sampler_forward_share"] <= 1
-    assert set(result["online_step_ms"]) == {"generate", "label", "reference", "update"}
+    assert set(result["online_step_ms"]) == {"generate", "label", "reference", "policy", "optimizer"}  # the loop's own phases
+    assert result["policy_phase_sail_pr_ms"] > 0 and result["policy_phase_online_dpo_ms"] > 0
     assert abs(sum(result["online_step_phase_share"].values()) - 1) < 1e-9
 
 
@@ -551,6 +552,25 @@ def test_help_lists_every_option(capsys):
     for f in dataclasses.fields(train.Config):
         assert f"--{f.name}" in help_text
     assert "(default: sail-pr)" in help_text
+
+
+def test_a_config_file_gives_the_options_and_flags_after_it_override(tmp_path):
+    """`python train.py run.yaml` (or .json), as in Hugging Face's example scripts."""
+    (tmp_path / "run.yaml").write_text("method: sail-pp\nlr: 5e-4  # YAML reads this as a string\nsteps: 7\ngradient_checkpointing: true\n")
+    (tmp_path / "run.json").write_text('{"method": "sail-pp", "lr": 0.0005, "steps": 7, "gradient_checkpointing": true}')
+    for name in ("run.yaml", "run.json"):
+        cfg = train.parse_args([str(tmp_path / name), "--steps", "9"])
+        assert (cfg.method, cfg.lr, cfg.steps, cfg.gradient_checkpointing, cfg.beta) == ("sail-pp", 5e-4, 9, True, 0.1)
+    assert train.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True  # a bare boolean flag
+    assert train.parse_args(["--gradient_checkpointing", "false"]).gradient_checkpointing is False
+    (tmp_path / "bad.yaml").write_text("lrr: 0.1\n")
+    (tmp_path / "zero.yaml").write_text("beta: 0\n")
+    (tmp_path / "list.yaml").write_text("- steps\n")
+    for name, message in [("bad.yaml", ": unknown option(s) 'lrr'"), ("zero.yaml", "error: --beta must be > 0, got 0.0"),
+                          ("list.yaml", ": expected a mapping of option: value, got list"), ("none.yaml", ": no such config file")]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([str(tmp_path / name)])
+        assert message in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -3,19 +3,20 @@ train.py: online preference alignment with SAIL, read top to bottom.
 
     python train.py                      # SFT (cached after the first run), SAIL-PR, evaluation
     python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix, selm, xpo
+    python train.py run.yaml             # the options from a YAML or JSON file (flags after it override it)
     python train.py --compare            # every method x 3 seeds: results.md, compare.json, plots
-    python train.py --benchmark          # where an online step's time goes, against model.generate
+    python train.py --benchmark          # where the step's time goes, against model.generate
     torchrun --nproc_per_node=N -- train.py ...   # data parallel: the same loop on N GPUs (lines marked ddp)
     python train.py --help               # every option with its default
 
-Phases of `main`: (1) the SFT policy: on the embedded task, fine-tune a small GPT-2 on the task's
-corpus once and cache it with `save_pretrained`; with --model, load any causal LM. (2) A frozen
-copy of it is the reference. (3) Each step builds a batch of preference pairs, routed per pair as
-in the official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses,
-self-labels), SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels);
-then one reference forward, one policy forward+backward on all chosen+rejected rows, one
-optimiser step. (4) Evaluation on held-out prompts against the SFT model, under the gold reward.
-`compare` and `benchmark`, at the end of the file, call the same pieces.
+Reading order: `Config`; the ALGORITHM, one step of SAIL as small functions in the paper's order
+(`alignment_step` calls `build_pairs`: routes, dataset responses or y1, y2 ~ pi_theta;
+`oracle_labels`; `reference_logps`; `self_labels`; `pair_losses`; backward; the optimiser);
+`main`, the run's phases (inputs, policy and reference, the SFT baseline, the loop, the summary);
+evaluation and logging; setup (device, inputs, the SFT model, its frozen reference); checkpoints;
+data-parallel helpers; `compare`; `benchmark`. Every method is a routing of pairs, as in the
+official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses, self-labels),
+SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels).
 
 Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json, checkpoint/
 (to resume), policy/ (the final policy and tokenizer, `from_pretrained`-ready), reward.png.
@@ -34,7 +35,6 @@ Departures from the paper (see also sail.py):
      estimator), which lowers its variance without biasing it, and its coefficients are scaled
      by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -47,6 +47,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -145,19 +146,43 @@ EXPLORE = {"selm", "xpo"}  # methods that also need a response of the reference 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type is bool:  # --flag, or --flag true/false
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
-                                default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(parser.parse_args(argv)))
+    """Config from the command line (every field of Config is a --flag; booleans take `--flag` or
+    `--flag false`) or from a config file, as in Hugging Face's example scripts:
+    `python train.py run.yaml` (or .json), with any flags after it overriding the file. Then every
+    option is checked; a problem exits with one `error:` line each, before anything is loaded."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_file_args(argv[0]) + argv[1:]
+    parser = HfArgumentParser(Config, description=__doc__.split("\n\n")[0])
+    (cfg,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     problems = check_config(cfg)
     if problems:  # one line per problem, no traceback, exit status 1
         raise SystemExit("\n".join(f"error: {p}" for p in problems))
     return cfg
+
+
+def config_file_args(path):
+    """A YAML or JSON file of {option: value} as command-line arguments, so that a file's values
+    are typed and checked exactly as flags are (YAML reads 5e-4 as a string, for one)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: {path}: not a readable {'JSON' if path.endswith('.json') else 'YAML'} file "
+                         f"({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of option: value, got {type(values).__name__}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown option(s) {', '.join(map(repr, unknown))}; `python train.py --help` lists them")
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 
 # The valid range of every numeric option: (test, what the test says, options).
@@ -223,23 +248,7 @@ def check_device(name):
 
 
 # -----------------------------------------------------------------------------
-# Small helpers: seeding, device, forward passes
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
+# ALGORITHM: one SAIL step, as small functions in the paper's order. `alignment_step` calls them.
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp):
     """Summed response log-probs (B,) of one batch through `model` (one forward pass)."""
@@ -247,6 +256,13 @@ def sequence_logps_of(model, ids, attention_mask, response_mask, amp):
     with amp:
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
     return sequence_logps(logits, ids, response_mask)  # (B,)
+
+
+@torch.no_grad()  # reference log-probs never need a graph
+def reference_logps(run, batch, model=None):
+    """Log-probs (B,) under the frozen reference (or `model`, SELM's training reference)."""
+    batch = tuple(t.to(run.ref_device) for t in batch)
+    return sequence_logps_of(run.reference if model is None else model, *batch, run.ref_amp).to(run.device)
 
 
 def decode(tokenizer, ids, response_mask):
@@ -264,6 +280,577 @@ def order_pairs(y1_wins, x):
 def accuracy(h):
     """Per pair: 1 if the implicit reward prefers the chosen response, 0.5 on a tie (h = 0)."""
     return (h > 0).float() + 0.5 * (h == 0).float()
+
+
+@dataclass
+class Pairs:
+    """One micro-batch of B preference pairs. Rows are laid out [all y1; all y2; y~ of SELM/XPO]."""
+    route: np.ndarray  # (B,) OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
+    prompts: list      # (B,) the prompt of each pair
+    texts: list        # (2B,) y1 of every pair, then y2 (a dataset pair: y1 its chosen, y2 its rejected)
+    batch: tuple       # (ids, attention_mask, response_mask), each (2B [+ B], T)
+    generated: int     # tokens sampled for it
+
+
+@dataclass
+class Labels:
+    """Who won each pair. Dataset pairs keep their order (y1 wins) until SAIL-DP's self-labels."""
+    y1_wins: torch.Tensor  # (B,) bool
+    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (no preference: left out of the loss)
+    scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
+    score_sum: float = 0.0  # checked for NaN / inf
+    queries: int = 0
+    ties: int = 0
+
+
+def draw_routes(run, state, B):
+    """Route each of B pairs (offline, SAIL-DP, SAIL-PP, SAIL-PR, with the method's probabilities)
+    and draw what it needs: a dataset pair or a training prompt. Returns this rank's
+    (route (B,), dataset pair ids, prompt ids). ddp: every rank draws the routes, pairs and prompts
+    of all ranks from the same streams and keeps its own share, so ranks never share a pair."""
+    routes = [np.sort(r) for r in state.route_rng.choice(4, size=B * run.world, p=run.route_probs).reshape(run.world, B)]
+    n_dataset = [int((r <= DP).sum()) for r in routes]  # per rank
+    pair_ids = state.pair_stream.next(sum(n_dataset))
+    prompt_ids = state.prompt_stream.next(B * run.world - sum(n_dataset))
+    first = 0
+    for r, n in zip(routes, n_dataset):  # an offline pair is trained on its dataset (oracle) label
+        state.used_pairs.update(pair_ids[first:first + int((r == OFFLINE).sum())])
+        first += n
+    a, b = sum(n_dataset[:run.rank]), sum(B - n for n in n_dataset[:run.rank])  # ddp: where this rank's share starts
+    return routes[run.rank], pair_ids[a:a + n_dataset[run.rank]], prompt_ids[b:b + B - n_dataset[run.rank]]
+
+
+def sample_responses(run, model, prompt_ids, prompt_mask, temperature, generator, amp):
+    """One response per row of `model`, in eval mode (the KV cache; gradient checkpointing only
+    applies in train mode); the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    with amp:
+        out = run.sampler(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                          eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+    model.train(was_training)
+    return out
+
+
+def build_pairs(run, state, B):
+    """Route B pairs and give each its two responses: a dataset pair's own (offline DPO, SAIL-DP),
+    or two fresh samples y1, y2 ~ pi_theta for a training prompt (SAIL-PP, SAIL-PR). SELM and XPO
+    add a response y~ of their reference per prompt: greedy (SELM) or sampled (XPO)."""
+    cfg, tok, device = run.cfg, run.tokenizer, run.device
+    route, pair_ids, prompt_ids = draw_routes(run, state, B)
+    n_ds, n_on = len(pair_ids), len(prompt_ids)
+    rows = [run.pairs[i] for i in pair_ids]
+    prompts = [x["prompt"] for x in rows] + [run.train_prompts[i] for i in prompt_ids]
+    texts = [x["chosen"] for x in rows] + [None] * n_on + [x["rejected"] for x in rows] + [None] * n_on
+    y1, y2, explore, generated = [], [], [], 0  # blocks of (ids, attention_mask, response_mask)
+    if n_ds:
+        ds = data.encode_responses(tok, prompts[:n_ds] * 2, texts[:n_ds] + texts[B:B + n_ds], cfg.max_prompt_len, cfg.max_new_tokens)
+        y1.append(tuple(t[:n_ds].to(device) for t in ds))
+        y2.append(tuple(t[n_ds:].to(device) for t in ds))
+    if n_on:
+        p_ids, p_mask = (t.to(device) for t in data.encode_prompts(tok, prompts[n_ds:] * 2, cfg.max_prompt_len))  # 2 per prompt
+        on = sample_responses(run, run.policy, p_ids, p_mask, cfg.temperature, state.sampling_gen, run.amp)  # y1, y2 ~ pi_theta
+        y1.append(tuple(t[:n_on] for t in on))
+        y2.append(tuple(t[n_on:] for t in on))
+        on_texts = decode(tok, on[0], on[2])
+        texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
+        generated += int(on[2].sum())
+    if cfg.method in EXPLORE:  # all pairs online: one y~ of the reference per prompt
+        p_ids, p_mask = p_ids[:n_on].to(run.ref_device), p_mask[:n_on].to(run.ref_device)
+        y = sample_responses(run, run.train_reference, p_ids, p_mask, 0.0 if cfg.method == "selm" else cfg.temperature,
+                             state.explore_gen, run.ref_amp)
+        explore.append(tuple(t.to(device) for t in y))
+        generated += int(y[2].sum())
+    batch = data.pad_cat(y1 + y2 + explore, tok.pad_token_id)  # (2B [+ B], T)
+    return Pairs(route, prompts, texts, batch, generated)
+
+
+def oracle_labels(run, state, pairs):
+    """Bradley-Terry labels from the oracle for the SAIL-PR pairs: one query each (a tie too)."""
+    B = len(pairs.route)
+    labels = Labels(torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool), torch.full((2 * B,), float("nan")))
+    idx = torch.nonzero(torch.from_numpy(pairs.route == PR)).squeeze(1)  # (n_pr,)
+    if len(idx):
+        r = run.oracle([pairs.prompts[i] for i in idx] * 2, [pairs.texts[i] for i in idx] + [pairs.texts[B + i] for i in idx])
+        labels.scores[idx], labels.scores[B + idx], labels.score_sum = r[:len(idx)], r[len(idx):], r.sum().item()
+        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], run.cfg.label_mode,
+                                                                            state.label_gen)
+        labels.queries, labels.ties = len(idx), int((~labels.valid[idx]).sum())
+    return labels
+
+
+def self_labels(run, state, pairs, labels, delta):
+    """SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)),
+    from its implicit reward (no oracle query). delta: (2B,) L_theta(y) - L_ref(y) of the rows."""
+    B = len(pairs.route)
+    mine = torch.from_numpy((pairs.route == DP) | (pairs.route == PP))  # (B,)
+    if mine.any():
+        labels.y1_wins[mine] = reward.self_label(delta[:B][mine] - delta[B:][mine], run.cfg.beta, state.label_gen)
+
+
+def pair_losses(run, pairs, labels, logps, ref, delta, explore_logps, explore_ref):
+    """The loss of each pair (B,), and h and -l for the log. SAIL's surrogate with each route's
+    coefficients (an offline pair's are 0: DPO), or DPO plus SELM's or XPO's exploration bonus."""
+    cfg = run.cfg
+    y1_wins, route = labels.y1_wins.to(run.device), torch.from_numpy(pairs.route).to(run.device)
+    h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
+    neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
+    pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
+    if cfg.method == "selm":
+        losses = selm_loss(*pair, policy_explore_logps=explore_logps, reference_explore_logps=explore_ref, alpha=cfg.selm_alpha)[0]
+    elif cfg.method == "xpo":
+        losses = xpo_loss(*pair, policy_explore_logps=explore_logps, alpha=cfg.xpo_alpha)[0]
+    else:
+        losses = sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
+                           baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)[0]
+    return losses, h, neg_ell
+
+
+def alignment_step(run, state, step):
+    """One update (one iteration of the paper's Algorithm 1) for every method: pairs, labels,
+    reference, loss, backward, optimiser. Returns the step's metrics line and its last micro-batch."""
+    cfg, clock = run.cfg, Clock(run.device)
+    B = cfg.batch_size // (run.world * cfg.grad_accum)  # pairs per micro-batch (ddp: on this rank)
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
+        # 1. Route each pair; its responses come from the dataset, or fresh: y1, y2 ~ pi_theta.
+        pairs = build_pairs(run, state, B)
+        clock.lap("generate")
+        # 2. The oracle labels the SAIL-PR pairs (SAIL-DP/PP pairs are labelled by the policy in 4).
+        labels = oracle_labels(run, state, pairs)
+        clock.lap("label")
+        # 3. Reference log-probs of every row, once, without a graph.
+        ref = reference_logps(run, pairs.batch, model=run.train_reference)  # (2B [+ B],)
+        clock.lap("reference")
+        # 4. Policy log-probs of y1 and y2 through one forward; self-labels; each pair's loss; backward.
+        with ddp_no_sync(run, last=micro == cfg.grad_accum - 1):  # ddp: average the gradients after the last micro-batch
+            logps = sequence_logps_of(run.train_policy, *pairs.batch, run.amp)  # (2B [+ B],)
+            (logps, explore_logps), (ref, explore_ref) = (x.split([2 * B, len(x) - 2 * B]) for x in (logps, ref))
+            delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
+            self_labels(run, state, pairs, labels, delta)
+            losses, h, neg_ell = pair_losses(run, pairs, labels, logps, ref, delta, explore_logps, explore_ref)
+            valid = labels.valid.to(run.device)
+            loss = mean_over_ranks(losses, valid, run.world) / cfg.grad_accum  # the mean over the valid pairs
+            stop_if_not_finite(step, {"an oracle reward": labels.score_sum, "the loss": loss.item()}, cfg.out_dir,
+                               run.world, run.device)
+            loss.backward()
+        clock.lap("policy")
+        parts.append(step_figures(pairs, labels, valid, h, neg_ell, delta))
+    # 5. One optimiser step on the accumulated gradient.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, run.world, run.device)
+    run.optimizer.step()
+    clock.lap("optimizer")
+    if run.ref_every and step % run.ref_every == 0:  # SELM: this policy is the next iteration's reference
+        run.train_reference.load_state_dict(run.policy.state_dict())
+    return step_metrics(run, state, step, parts, grad_norm, clock.times), (pairs, labels)
+
+
+def step_figures(pairs, labels, valid, h, neg_ell, delta):
+    """What the log needs of one micro-batch: per pair, and the log-ratio of its sampled rows."""
+    B = len(pairs.route)
+    n_ds = int((pairs.route <= DP).sum())
+    online = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_ds < B else torch.arange(2 * B)
+    return {"neg_ell": neg_ell, "h": h, "valid": valid, "kl": delta[online.to(delta.device)], "scores": labels.scores,
+            "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated, "trained": int(pairs.batch[1].sum())}
+
+
+def step_metrics(run, state, step, parts, grad_norm, times):
+    """The step's line of metrics.jsonl: means over the valid pairs of every micro-batch and rank;
+    counts and timings added to the run's totals."""
+    neg_ell, h, valid, kl, scores = (torch.cat([p[k] for p in parts]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
+    beta = run.cfg.beta
+    sums = all_ranks_sum(torch.tensor([
+        valid.sum(), torch.where(valid, neg_ell, 0.0).sum(), torch.where(valid, accuracy(h), 0.0).sum(),
+        torch.where(valid, beta * h, 0.0).sum(), kl.sum(), kl.numel(), scores.nan_to_num(0.0).sum().item(),
+        (~scores.isnan()).sum(), *(sum(p[k] for p in parts) for k in ("queries", "ties", "generated", "trained"))],
+        dtype=torch.float64, device=run.device), run.world).tolist()
+    n_valid, loss_sum, acc_sum, margin_sum, kl_sum, n_kl, reward_sum, n_scored, queries, ties, generated, trained = sums
+    state.oracle_queries, state.ties = state.oracle_queries + int(queries), state.ties + int(ties)
+    for k, v in (("generated", generated), ("trained", trained)):
+        state.token_totals[k] += int(v)
+    for k, v in times.items():
+        state.phase_seconds[k] = state.phase_seconds.get(k, 0.0) + v
+    return {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1), "margin": margin_sum / max(n_valid, 1),
+            "kl": kl_sum / n_kl,  # mean log-ratio of the policy-sampled responses: a KL estimate
+            "reward": reward_sum / n_scored if n_scored else None,
+            "grad_norm": grad_norm.item(), "oracle_queries": state.oracle_queries + len(state.used_pairs), "ties": state.ties,
+            "generated_tokens": int(generated), "trained_tokens": int(trained),
+            "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
+
+
+class Clock:
+    """Wall time per phase of a step; CUDA runs asynchronously, so it waits for the GPU first."""
+
+    def __init__(self, device):
+        self.device, self.times, self.t0 = device, {}, time.perf_counter()
+
+    def lap(self, name):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self.t0
+        self.t0 = time.perf_counter()
+
+
+# -----------------------------------------------------------------------------
+# The run: inputs, policy and reference, the SFT baseline, the loop, the summary
+
+def main(cfg):
+    t_start = time.perf_counter()
+    hf_logging.disable_progress_bar()  # our own bars only
+    set_seed(cfg.seed)
+    device, rank, world = setup_device(cfg)  # ddp: joins the process group; plain `python train.py` is rank 0 of 1
+    master = rank == 0
+
+    # Inputs first: a bad file, directory or checkpoint fails before any minute of training is spent.
+    inputs = load_inputs(cfg)
+    check_writable_dir(cfg.out_dir)
+    saved = read_checkpoint(cfg, world)  # resuming: None, or (path, its state) with this run's settings
+
+    # Policy (the SFT model), its frozen reference, the oracle, the optimiser: everything the step needs.
+    t0 = time.perf_counter()
+    run = setup_run(cfg, inputs, device, rank, world)
+    seconds = {"sft": run.sft_seconds, "load_and_setup": time.perf_counter() - t0 - run.sft_seconds}
+
+    # The evaluation baseline: the SFT policy on held-out prompts (a resumed run loads its weights after this).
+    eval_set = make_eval_set(run, inputs)
+    sft_eval, sft_rewards = evaluate(run, eval_set, None) if master else ({}, None)  # ddp: rank 0 evaluates
+    sft_eval["eval_win"] = 0.5
+    print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
+    state = State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[{"step": 0, **sft_eval}])
+    if saved:
+        load_checkpoint(*saved, run, state)
+    if world > 1:  # ddp: the loss's forward goes through DDP, which averages the gradients over ranks
+        run.train_policy = torch.nn.parallel.DistributedDataParallel(
+            run.policy, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics_file = open_metrics(cfg, state.step) if master else None
+
+    # The loop: one alignment step, then (rank 0) its log line, evaluation and checkpoint when due.
+    t_align = time.perf_counter()
+    for step in tqdm(range(state.step + 1, cfg.steps + 1), initial=state.step, total=cfg.steps, desc=cfg.method,
+                     dynamic_ncols=True, leave=False, disable=not master):
+        row, (pairs, labels) = alignment_step(run, state, step)
+        state.step = step
+        save = step % cfg.save_every == 0 or step == cfg.steps
+        streams = gather_rng_states(state, world) if save else None  # ddp: every rank's random streams
+        if not master:
+            continue  # ddp: evaluation, logging and checkpoints are rank 0's
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row.update(evaluate(run, eval_set, sft_rewards)[0])
+            state.history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
+        log_step(metrics_file, row)
+        if step % cfg.sample_every == 0:
+            show_sample(run, pairs, labels)
+        if save:
+            save_checkpoint(run, state, streams)
+    seconds["align"] = time.perf_counter() - t_align
+    if world > 1 and not finish_ddp(run):
+        return None  # ddp: rank 0 alone writes the results
+    metrics_file.close()
+
+    # The summary: the final policy, summary.json, the plot, the table.
+    summary = write_outputs(run, state, sft_eval, seconds, t_start)
+    print_summary(cfg, summary, sft_eval, state.history[-1])
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and what a run prints and writes
+
+def make_eval_set(run, inputs):
+    """The held-out batches, fixed for the run: eval_samples responses per held-out prompt, and
+    the held-out pairs with their reference log-probs (computed once: the reference is frozen)."""
+    cfg = run.cfg
+    prompts = [p for p in inputs.eval_prompts for _ in range(cfg.eval_samples)]
+    batch = tuple(t.to(run.device) for t in data.encode_prompts(run.tokenizer, prompts, cfg.max_prompt_len))
+    pair_batch = None
+    if inputs.eval_pairs:
+        pairs = inputs.eval_pairs
+        pair_batch = tuple(t.to(run.device) for t in data.encode_responses(
+            run.tokenizer, [x["prompt"] for x in pairs] * 2, [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs],
+            cfg.max_prompt_len, cfg.max_new_tokens))
+        pair_batch += (reference_logps(run, pair_batch),)
+    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch)
+
+
+@torch.no_grad()
+def evaluate(run, eval_set, sft_rewards):
+    """Held-out figures of the policy: gold reward, KL to the SFT reference, win rate against the
+    SFT model's responses (a tie is half a win), and implicit-reward accuracy and margin on the
+    held-out pairs. Samples come from a generator seeded afresh (seed + 1) at every evaluation, the
+    same noise as the SFT baseline's: common random numbers make the comparison less noisy."""
+    cfg, policy = run.cfg, run.policy
+    was_training = policy.training
+    policy.eval()
+    generator = torch.Generator(eval_set.batch[0].device).manual_seed(cfg.seed + 1)
+    with run.amp:
+        ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, eos_token_id=run.tokenizer.eos_token_id,
+                                          generator=generator)
+    rewards = run.oracle(eval_set.prompts, decode(run.tokenizer, ids, response))  # (N,)
+    kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
+    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
+    if sft_rewards is not None:
+        out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
+    if eval_set.pair_batch is not None:
+        logps = sequence_logps_of(policy, *eval_set.pair_batch[:3], run.amp) - eval_set.pair_batch[3]  # (2M,)
+        h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
+        out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
+    policy.train(was_training)
+    return out, rewards
+
+
+def open_metrics(cfg, step):
+    """config.json, and metrics.jsonl holding exactly the lines of steps 1..step (a killed run may
+    have logged more than its checkpoint holds), open to append."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = f.readlines()[:step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def log_step(metrics_file, row):
+    """One JSON line per step, and one fixed-format line on the terminal."""
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
+    line = f"step {row['step']} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f} | kl {row['kl']:.2f}"
+    line += f" | reward {row['reward']:.2f}" if row["reward"] is not None else ""
+    line += f" | dt {1000 * row['dt']:.0f}ms"
+    line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
+    tqdm.write(line)
+
+
+def show_sample(run, pairs, labels):
+    """A prompt with its chosen and rejected responses and their gold rewards (an online pair if
+    the micro-batch has one). The scores are for display, not oracle queries."""
+    B = len(pairs.route)
+    i = int((pairs.route <= DP).sum()) % B  # the first online pair, or the first pair
+    w, l = (i, B + i) if bool(labels.y1_wins[i]) else (B + i, i)
+    shown = run.oracle([pairs.prompts[i]] * 2, [pairs.texts[w], pairs.texts[l]])
+    how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][pairs.route[i]]
+    tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: left out'}]\n"
+               f"  chosen   {pairs.texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {pairs.texts[l]!r}  (reward {shown[1]:.2f})")
+
+
+def write_outputs(run, state, sft_eval, seconds, t_start):
+    """policy/ (from_pretrained-ready), summary.json and reward.png; returns the summary."""
+    cfg, final = run.cfg, state.history[-1]
+    run.policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    run.tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    phases = state.phase_seconds
+    summary = {
+        "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed, "world_size": run.world,
+        "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
+        "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
+        "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
+        "margin_final": final.get("eval_margin"),
+        "oracle_queries": state.oracle_queries + len(state.used_pairs), "ties": state.ties,
+        "seconds": time.perf_counter() - t_start, "seconds_by_phase": seconds,
+        "seconds_per_step": {k: v / cfg.steps for k, v in phases.items()},
+        "phase_share": {k: v / sum(phases.values()) for k, v in phases.items()},
+        "tokens_per_second": {"generated": state.token_totals["generated"] / max(phases.get("generate", 0.0), 1e-9),
+                              "trained": state.token_totals["trained"] / max(phases["policy"], 1e-9)},
+    }
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_history(state.history, os.path.join(cfg.out_dir, "reward.png"), cfg.method)
+    return summary
+
+
+def print_summary(cfg, summary, sft_eval, final):
+    print(f"\n{'held-out prompts':<26}{'SFT':>10}{cfg.method:>12}")
+    for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("KL to reference", "eval_kl"),
+                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
+        if key in final:
+            print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
+    print("time per step: " + " | ".join(f"{k} {1000 * v:.0f}ms ({100 * summary['phase_share'][k]:.0f}%)"
+                                         for k, v in summary["seconds_per_step"].items())
+          + f" | tokens/s generated {summary['tokens_per_second']['generated']:.0f}, trained {summary['tokens_per_second']['trained']:.0f}")
+    s = summary["seconds_by_phase"]
+    print(f"oracle queries {summary['oracle_queries']} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
+          f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
+
+
+# -----------------------------------------------------------------------------
+# Setup: device, inputs, the SFT policy, its reference, the oracle
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_device(cfg):
+    """The device, this process's rank and the number of ranks. ddp: `torchrun --nproc_per_node=N
+    train.py` starts N copies of this script; each samples, labels and trains on its own share of
+    every step's pairs, DDP averages the gradients, and rank 0 alone prints and writes."""
+    device = pick_device(cfg.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # ddp
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if rank:
+            sys.stdout = open(os.devnull, "w")
+        if cfg.batch_size % (world * cfg.grad_accum) or cfg.batch_size // (world * cfg.grad_accum) < 2:
+            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks x --grad_accum "
+                             f"{cfg.grad_accum} micro-batches of >= 2 pairs")
+        print(f"data parallel: {world} ranks | global batch {cfg.batch_size} pairs = {world} ranks x "
+              f"{cfg.batch_size // world} pairs ({cfg.grad_accum} micro-batches each)")
+    if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    print(f"device: {device} | compute dtype: {'bfloat16 autocast' if bf16 else 'float32'}")
+    return device, rank, world
+
+
+def load_inputs(cfg):
+    """Prompts and pairs, for training and held out: the embedded task's, or JSONL files (a file
+    without a held-out file gives up a --holdout fraction of its rows to evaluation)."""
+    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
+    x = SimpleNamespace(task=task, train_prompts=task and task.train_prompts, eval_prompts=task and task.eval_prompts,
+                        pairs=task and task.pairs, eval_pairs=task and task.eval_pairs)
+    if cfg.prompts:
+        x.train_prompts, x.eval_prompts = data.load_split(cfg.prompts, cfg.eval_prompts, data.load_prompts, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_prompts:
+        x.eval_prompts = data.load_prompts(cfg.eval_prompts)
+    if cfg.pairs:
+        x.pairs, x.eval_pairs = data.load_split(cfg.pairs, cfg.eval_pairs, data.load_pairs, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_pairs:
+        x.eval_pairs = data.load_pairs(cfg.eval_pairs)
+    probs = METHODS[cfg.method](cfg)
+    if (probs[OFFLINE] or probs[DP]) and not x.pairs:
+        raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
+    return x
+
+
+@dataclass
+class Run:
+    """What the step needs, set up once (`setup_run`) and not changed by it."""
+    cfg: Config
+    policy: torch.nn.Module           # the model being aligned
+    reference: torch.nn.Module        # its frozen SFT copy: the loss's reference and the yardstick of KL
+    train_reference: torch.nn.Module  # the loss's reference: `reference`, or SELM's own (the last iterate)
+    tokenizer: object
+    oracle: object                    # texts -> rewards: the gold reward or a reward model
+    optimizer: torch.optim.Optimizer
+    train_prompts: list
+    pairs: list
+    device: torch.device
+    ref_device: torch.device          # the reference may live on the CPU (--offload_reference)
+    amp: object                       # bf16 autocast where supported, else a no-op
+    ref_amp: object
+    route_probs: np.ndarray           # probabilities of (offline, SAIL-DP, SAIL-PP, SAIL-PR)
+    label_coefs: torch.Tensor         # per route: label-term coefficient
+    response_coefs: torch.Tensor      # per route: response-term coefficient
+    ref_every: int                    # SELM: copy the policy into train_reference every this many steps (0: never)
+    sft_seconds: float = 0.0
+    rank: int = 0
+    world: int = 1
+    sampler: object = sample          # draws responses (the benchmark swaps in model.generate)
+    train_policy: torch.nn.Module = None  # what the loss's forward runs through: the policy, or its DDP wrapper
+
+    def __post_init__(self):
+        if self.train_policy is None:
+            self.train_policy = self.policy
+
+
+def setup_run(cfg, inputs, device, rank=0, world=1):
+    """The oracle, the SFT policy, its frozen reference and the optimiser."""
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
+    oracle = reward.GoldReward()
+    if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
+        oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
+                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
+    if cfg.model == "embedded":
+        if world > 1 and rank:  # ddp: rank 0 trains and caches the SFT model first
+            dist.barrier()
+        policy, tokenizer, sft_seconds = embedded_policy(cfg, inputs.task, device)
+        if world > 1 and not rank:
+            dist.barrier()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
+        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
+    data.prepare_tokenizer(tokenizer)
+    disable_dropout(policy)
+    # The reference: a frozen copy of the SFT policy, set up here once (eval mode, no gradients; its
+    # forward passes run under torch.no_grad in `reference_logps`).
+    ref_device = torch.device("cpu") if cfg.offload_reference else device
+    reference = copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)
+    # SELM trains in iterations: its training reference is the last iterate, so it gets its own copy;
+    # the SFT reference stays the yardstick of KL in evaluation.
+    ref_every = cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0)
+    policy.to(device).train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
+    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=copy.deepcopy(reference) if ref_every else reference,
+              tokenizer=tokenizer, oracle=oracle,
+              optimizer=torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+              train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
+              ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
+              route_probs=np.clip(METHODS[cfg.method](cfg), 0, 1),
+              label_coefs=torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device),  # per route
+              response_coefs=cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device),
+              ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
+    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
+          f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
+          f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
+    check_lengths(cfg, inputs, policy, tokenizer)
+    return run
+
+
+def token_lengths(tokenizer, texts, **kwargs):
+    """The token count of each text; each distinct text is tokenized once (pair files repeat prompts)."""
+    unique = list(dict.fromkeys(texts))
+    count = dict(zip(unique, map(len, tokenizer(unique, **kwargs)["input_ids"]))) if unique else {}
+    return [count[x] for x in texts]
+
+
+def report_truncation(what, lengths, limit, option, kept):
+    """Never truncate silently: count the texts longer than `limit` tokens and say so."""
+    n = sum(length > limit for length in lengths)
+    if n:
+        print(f"note: {n} of {len(lengths)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
+    return n
+
+
+def check_lengths(cfg, inputs, policy, tokenizer):
+    """Prompt + response must fit the model's positions; longer texts are cut, and said so."""
+    positions = getattr(policy.config, "max_position_embeddings", None)
+    if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
+        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
+                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
+    all_pairs = (inputs.pairs or []) + (inputs.eval_pairs or [])
+    for what, prompts in [("training prompts", inputs.train_prompts), ("held-out prompts", inputs.eval_prompts),
+                          ("pair prompts", [x["prompt"] for x in all_pairs])]:
+        report_truncation(what, token_lengths(tokenizer, prompts or []), cfg.max_prompt_len, "--max_prompt_len", "last")
+    responses = [x[k] for x in all_pairs for k in ("chosen", "rejected")]
+    report_truncation("pair responses", [n + 1 for n in token_lengths(tokenizer, responses, add_special_tokens=False)],  # + EOS
+                      cfg.max_new_tokens, "--max_new_tokens (EOS included)", "first")
 
 
 def disable_dropout(model):
@@ -324,28 +911,95 @@ def embedded_policy(cfg, task, device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: everything a run needs to continue exactly where it stopped
+# Checkpoints: the run's state, saved and loaded in one place
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
                      "compare", "compare_methods", "compare_seeds", "benchmark", "bench_reps"}
 
 
-def save_checkpoint(out_dir, policy, train_reference, optimizer, state):
+@dataclass
+class State:
+    """Everything of a run that changes from step to step, besides the weights and the optimiser.
+    A checkpoint holds it (`save_checkpoint` / `load_checkpoint`), so a resumed run continues
+    exactly where the interrupted one stopped."""
+    step: int
+    route_rng: np.random.Generator  # which route each pair takes
+    prompt_stream: data.Stream      # training prompts, in shuffled epochs
+    pair_stream: data.Stream        # offline pairs, in shuffled epochs
+    sampling_gen: torch.Generator   # responses y1, y2 ~ pi_theta
+    label_gen: torch.Generator      # sampled oracle labels and self-labels (CPU)
+    explore_gen: torch.Generator    # XPO's samples of the reference
+    history: list                   # the evaluations so far, step 0 (SFT) first
+    oracle_queries: int = 0         # online oracle labels (ties included)
+    ties: int = 0
+    used_pairs: set = field(default_factory=set)  # offline pairs trained on: each cost one dataset label
+    phase_seconds: dict = field(default_factory=dict)
+    token_totals: dict = field(default_factory=lambda: {"generated": 0, "trained": 0})
+
+    @classmethod
+    def new(cls, cfg, run, n_prompts, n_pairs, history):
+        seed = cfg.seed + 7919 * run.rank  # ddp: every rank samples and labels with streams of its own
+        return cls(step=0, route_rng=np.random.default_rng([cfg.seed, 0]), prompt_stream=data.Stream(n_prompts, seed=cfg.seed),
+                   pair_stream=data.Stream(n_pairs or 1, seed=cfg.seed), sampling_gen=torch.Generator(run.device).manual_seed(seed),
+                   label_gen=torch.Generator().manual_seed(seed), explore_gen=torch.Generator(run.ref_device).manual_seed(seed + 2),
+                   history=history)
+
+    def generators(self):
+        return self.route_rng, self.sampling_gen, self.label_gen, self.explore_gen
+
+
+def save_checkpoint(run, state, streams):
     """Write out_dir/checkpoint atomically: build checkpoint.tmp/, then swap it in. The previous
     checkpoint is deleted only once the new one is complete, so a kill at any moment (SIGKILL
-    included) leaves one good checkpoint: `checkpoint/`, or `checkpoint.old/` mid-swap."""
-    path = os.path.join(out_dir, "checkpoint")
+    included) leaves one good checkpoint: `checkpoint/`, or `checkpoint.old/` mid-swap.
+    streams: every rank's random streams (gather_rng_states)."""
+    path = os.path.join(run.cfg.out_dir, "checkpoint")
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)  # safetensors
-    if train_reference is not None:  # SELM's moving reference
-        train_reference.save_pretrained(os.path.join(tmp, "reference"))
-    torch.save({"optimizer": optimizer.state_dict(), **state}, os.path.join(tmp, "state.pt"))
+    run.policy.save_pretrained(tmp)  # safetensors
+    if run.ref_every:  # SELM's moving reference
+        run.train_reference.save_pretrained(os.path.join(tmp, "reference"))
+    torch.save({"optimizer": run.optimizer.state_dict(), "step": state.step, "config": dataclasses.asdict(run.cfg),
+                "world_size": run.world, "rng": streams,
+                "streams": [(state.prompt_stream.epoch, state.prompt_stream.pos), (state.pair_stream.epoch, state.pair_stream.pos)],
+                "oracle_queries": state.oracle_queries, "ties": state.ties, "used_pairs": sorted(state.used_pairs),
+                "phase_seconds": state.phase_seconds, "token_totals": state.token_totals, "history": state.history},
+               os.path.join(tmp, "state.pt"))
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(cfg, world):
+    """The checkpoint to resume from, (path, saved state), or None; before any model is loaded, it
+    must be readable, of this run's settings (a few may change) and of as many processes."""
+    path = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else None
+    if path is None:
+        return None
+    try:
+        saved = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    except Exception as e:  # noqa: BLE001  a truncated or foreign file: say so, touch nothing
+        raise SystemExit(f"error: --out_dir {cfg.out_dir}: its checkpoint {path}/state.pt cannot be read "
+                         f"({type(e).__name__}); use another --out_dir, or --resume no to start over") from None
+    refuse_changed_settings(saved["config"], cfg, "use another --out_dir, or --resume no to start over")
+    if saved["world_size"] != world:
+        raise SystemExit(f"error: {path} was written by {saved['world_size']} processes; resume it with as many")
+    return path, saved
+
+
+def load_checkpoint(path, saved, run, state):
+    """Weights (safetensors), optimiser, every random stream, data positions and counters."""
+    run.policy.load_state_dict(type(run.policy).from_pretrained(path).state_dict())
+    if run.ref_every:
+        run.train_reference.load_state_dict(type(run.policy).from_pretrained(os.path.join(path, "reference")).state_dict())
+    run.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_states(saved["rng"][run.rank], *state.generators())
+    (state.prompt_stream.epoch, state.prompt_stream.pos), (state.pair_stream.epoch, state.pair_stream.pos) = saved["streams"]
+    state.step, state.oracle_queries, state.ties, state.history = saved["step"], saved["oracle_queries"], saved["ties"], saved["history"]
+    state.phase_seconds, state.token_totals, state.used_pairs = saved["phase_seconds"], saved["token_totals"], set(saved["used_pairs"])
+    print(f"resuming from {path} at step {state.step} of {run.cfg.steps}")
 
 
 def refuse_changed_settings(saved, cfg, advice):
@@ -412,496 +1066,55 @@ def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
                              + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
 
 
+# -----------------------------------------------------------------------------
+# Data parallel helpers (ddp): with one process each is a no-op
+
 def all_ranks_sum(x, world):
-    """ddp: the sum of tensor x over all ranks (x itself on one process)."""
+    """The sum of tensor x over all ranks (x itself on one process)."""
     if world > 1:
         x = x.clone()
         dist.all_reduce(x)
     return x
 
 
-def check_ranks_in_sync(model, world, device):
-    """ddp: DDP keeps the ranks' weights identical; check it (max and min of a checksum agree)."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().to(device)
+def mean_over_ranks(losses, valid, world):
+    """The mean loss over the valid pairs of all ranks. DDP averages gradients over ranks, hence
+    the factor `world`: each rank's sum is divided by the count of all ranks' valid pairs."""
+    return torch.where(valid, losses, 0.0).sum() * world / all_ranks_sum(valid.sum().float(), world).clamp(min=1)
+
+
+def ddp_no_sync(run, last):
+    """Skip DDP's gradient averaging on all but the last micro-batch of a step."""
+    return run.train_policy.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
+
+
+def gather_rng_states(state, world):
+    """Every rank's random streams, for the checkpoint (a collective: every rank calls it)."""
+    states = [rng_states(*state.generators())]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_states(*state.generators()))
+    return states
+
+
+def finish_ddp(run):
+    """At the end: check that the ranks hold the same weights, then leave the process group.
+    Returns True on rank 0, which then writes the results."""
+    checksum = torch.stack([p.detach().double().sum() for p in run.policy.parameters()]).sum().to(run.device)
     high, low = checksum.clone(), checksum.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    return bool(high == low)
-
-
-def token_lengths(tokenizer, texts, **kwargs):
-    """The token count of each text; each distinct text is tokenized once (pair files repeat prompts)."""
-    unique = list(dict.fromkeys(texts))
-    count = dict(zip(unique, map(len, tokenizer(unique, **kwargs)["input_ids"]))) if unique else {}
-    return [count[x] for x in texts]
-
-
-def report_truncation(what, lengths, limit, option, kept):
-    """Never truncate silently: count the texts longer than `limit` tokens and say so."""
-    n = sum(length > limit for length in lengths)
-    if n:
-        print(f"note: {n} of {len(lengths)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
-    return n
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: held-out prompts, gold reward, win rate against SFT, KL, pair accuracy
-
-@torch.no_grad()
-def evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, eval_prompts, sft_rewards, pair_batch, cfg, amp):
-    """Sample held-out responses with a fixed generator (the same noise for every evaluation
-    and for the SFT baseline: common random numbers make the comparison less noisy)."""
-    was_training = policy.training
-    policy.eval()
-    generator = torch.Generator(eval_batch[0].device).manual_seed(cfg.seed + 1)
-    with amp:
-        ids, attention, response = sample(policy, *eval_batch, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id,
-                                          generator=generator)
-    rewards = oracle(eval_prompts, decode(tokenizer, ids, response))  # (N,)
-    kl = sequence_logps_of(policy, ids, attention, response, amp) - reference_logps(ids, attention, response)  # (N,)
-    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
-    if sft_rewards is not None:
-        out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
-    if pair_batch is not None:  # (ids, attention, response, reference log-probs): the reference is frozen
-        logps = sequence_logps_of(policy, *pair_batch[:3], amp) - pair_batch[3]  # (2M,)
-        h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
-        out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
-    policy.train(was_training)
-    return out, rewards
-
-
-def main(cfg):
-    t_start = time.perf_counter()
-    hf_logging.disable_progress_bar()  # our own bars only
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    # Data parallel (a one-GPU reader can skip the lines marked "ddp"): `torchrun --nproc_per_node=N
-    # train.py` starts N copies of this script, ranks 0..N-1. Each samples, labels and trains on its
-    # own share of every step's pairs; DDP averages the gradients; rank 0 alone prints and writes.
-    # Plain `python train.py` is rank 0 of 1.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # ddp
-    master = rank == 0
-    if world > 1:  # ddp
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        if not master:
-            sys.stdout = open(os.devnull, "w")
-        if cfg.batch_size % (world * cfg.grad_accum) or cfg.batch_size // (world * cfg.grad_accum) < 2:
-            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks x --grad_accum "
-                             f"{cfg.grad_accum} micro-batches of >= 2 pairs")
-        print(f"data parallel: {world} ranks | global batch {cfg.batch_size} pairs = {world} ranks x "
-              f"{cfg.batch_size // world} pairs ({cfg.grad_accum} micro-batches each)")
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
-    if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    print(f"device: {device} | compute dtype: {'bfloat16 autocast' if use_bf16 else 'float32'}")
-
-    # -------------------------------------------------------------------------
-    # Inputs first: a bad file or directory should fail before any minute of training is spent.
-    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
-    train_prompts, eval_prompts = (task.train_prompts, task.eval_prompts) if task else (None, None)
-    pairs, eval_pairs = (task.pairs, task.eval_pairs) if task else (None, None)
-    if cfg.prompts:  # a file without a held-out file gives up a --holdout fraction to evaluation
-        train_prompts, eval_prompts = data.load_split(cfg.prompts, cfg.eval_prompts, data.load_prompts, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_prompts:
-        eval_prompts = data.load_prompts(cfg.eval_prompts)
-    if cfg.pairs:
-        pairs, eval_pairs = data.load_split(cfg.pairs, cfg.eval_pairs, data.load_pairs, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_pairs:
-        eval_pairs = data.load_pairs(cfg.eval_pairs)
-    route_probs = np.clip(METHODS[cfg.method](cfg), 0, 1)
-    if (route_probs[OFFLINE] or route_probs[DP]) and not pairs:
-        raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
-    check_writable_dir(cfg.out_dir)
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else None
-    if checkpoint:  # resuming: the run's settings must be the checkpoint's (a few may change)
-        try:
-            state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
-        except Exception as e:  # noqa: BLE001  a truncated or foreign file: say so, touch nothing
-            raise SystemExit(f"error: --out_dir {cfg.out_dir}: its checkpoint {checkpoint}/state.pt cannot be read "
-                             f"({type(e).__name__}); use another --out_dir, or --resume no to start over") from None
-        refuse_changed_settings(state["config"], cfg, "use another --out_dir, or --resume no to start over")
-    oracle = reward.GoldReward()
-    if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
-        oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
-                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
-
-    # -------------------------------------------------------------------------
-    # Policy (the SFT model) and the frozen reference: a copy of it, set up here once.
-    t0 = time.perf_counter()
-    if cfg.model == "embedded":
-        if world > 1 and not master:  # ddp: rank 0 trains and caches the SFT model first
-            dist.barrier()
-        policy, tokenizer, sft_seconds = embedded_policy(cfg, task, device)
-        if world > 1 and master:
-            dist.barrier()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
-        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
-    if tokenizer.eos_token_id is None:
-        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
-    data.prepare_tokenizer(tokenizer)
-    disable_dropout(policy)
-    ref_device = torch.device("cpu") if cfg.offload_reference else device
-    reference = copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)  # frozen: eval, no grads
-    ref_amp = amp if ref_device == device else torch.autocast("cpu", enabled=False)
-    # SELM trains in iterations: its training reference is the last iterate, so it gets its own
-    # copy; the SFT reference stays the yardstick of KL in evaluation.
-    ref_every = cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0)
-    train_reference = copy.deepcopy(reference) if ref_every else reference
-    policy.to(device).train()
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-
-    @torch.no_grad()  # reference log-probs never need a graph
-    def reference_logps(ids, attention_mask, response_mask, model=reference):
-        batch = (ids.to(ref_device), attention_mask.to(ref_device), response_mask.to(ref_device))
-        return sequence_logps_of(model, *batch, ref_amp).to(device)  # (B,)
-
-    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
-          f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
-          f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in route_probs)}")
-    t_load = time.perf_counter() - t0
-    positions = getattr(policy.config, "max_position_embeddings", None)
-    if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
-        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
-                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
-    all_pairs = (pairs or []) + (eval_pairs or [])
-    for what, prompts in [("training prompts", train_prompts), ("held-out prompts", eval_prompts),
-                          ("pair prompts", [x["prompt"] for x in all_pairs])]:
-        report_truncation(what, token_lengths(tokenizer, prompts or []), cfg.max_prompt_len, "--max_prompt_len", "last")
-    responses = [x[k] for x in all_pairs for k in ("chosen", "rejected")]
-    report_truncation("pair responses", [n + 1 for n in token_lengths(tokenizer, responses, add_special_tokens=False)],  # + EOS
-                      cfg.max_new_tokens, "--max_new_tokens (EOS included)", "first")
-
-    # -------------------------------------------------------------------------
-    # Evaluation batches, fixed for the run, and the SFT baseline they are compared against.
-    repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples)]
-    p_ids, p_mask = data.encode_prompts(tokenizer, repeated, cfg.max_prompt_len)
-    eval_batch = (p_ids.to(device), p_mask.to(device))
-    pair_batch = None
-    if eval_pairs:
-        pair_batch = tuple(t.to(device) for t in data.encode_responses(
-            tokenizer, [x["prompt"] for x in eval_pairs] * 2, [x["chosen"] for x in eval_pairs] + [x["rejected"] for x in eval_pairs],
-            cfg.max_prompt_len, cfg.max_new_tokens))
-        pair_batch += (reference_logps(*pair_batch),)  # computed once
-    # The policy is still the SFT model here (a resumed run loads its checkpoint below).
-    sft_eval, sft_rewards = {}, None  # ddp: only rank 0 evaluates
-    if master:
-        sft_eval, sft_rewards = evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, None, pair_batch, cfg, amp)
-    sft_eval["eval_win"] = 0.5
-    print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
-
-    # -------------------------------------------------------------------------
-    # The run's state: optimiser, random streams, data order, counters. A checkpoint holds all of
-    # it, so a resumed run continues exactly where the interrupted one stopped.
-    route_rng = np.random.default_rng([cfg.seed, 0])  # which route each pair takes
-    prompt_stream = data.Stream(len(train_prompts), seed=cfg.seed)
-    pair_stream = data.Stream(len(pairs) if pairs else 1, seed=cfg.seed)
-    rank_seed = cfg.seed + 7919 * rank  # ddp: every rank samples and labels with streams of its own
-    sampling_gen = torch.Generator(device).manual_seed(rank_seed)  # responses: its own stream
-    label_gen = torch.Generator().manual_seed(rank_seed)  # BT and self-labels (CPU)
-    explore_gen = torch.Generator(ref_device).manual_seed(rank_seed + 2)  # XPO's samples of the reference
-    generators = (route_rng, sampling_gen, label_gen, explore_gen)
-    oracle_queries, used_pairs, ties = 0, set(), 0
-    phase_seconds, token_totals = {}, {"generated": 0, "trained": 0}  # summed over steps, for the time breakdown
-    history = [{"step": 0, **sft_eval}]
-    start = 1
-    if checkpoint:
-        policy.load_state_dict(type(policy).from_pretrained(checkpoint).state_dict())  # weights via safetensors
-        if ref_every:
-            train_reference.load_state_dict(type(policy).from_pretrained(os.path.join(checkpoint, "reference")).state_dict())
-        if state["world_size"] != world:
-            raise SystemExit(f"error: {checkpoint} was written by {state['world_size']} processes; resume it with as many")
-        set_rng_states(state["rng"][rank], *generators)
-        (prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos) = state["streams"]
-        oracle_queries, ties, history = state["oracle_queries"], state["ties"], state["history"]
-        phase_seconds, token_totals = state["phase_seconds"], state["token_totals"]
-        used_pairs = set(state["used_pairs"])
-        start = state["step"] + 1
-        print(f"resuming from {checkpoint} at step {state['step']} of {cfg.steps}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if checkpoint:
-        optimizer.load_state_dict(state["optimizer"])
-    train_policy = policy  # what the loss's forward runs through: the policy itself, or its DDP wrapper
-    if world > 1:  # ddp: averages the gradients over ranks during backward
-        train_policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics_file = None
-    if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        # metrics.jsonl holds exactly the steps up to the checkpoint (a killed run may have logged more).
-        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        kept = []
-        if checkpoint and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = f.readlines()[:start - 1]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-        metrics_file = open(metrics_path, "a")
-
-    # -------------------------------------------------------------------------
-    # The alignment loop
-    label_coefs = torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device)  # per route
-    gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
-    response_coefs = cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device)
-    B = cfg.batch_size // (world * cfg.grad_accum)  # pairs per micro-batch on this rank
-    t_align = time.perf_counter()
-    for step in tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.method,
-                     dynamic_ncols=True, leave=False, disable=not master):
-        t0, times = time.perf_counter(), {}
-
-        def lap(name):  # wall time of a phase; CUDA runs asynchronously, so wait for it first
-            nonlocal t0
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-
-        optimizer.zero_grad(set_to_none=True)
-        logged = {"neg_ell": [], "h": [], "valid": [], "kl": [], "scores": []}
-        tokens = {"generated": 0, "trained": 0}
-        step_queries = step_ties = 0
-        for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
-            # Route each pair, sorted so a batch reads: dataset pairs (offline, DP), then online (PP, PR).
-            # Every rank draws the whole micro-batch of all ranks (the same routes, pairs and prompts,
-            # from the same streams) and keeps its own slice: ranks never share a pair or a prompt.
-            routes = [np.sort(r) for r in route_rng.choice(4, size=B * world, p=route_probs).reshape(world, B)]
-            route = routes[rank]
-            n_ds = int((route <= DP).sum())
-            n_on = B - n_ds
-            ds_all = pair_stream.next(sum(int((r <= DP).sum()) for r in routes))
-            on_all = prompt_stream.next(sum(int((r > DP).sum()) for r in routes))
-            ds_start = sum(int((r <= DP).sum()) for r in routes[:rank])
-            on_start = sum(int((r > DP).sum()) for r in routes[:rank])
-            first = 0
-            for r in routes:  # dataset pairs used with their (oracle) dataset label, on any rank
-                used_pairs.update(ds_all[first:first + int((r == OFFLINE).sum())])
-                first += int((r <= DP).sum())
-            prompts_ds, prompts_on, texts = [], [], [None] * (2 * B)
-            halves = []  # (y1 rows, y2 rows) per part, to be stacked as [all y1; all y2]
-            if n_ds:
-                rows = [pairs[i] for i in ds_all[ds_start:ds_start + n_ds]]
-                prompts_ds = [x["prompt"] for x in rows]
-                ds = data.encode_responses(tokenizer, prompts_ds * 2, [x["chosen"] for x in rows] + [x["rejected"] for x in rows],
-                                           cfg.max_prompt_len, cfg.max_new_tokens)
-                halves.append(tuple(t[:n_ds].to(device) for t in ds) + tuple(t[n_ds:].to(device) for t in ds))
-                texts[:n_ds] = [x["chosen"] for x in rows]
-                texts[B:B + n_ds] = [x["rejected"] for x in rows]
-            if n_on:
-                prompts_on = [train_prompts[i] for i in on_all[on_start:on_start + n_on]]
-                p_ids, p_mask = data.encode_prompts(tokenizer, prompts_on * 2, cfg.max_prompt_len)  # two responses per prompt
-                policy.eval()  # sampling uses the KV cache (gradient checkpointing, if on, only applies in train mode)
-                with amp:
-                    on = sample(policy, p_ids.to(device), p_mask.to(device), max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id, generator=sampling_gen)
-                policy.train()
-                halves.append(tuple(t[:n_on] for t in on) + tuple(t[n_on:] for t in on))
-                on_texts = decode(tokenizer, on[0], on[2])
-                texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
-                tokens["generated"] += int(on[2].sum())
-            explore = None
-            if cfg.method in EXPLORE:  # a response y~ of the reference per prompt: greedy (SELM) or sampled (XPO)
-                with ref_amp:
-                    explore = sample(train_reference, p_ids[:n_on].to(ref_device), p_mask[:n_on].to(ref_device),
-                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                     temperature=0.0 if cfg.method == "selm" else cfg.temperature, generator=explore_gen)
-                explore = tuple(t.to(device) for t in explore)
-                tokens["generated"] += int(explore[2].sum())
-            lap("generate")
-
-            # Oracle labels, only for the SAIL-PR pairs (each is one query; self-labels are free).
-            is_pr = torch.from_numpy(route == PR)
-            y1_wins, valid = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
-            scores = torch.full((2 * B,), float("nan"))  # NaN: not scored
-            oracle_sum = 0.0  # checked for NaN / inf below
-            if is_pr.any():
-                idx = torch.nonzero(is_pr).squeeze(1)
-                prompts = [(prompts_ds + prompts_on)[i] for i in idx] * 2
-                r = oracle(prompts, [texts[i] for i in idx] + [texts[B + i] for i in idx])  # (2 n_pr,)
-                scores[idx], scores[B + idx], oracle_sum = r[:len(idx)], r[len(idx):], r.sum().item()
-                y1_wins[idx], valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], cfg.label_mode, label_gen)
-                step_queries += len(idx)
-                step_ties += int((~valid[idx]).sum())
-            lap("label")
-
-            blocks = [h[:3] for h in halves] + [h[3:] for h in halves] + ([explore] if explore else [])
-            batch = data.pad_cat(blocks, tokenizer.pad_token_id)  # (2B, T) rows [all y1; all y2], then any y~
-            tokens["trained"] += int(batch[1].sum())
-            ref = reference_logps(*batch, model=train_reference)  # (2B,) once per pair, no graph
-            lap("reference")
-
-            last = micro == cfg.grad_accum - 1  # ddp: average gradients over ranks once, after the last micro-batch
-            sync = train_policy.no_sync() if world > 1 and not last else contextlib.nullcontext()
-            with sync:
-                logps = sequence_logps_of(train_policy, *batch, amp)  # (2B,) chosen and rejected through one forward
-                (logps, logps_explore), (ref, ref_explore) = logps.split([2 * B, len(logps) - 2 * B]), ref.split([2 * B, len(ref) - 2 * B])
-                delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
-                self_labelled = torch.from_numpy((route == DP) | (route == PP))
-                if self_labelled.any():  # SAIL-DP / SAIL-PP: the policy labels its own pairs
-                    y1_wins[self_labelled] = reward.self_label(delta[:B][self_labelled] - delta[B:][self_labelled], cfg.beta, label_gen)
-                y1_wins, valid, route_t = y1_wins.to(device), valid.to(device), torch.from_numpy(route).to(device)
-                h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
-                neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
-                pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
-                if cfg.method == "selm":
-                    losses, _, _ = selm_loss(*pair, policy_explore_logps=logps_explore, reference_explore_logps=ref_explore,
-                                             alpha=cfg.selm_alpha)
-                elif cfg.method == "xpo":
-                    losses, _, _ = xpo_loss(*pair, policy_explore_logps=logps_explore, alpha=cfg.xpo_alpha)
-                else:
-                    losses, _, _ = sail_loss(*pair, label_coef=label_coefs[route_t], response_coef=response_coefs[route_t],
-                                             baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)
-                # The mean over the valid pairs of all ranks (DDP averages over ranks, hence the factor world).
-                n_valid = all_ranks_sum(valid.sum().float(), world)
-                loss = torch.where(valid, losses, 0.0).sum() * world / n_valid.clamp(min=1) / cfg.grad_accum
-                stop_if_not_finite(step, {"an oracle reward": oracle_sum, "the loss": loss.item()},
-                                   cfg.out_dir, world, device)
-                loss.backward()
-            lap("policy")
-            on_rows = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_on else torch.arange(2 * B)
-            for k, v in [("neg_ell", neg_ell), ("h", h), ("valid", valid), ("kl", delta[on_rows.to(device)]), ("scores", scores)]:
-                logged[k].append(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, world, device)
-        optimizer.step()
-        lap("optimizer")
-        if ref_every and step % ref_every == 0:  # SELM: this policy is the next iteration's reference
-            train_reference.load_state_dict(policy.state_dict())
-        for k, v in times.items():
-            phase_seconds[k] = phase_seconds.get(k, 0.0) + v
-
-        # ---- logging: one line per step (sums over all ranks), a sample every so often, evaluation
-        neg_ell, h, valid, kl, scores = (torch.cat(logged[k]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
-        sums = all_ranks_sum(torch.tensor([
-            valid.sum(), torch.where(valid, neg_ell, 0.0).sum(), torch.where(valid, accuracy(h), 0.0).sum(),
-            torch.where(valid, cfg.beta * h, 0.0).sum(), kl.sum(), kl.numel(), scores.nan_to_num(0.0).sum().item(),
-            (~scores.isnan()).sum(), step_queries, step_ties, tokens["generated"], tokens["trained"]],
-            dtype=torch.float64, device=device), world).tolist()
-        n_valid, loss_sum, acc_sum, margin_sum, kl_sum, n_kl, reward_sum, n_scored, step_queries, step_ties, n_gen, n_train = sums
-        oracle_queries, ties = oracle_queries + int(step_queries), ties + int(step_ties)
-        tokens = {"generated": int(n_gen), "trained": int(n_train)}
-        row = {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1),
-               "margin": margin_sum / max(n_valid, 1),
-               "kl": kl_sum / n_kl,  # mean log-ratio of the policy-sampled responses: a KL estimate
-               "reward": reward_sum / n_scored if n_scored else None,
-               "grad_norm": grad_norm.item(), "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
-               "generated_tokens": tokens["generated"], "trained_tokens": tokens["trained"],
-               "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
-        for k in token_totals:
-            token_totals[k] += tokens[k]
-        save = step % cfg.save_every == 0 or step == cfg.steps
-        if save:  # every rank's random streams go into the checkpoint, so that each can resume its own
-            states = [rng_states(*generators)]
-            if world > 1:  # ddp
-                states = [None] * world
-                dist.all_gather_object(states, rng_states(*generators))
-        if not master:
-            continue  # ddp: the rest of the step (evaluation, logging, checkpoints) is rank 0's
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate(policy, reference_logps, tokenizer, oracle, eval_batch, repeated, sft_rewards, pair_batch, cfg, amp)[0])
-            history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        line = f"step {step} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f} | kl {row['kl']:.2f}"
-        line += f" | reward {row['reward']:.2f}" if row["reward"] is not None else ""
-        line += f" | dt {1000 * row['dt']:.0f}ms"
-        line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
-        tqdm.write(line)
-        if step % cfg.sample_every == 0:  # a pair of the last micro-batch
-            i = 0 if n_ds == B else n_ds  # show an online pair when there is one
-            w, l = (i, B + i) if bool(y1_wins[i]) else (B + i, i)
-            shown = oracle([(prompts_ds + prompts_on)[i]] * 2, [texts[w], texts[l]])  # display only: not a query
-            how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][route[i]]
-            tqdm.write(f"  prompt   {(prompts_ds + prompts_on)[i]!r}  [{how}{'' if valid[-B + i] else ', a tie: left out'}]\n"
-                       f"  chosen   {texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {texts[l]!r}  (reward {shown[1]:.2f})")
-        if save:
-            save_checkpoint(cfg.out_dir, policy, train_reference if ref_every else None, optimizer, {
-                "step": step, "config": dataclasses.asdict(cfg), "world_size": world, "rng": states,
-                "streams": [(prompt_stream.epoch, prompt_stream.pos), (pair_stream.epoch, pair_stream.pos)],
-                "oracle_queries": oracle_queries, "ties": ties, "used_pairs": sorted(used_pairs),
-                "phase_seconds": phase_seconds, "token_totals": token_totals, "history": history})
-    t_align = time.perf_counter() - t_align
-    if world > 1:  # ddp: the ranks' weights must still agree; then rank 0 writes the results
-        in_sync = check_ranks_in_sync(policy, world, device)
-        dist.barrier()  # every rank is past its last collective
-        # DDP holds the process group: free it now, so that gloo's threads are joined here and not
-        # during interpreter exit, where they can abort the process ("terminate called ...").
-        del train_policy
-        gc.collect()
-        dist.destroy_process_group()
-        if not master:
-            return None
-        if not in_sync:
-            raise SystemExit("error: the ranks' weights differ at the end of training")
-    metrics_file.close()
-
-    # -------------------------------------------------------------------------
-    # Save the policy and the summary; print the final table.
-    policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-    tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-    final = history[-1]
-    summary = {
-        "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
-        "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
-        "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
-        "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
-        "margin_final": final.get("eval_margin"),
-        "oracle_queries": oracle_queries + len(used_pairs), "ties": ties,
-        "seconds": time.perf_counter() - t_start,
-        "seconds_by_phase": {"sft": sft_seconds, "load_and_setup": t_load - sft_seconds, "align": t_align},
-        "seconds_per_step": {k: v / cfg.steps for k, v in phase_seconds.items()},
-        "phase_share": {k: v / sum(phase_seconds.values()) for k, v in phase_seconds.items()},
-        "tokens_per_second": {"generated": token_totals["generated"] / max(phase_seconds.get("generate", 0.0), 1e-9),
-                              "trained": token_totals["trained"] / max(phase_seconds["policy"], 1e-9)},
-    }
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    plot_history(history, os.path.join(cfg.out_dir, "reward.png"), cfg.method)
-
-    print(f"\n{'held-out prompts':<26}{'SFT':>10}{cfg.method:>12}")
-    for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("KL to reference", "eval_kl"),
-                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
-        if key in final:
-            print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
-    print("time per step: " + " | ".join(f"{k} {1000 * v:.0f}ms ({100 * summary['phase_share'][k]:.0f}%)"
-                                         for k, v in summary["seconds_per_step"].items())
-          + f" | tokens/s generated {summary['tokens_per_second']['generated']:.0f}, trained {summary['tokens_per_second']['trained']:.0f}")
-    print(f"oracle queries {summary['oracle_queries']} | time: sft {sft_seconds:.0f}s, align {t_align:.0f}s, "
-          f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
-    return summary
-
-
-def pyplot(what):
-    """matplotlib's pyplot, headless; or None, with a note: plots are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print(f"(pip install matplotlib to get {what}; the data is written all the same)")
-        return None
-
-
-def plot_history(history, path, title):
-    """Gold reward on held-out prompts against step."""
-    plt = pyplot("reward.png")
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["step"] for h in history], [h["eval_reward"] for h in history], marker="o")
-    ax.set(xlabel="step", ylabel="gold reward (held-out)", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    dist.barrier()  # every rank is past its last collective
+    # DDP holds the process group: free it now, so that gloo's threads are joined here and not
+    # during interpreter exit, where they can abort the process ("terminate called ...").
+    run.train_policy = run.policy
+    gc.collect()
+    dist.destroy_process_group()
+    if run.rank:
+        return False
+    if high != low:
+        raise SystemExit("error: the ranks' weights differ at the end of training")
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -983,6 +1196,32 @@ def compare(cfg):
     return stats
 
 
+def pyplot(what):
+    """matplotlib's pyplot, headless; or None, with a note: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"(pip install matplotlib to get {what}; the data is written all the same)")
+        return None
+
+
+def plot_history(history, path, title):
+    """Gold reward on held-out prompts against step."""
+    plt = pyplot("reward.png")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h["eval_reward"] for h in history], marker="o")
+    ax.set(xlabel="step", ylabel="gold reward (held-out)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_compare(runs, root):
     """reward_vs_step.png (mean ± std over seeds) and reward_vs_kl.png (the reward-KL frontier)."""
     plt = pyplot("the plots")
@@ -1009,74 +1248,46 @@ def plot_compare(runs, root):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: where an online step's time goes, against transformers' generate
+# Benchmark: where the time of the loop's own step goes, against transformers' generate
 
 def benchmark(cfg):
-    """`python train.py --benchmark`, on the embedded SFT model (2 layers, 128 wide), 16 prompts x 2
-    responses, measured side by side in one process, medians of --bench_reps interleaved runs:
-    (1) sail.sample against model.generate(do_sample=True, use_cache=True), both made to produce
-    exactly 32 new tokens, and the share of sample's time spent inside the model's forward;
-    (2) an online sail-pr step against the same step built around model.generate (again exactly
-    32 new tokens, so both do the same work), with the share of each phase; (3) the cost of SAIL's extra terms:
-    one update (forward, loss, backward, optimiser) on the same pairs with gamma > 0 and gamma = 0."""
+    """`python train.py --benchmark`: 16 prompts x 2 responses of exactly 32 new tokens, measured side
+    by side in one process, medians of --bench_reps interleaved repetitions. (1) sail.sample against
+    model.generate(do_sample=True, use_cache=True), and the share of sample's time spent inside the
+    model's forward. (2) The loop's own step (`alignment_step`, SAIL-PR with every pair online) with
+    each of the two as its sampler, phase by phase. (3) The cost of SAIL's extra terms: the step's
+    policy phase (forward, loss, backward) of SAIL-PR against online DPO on the same pairs (the
+    learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs)."""
     from statistics import median
 
-    device = pick_device(cfg.device)
-    task = data.make_task(cfg.task_seed)
-    policy, tokenizer, _ = embedded_policy(cfg, task, device)
-    data.prepare_tokenizer(tokenizer)
-    disable_dropout(policy)
-    policy.to(device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    off = torch.autocast(device.type, enabled=False)
-    prompts = task.train_prompts[:16]
-    p_ids, p_mask = (t.to(device) for t in data.encode_prompts(tokenizer, prompts * 2, cfg.max_prompt_len))
-    eos, gen, n_new = tokenizer.eos_token_id, torch.Generator(device).manual_seed(cfg.seed), 32
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)  # the full update's work, without drifting the model
+    device, n_new = pick_device(cfg.device), 32
+    bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=16, grad_accum=1, max_new_tokens=n_new, lr=0.0)
+    inputs = load_inputs(bench)
+    run = setup_run(bench, inputs, device)
+    policy, eos = run.policy, run.tokenizer.eos_token_id
+    p_ids, p_mask = (t.to(device) for t in data.encode_prompts(run.tokenizer, inputs.train_prompts[:16] * 2, bench.max_prompt_len))
+    gen = torch.Generator(device).manual_seed(cfg.seed)
 
     def clock(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = fn()
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0
 
-    def generate(max_tokens, until_eos):  # a lean wrapper around model.generate, output in sample's layout
-        ids = policy.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                              max_new_tokens=max_tokens, min_new_tokens=None if until_eos else max_tokens, use_cache=True,
-                              pad_token_id=eos)
-        new = ids[:, p_ids.shape[1]:]  # (B, n)
-        is_eos = (new == eos).long()
-        response = (is_eos.cumsum(1) - is_eos == 0).long()  # up to and including the first EOS
-        return ids, torch.cat([p_mask, response], 1), torch.cat([torch.zeros_like(p_mask), response], 1)
+    def ours(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):  # -1: no token ends a row
+        return sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=-1, generator=generator)
 
-    def ours(max_tokens, until_eos):
-        return sample(policy, p_ids, p_mask, max_new_tokens=max_tokens, temperature=1.0,
-                      eos_token_id=eos if until_eos else -1, generator=gen)  # -1: no token ends a row
+    def generate(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):  # in sample's layout
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, use_cache=True, pad_token_id=eos_token_id)
+        response = torch.ones_like(out[:, ids.shape[1]:])  # exactly max_new_tokens tokens, none of them EOS
+        return out, torch.cat([mask, response], 1), torch.cat([torch.zeros_like(mask), response], 1)
 
-    def update(batch, ref, gamma):  # policy forward, loss, backward, optimiser step
-        logps = sequence_logps_of(policy, *batch, off)  # (2B,)
-        pair = (logps[:16], logps[16:], ref[:16], ref[16:], cfg.beta)
-        neg_ell = -F.logsigmoid(cfg.beta * ((logps[:16] - ref[:16]) - (logps[16:] - ref[16:]))).detach()
-        loss = sail_loss(*pair, response_coef=gamma, baseline=leave_one_out_mean(neg_ell) if gamma else None)[0].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def online_step(generator_fn):  # one sail-pr step (all pairs online), timed by phase
-        times = {}
-        times["generate"], batch = clock(lambda: generator_fn(n_new, False))
-        texts = decode(tokenizer, batch[0], batch[2])
-        times["label"], _ = clock(lambda: reward.bradley_terry_label(*reward.GoldReward()(prompts * 2, texts).split(16)))
-        times["reference"], ref = clock(lambda: torch.no_grad()(sequence_logps_of)(reference, *batch, off))
-        times["update"], _ = clock(lambda: update(batch, ref, cfg.gamma * cfg.response_scale))
-        return times
-
-    # (1) the sampler: fixed work, 32 tokens for every row
-    forward_seconds = [0.0]
-    plain_forward = policy.forward
+    # (1) the sampler alone
+    forward_seconds, plain_forward = [0.0], policy.forward
 
     def timed_forward(*args, **kwargs):
         t0 = time.perf_counter()
@@ -1085,54 +1296,51 @@ def benchmark(cfg):
         return out
 
     policy.eval()
-    ours(n_new, False), generate(n_new, False)  # warm-up
+    args = dict(max_new_tokens=n_new, temperature=1.0, eos_token_id=eos, generator=gen)
+    ours(policy, p_ids, p_mask, **args), generate(policy, p_ids, p_mask, **args)  # warm-up
     t_ours, t_generate, shares = [], [], []
     for _ in tqdm(range(cfg.bench_reps), desc="sampler", dynamic_ncols=True, leave=False):
         forward_seconds[0], policy.forward = 0.0, timed_forward
-        seconds, _ = clock(lambda: ours(n_new, False))
+        t_ours.append(clock(lambda: ours(policy, p_ids, p_mask, **args)))
         policy.forward = plain_forward
-        t_ours.append(seconds)
-        shares.append(forward_seconds[0] / seconds)
-        t_generate.append(clock(lambda: generate(n_new, False))[0])
+        shares.append(forward_seconds[0] / t_ours[-1])
+        t_generate.append(clock(lambda: generate(policy, p_ids, p_mask, **args)))
+    policy.train()
 
-    # (2) an online step, and (3) the extra terms' cost on one fixed batch
-    steps_ours, steps_generate = [], []
-    for _ in tqdm(range(cfg.bench_reps), desc="online step", dynamic_ncols=True, leave=False):
-        steps_ours.append(online_step(ours))
-        steps_generate.append(online_step(generate))
-    batch = ours(n_new, False)
-    with torch.no_grad():
-        ref = sequence_logps_of(reference, *batch, off)
-    t_sail, t_dpo = [], []
-    for _ in range(3 * cfg.bench_reps):
-        t_sail.append(clock(lambda: update(batch, ref, cfg.gamma * cfg.response_scale))[0])
-        t_dpo.append(clock(lambda: update(batch, ref, 0.0))[0])
-
-    step_ours = {k: median(s[k] for s in steps_ours) for k in steps_ours[0]}
-    step_generate = {k: median(s[k] for s in steps_generate) for k in steps_generate[0]}
+    # (2) and (3): the loop's step itself, with either sampler, and for online DPO on the same pairs
+    dpo = dataclasses.replace(run, cfg=dataclasses.replace(bench, method="online-dpo"), response_coefs=torch.zeros_like(run.response_coefs))
+    states = {k: State.new(bench, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in ("ours", "generate", "dpo")}
+    steps = {k: [] for k in states}
+    for rep in tqdm(range(cfg.bench_reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
+        for name, r, sampler in (("ours", run, ours), ("generate", run, generate), ("dpo", dpo, ours)):
+            r.sampler = sampler
+            row = alignment_step(r, states[name], rep + 1)[0]
+            if rep:
+                steps[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
+    step = {name: {k: median(s[k] for s in rows) for k in rows[0]} for name, rows in steps.items()}
     result = {
-        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "model": "embedded GPT-2, 2 layers x 128 wide", "rows": 32, "new_tokens": n_new,
+        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": bench.model,
+        "parameters": sum(p.numel() for p in policy.parameters()), "rows": 32, "new_tokens": n_new,
         "sampler_ms": 1000 * median(t_ours), "generate_ms": 1000 * median(t_generate),
         "sampler_speedup_vs_generate": median(t_generate) / median(t_ours), "sampler_forward_share": median(shares),
-        "online_step_ms": {k: 1000 * v for k, v in step_ours.items()},
-        "online_step_with_generate_ms": {k: 1000 * v for k, v in step_generate.items()},
-        "online_step_ratio": sum(step_ours.values()) / sum(step_generate.values()),
-        "online_step_phase_share": {k: v / sum(step_ours.values()) for k, v in step_ours.items()},
-        "update_sail_pr_ms": 1000 * median(t_sail), "update_online_dpo_ms": 1000 * median(t_dpo),
-        "extra_terms_overhead": median(t_sail) / median(t_dpo) - 1,
+        "online_step_ms": {k: 1000 * v for k, v in step["ours"].items()},
+        "online_step_with_generate_ms": {k: 1000 * v for k, v in step["generate"].items()},
+        "online_step_ratio": sum(step["ours"].values()) / sum(step["generate"].values()),
+        "online_step_phase_share": {k: v / sum(step["ours"].values()) for k, v in step["ours"].items()},
+        "policy_phase_sail_pr_ms": 1000 * step["ours"]["policy"], "policy_phase_online_dpo_ms": 1000 * step["dpo"]["policy"],
+        "extra_terms_overhead": step["ours"]["policy"] / step["dpo"]["policy"] - 1,
     }
     check_writable_dir(cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     r = result
-    print(f"device {device}, {r['cpu_threads']} threads, {r['model']}, {r['rows']} rows")
+    print(f"device {device}, {r['cpu_threads']} threads, {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), {r['rows']} rows")
     print(f"sampler, {n_new} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
           f"speed-up {r['sampler_speedup_vs_generate']:.2f}x | time inside the model's forward {100 * r['sampler_forward_share']:.0f}%")
-    print(f"online sail-pr step:     ours {sum(step_ours.values()) * 1000:.1f} ms | around model.generate "
-          f"{sum(step_generate.values()) * 1000:.1f} ms | ratio {r['online_step_ratio']:.2f}")
+    print(f"the loop's sail-pr step: with sail.sample {sum(step['ours'].values()) * 1000:.1f} ms | with model.generate "
+          f"{sum(step['generate'].values()) * 1000:.1f} ms | ratio {r['online_step_ratio']:.2f}")
     print("  phase shares (ours):   " + " | ".join(f"{k} {100 * v:.0f}%" for k, v in r["online_step_phase_share"].items()))
-    print(f"update on the same pairs: sail-pr {r['update_sail_pr_ms']:.2f} ms | online-dpo {r['update_online_dpo_ms']:.2f} ms | "
+    print(f"policy phase, same pairs: sail-pr {r['policy_phase_sail_pr_ms']:.2f} ms | online-dpo {r['policy_phase_online_dpo_ms']:.2f} ms | "
           f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
     print(f"benchmark: {cfg.out_dir}/bench.json")
     return result
