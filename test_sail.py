@@ -982,6 +982,12 @@ def test_directories_that_cannot_be_written_are_refused(bad_files, option, where
     assert message.startswith(f"error: {option} '{bad_files / where}' cannot be written: ")
 
 
+def test_a_context_longer_than_the_model_is_refused_before_sft_trains(tmp_path):
+    with pytest.raises(SystemExit, match="60 \\+ --max_new_tokens 24 = 84 tokens, more than the model's 64 positions"):
+        train.main(train.parse_args(["--max_prompt_len", "60", "--cache_dir", str(tmp_path / "c"), "--out_dir", str(tmp_path / "o")]))
+    assert not any((tmp_path / "c").iterdir())  # refused before any SFT step
+
+
 def test_a_refused_command_leaves_an_existing_run_as_it_was(runs, bad_files):
     """Every kind of refusal, pointed at a finished run's --out_dir: not one byte of it changes."""
     out = str(runs.full)

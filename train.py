@@ -284,7 +284,9 @@ def accuracy(h):
 
 @dataclass
 class Pairs:
-    """One micro-batch of B preference pairs. Rows are laid out [all y1; all y2; y~ of SELM/XPO]."""
+    """One micro-batch of B preference pairs. Its 2B (+ B) rows, in order:
+    [dataset y1 | online y1 | dataset y2 | online y2 | y~ of SELM/XPO], so row i and row B + i are
+    the two responses of pair i; every function of the step relies on this layout."""
     route: np.ndarray  # (B,) OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
     prompts: list      # (B,) the prompt of each pair
     texts: list        # (2B,) y1 of every pair, then y2 (a dataset pair: y1 its chosen, y2 its rejected)
@@ -294,7 +296,8 @@ class Pairs:
 
 @dataclass
 class Labels:
-    """Who won each pair. Dataset pairs keep their order (y1 wins) until SAIL-DP's self-labels."""
+    """Who won each pair: y1 until a label says otherwise (a dataset pair's y1 is its chosen
+    response; SAIL-DP and SAIL-PP pairs get theirs from `self_labels`)."""
     y1_wins: torch.Tensor  # (B,) bool
     valid: torch.Tensor    # (B,) bool: False for a tied oracle label (no preference: left out of the loss)
     scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
@@ -745,7 +748,8 @@ def load_inputs(cfg):
 
 @dataclass
 class Run:
-    """What the step needs, set up once (`setup_run`) and not changed by it."""
+    """What the step needs, set up once (`setup_run`). The step changes only the weights (and
+    SELM's train_reference); `main` wraps the policy in DDP, the benchmark swaps the sampler."""
     cfg: Config
     policy: torch.nn.Module           # the model being aligned
     reference: torch.nn.Module        # its frozen SFT copy: the loss's reference and the yardstick of KL
@@ -891,6 +895,9 @@ def embedded_policy(cfg, task, device):
         what = "--cache_dir holds a broken SFT model (delete it to train it again):"
         return reward.load_pretrained(AutoModelForCausalLM, path, what), reward.load_pretrained(AutoTokenizer, path, what), 0.0
     check_writable_dir(cfg.cache_dir, "--cache_dir")  # before the SFT run, not after it
+    if cfg.max_prompt_len + cfg.max_new_tokens > 64:  # the embedded model's positions (checked again for any model)
+        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
+                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's 64 positions")
     if cfg.sft_batch_size > len(task.sft):
         raise SystemExit(f"error: --sft_batch_size {cfg.sft_batch_size} is larger than the SFT corpus ({len(task.sft)} texts)")
     t0 = time.perf_counter()
