@@ -1265,71 +1265,19 @@ def benchmark(cfg):
     each of the two as its sampler, phase by phase. (3) The cost of SAIL's extra terms: the step's
     policy phase (forward, loss, backward) of SAIL-PR against online DPO on the same pairs (the
     learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs)."""
-    from statistics import median
-
     device, n_new = pick_device(cfg.device), 32
+    check_writable_dir(cfg.out_dir)  # before any measurement
     bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=16, grad_accum=1, max_new_tokens=n_new, lr=0.0)
     inputs = load_inputs(bench)
     run = setup_run(bench, inputs, device)
-    policy, eos = run.policy, run.tokenizer.eos_token_id
-    p_ids, p_mask = (t.to(device) for t in data.encode_prompts(run.tokenizer, inputs.train_prompts[:16] * 2, bench.max_prompt_len))
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-
-    def clock(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def ours(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):  # -1: no token ends a row
-        return sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=-1, generator=generator)
-
-    def generate(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):  # in sample's layout
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, use_cache=True, pad_token_id=eos_token_id)
-        response = torch.ones_like(out[:, ids.shape[1]:])  # exactly max_new_tokens tokens, none of them EOS
-        return out, torch.cat([mask, response], 1), torch.cat([torch.zeros_like(mask), response], 1)
-
-    # (1) the sampler alone
-    forward_seconds, plain_forward = [0.0], policy.forward
-
-    def timed_forward(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = plain_forward(*args, **kwargs)
-        forward_seconds[0] += time.perf_counter() - t0
-        return out
-
-    policy.eval()
-    args = dict(max_new_tokens=n_new, temperature=1.0, eos_token_id=eos, generator=gen)
-    ours(policy, p_ids, p_mask, **args), generate(policy, p_ids, p_mask, **args)  # warm-up
-    t_ours, t_generate, shares = [], [], []
-    for _ in tqdm(range(cfg.bench_reps), desc="sampler", dynamic_ncols=True, leave=False):
-        forward_seconds[0], policy.forward = 0.0, timed_forward
-        t_ours.append(clock(lambda: ours(policy, p_ids, p_mask, **args)))
-        policy.forward = plain_forward
-        shares.append(forward_seconds[0] / t_ours[-1])
-        t_generate.append(clock(lambda: generate(policy, p_ids, p_mask, **args)))
-    policy.train()
-
-    # (2) and (3): the loop's step itself, with either sampler, and for online DPO on the same pairs
-    dpo = dataclasses.replace(run, cfg=dataclasses.replace(bench, method="online-dpo"), response_coefs=torch.zeros_like(run.response_coefs))
-    states = {k: State.new(bench, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in ("ours", "generate", "dpo")}
-    steps = {k: [] for k in states}
-    for rep in tqdm(range(cfg.bench_reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
-        for name, r, sampler in (("ours", run, ours), ("generate", run, generate), ("dpo", dpo, ours)):
-            r.sampler = sampler
-            row = alignment_step(r, states[name], rep + 1)[0]
-            if rep:
-                steps[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
-    step = {name: {k: median(s[k] for s in rows) for k in rows[0]} for name, rows in steps.items()}
+    prompts = data.encode_prompts(run.tokenizer, inputs.train_prompts[:16] * 2, bench.max_prompt_len)
+    t_ours, t_generate, forward_share = time_samplers(run, *(t.to(device) for t in prompts), n_new, cfg.bench_reps)
+    step = time_steps(run, inputs, cfg.bench_reps)
     result = {
         "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": bench.model,
-        "parameters": sum(p.numel() for p in policy.parameters()), "rows": 32, "new_tokens": n_new,
-        "sampler_ms": 1000 * median(t_ours), "generate_ms": 1000 * median(t_generate),
-        "sampler_speedup_vs_generate": median(t_generate) / median(t_ours), "sampler_forward_share": median(shares),
+        "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 32, "new_tokens": n_new,
+        "sampler_ms": 1000 * t_ours, "generate_ms": 1000 * t_generate,
+        "sampler_speedup_vs_generate": t_generate / t_ours, "sampler_forward_share": forward_share,
         "online_step_ms": {k: 1000 * v for k, v in step["ours"].items()},
         "online_step_with_generate_ms": {k: 1000 * v for k, v in step["generate"].items()},
         "online_step_ratio": sum(step["ours"].values()) / sum(step["generate"].values()),
@@ -1337,20 +1285,94 @@ def benchmark(cfg):
         "policy_phase_sail_pr_ms": 1000 * step["ours"]["policy"], "policy_phase_online_dpo_ms": 1000 * step["dpo"]["policy"],
         "extra_terms_overhead": step["ours"]["policy"] / step["dpo"]["policy"] - 1,
     }
-    check_writable_dir(cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
-    r = result
-    print(f"device {device}, {r['cpu_threads']} threads, {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), {r['rows']} rows")
-    print(f"sampler, {n_new} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
+    print_benchmark(result, cfg.out_dir)
+    return result
+
+
+def fixed_length_sample(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):
+    """sail.sample with no token ending a row (EOS -1), so every row gets max_new_tokens tokens."""
+    return sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=-1, generator=generator)
+
+
+def fixed_length_generate(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):
+    """model.generate doing the same work as fixed_length_sample, its output in sample's layout."""
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, use_cache=True, pad_token_id=eos_token_id)
+    response = torch.ones_like(out[:, ids.shape[1]:])  # exactly max_new_tokens tokens, none of them EOS
+    return out, torch.cat([mask, response], 1), torch.cat([torch.zeros_like(mask), response], 1)
+
+
+def timed(device, fn):
+    """Seconds that fn() takes (on CUDA, once the GPU has finished)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_samplers(run, prompt_ids, prompt_mask, n_new, reps):
+    """(1) Medians of sail.sample's and model.generate's seconds, and of the share of sample's time
+    spent inside the model's forward (timed by wrapping it)."""
+    from statistics import median
+
+    policy, forward_seconds, plain_forward = run.policy, [0.0], run.policy.forward
+
+    def timed_forward(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = plain_forward(*args, **kwargs)
+        forward_seconds[0] += time.perf_counter() - t0
+        return out
+
+    args = dict(max_new_tokens=n_new, temperature=1.0, eos_token_id=run.tokenizer.eos_token_id,
+                generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
+    policy.eval()
+    for sampler in (fixed_length_sample, fixed_length_generate):  # warm-up
+        sampler(policy, prompt_ids, prompt_mask, **args)
+    t_ours, t_generate, shares = [], [], []
+    for _ in tqdm(range(reps), desc="sampler", dynamic_ncols=True, leave=False):
+        forward_seconds[0], policy.forward = 0.0, timed_forward
+        t_ours.append(timed(run.device, lambda: fixed_length_sample(policy, prompt_ids, prompt_mask, **args)))
+        policy.forward = plain_forward
+        shares.append(forward_seconds[0] / t_ours[-1])
+        t_generate.append(timed(run.device, lambda: fixed_length_generate(policy, prompt_ids, prompt_mask, **args)))
+    policy.train()
+    return median(t_ours), median(t_generate), median(shares)
+
+
+def time_steps(run, inputs, reps):
+    """(2) and (3): median seconds per phase of the loop's step, {"ours", "generate", "dpo"} ->
+    {phase: seconds}: with each sampler, and online DPO's step on the same pairs as "ours"."""
+    from statistics import median
+
+    dpo = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, method="online-dpo"),
+                              response_coefs=torch.zeros_like(run.response_coefs))
+    plan = {"ours": (run, fixed_length_sample), "generate": (run, fixed_length_generate), "dpo": (dpo, fixed_length_sample)}
+    states = {k: State.new(run.cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in plan}
+    times = {k: [] for k in plan}
+    for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
+        for name, (r, sampler) in plan.items():
+            r.sampler = sampler
+            row = alignment_step(r, states[name], rep + 1)[0]
+            if rep:
+                times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
+    return {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
+
+
+def print_benchmark(r, out_dir):
+    print(f"device {r['device']}, {r['cpu_threads']} threads, {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), {r['rows']} rows")
+    print(f"sampler, {r['new_tokens']} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
           f"speed-up {r['sampler_speedup_vs_generate']:.2f}x | time inside the model's forward {100 * r['sampler_forward_share']:.0f}%")
-    print(f"the loop's sail-pr step: with sail.sample {sum(step['ours'].values()) * 1000:.1f} ms | with model.generate "
-          f"{sum(step['generate'].values()) * 1000:.1f} ms | ratio {r['online_step_ratio']:.2f}")
+    print(f"the loop's sail-pr step: with sail.sample {sum(r['online_step_ms'].values()):.1f} ms | with model.generate "
+          f"{sum(r['online_step_with_generate_ms'].values()):.1f} ms | ratio {r['online_step_ratio']:.2f}")
     print("  phase shares (ours):   " + " | ".join(f"{k} {100 * v:.0f}%" for k, v in r["online_step_phase_share"].items()))
     print(f"policy phase, same pairs: sail-pr {r['policy_phase_sail_pr_ms']:.2f} ms | online-dpo {r['policy_phase_online_dpo_ms']:.2f} ms | "
           f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
-    print(f"benchmark: {cfg.out_dir}/bench.json")
-    return result
+    print(f"benchmark: {out_dir}/bench.json")
 
 
 def cli(argv=None):
