@@ -143,7 +143,7 @@ class HFRewardModel:
                 raise ModelError(f"{what} {name_or_path}: no output label {label!r}; its labels are {sorted(names, key=names.get)}")
         elif n_outputs != 1:
             raise ModelError(f"{what} {name_or_path}: expected one score per text (num_labels=1), got num_labels="
-                                   f"{n_outputs}; for a classifier, name the output to use (--reward_label, one of {sorted(names, key=names.get)})")
+                             f"{n_outputs}; for a classifier, name the output to use (--reward_label, one of {sorted(names, key=names.get)})")
         else:
             self.column = 0
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have no pad token

@@ -842,12 +842,16 @@ def report_truncation(what, lengths, limit, option, kept):
     return n
 
 
-def check_lengths(cfg, inputs, policy, tokenizer):
-    """Prompt + response must fit the model's positions; longer texts are cut, and said so."""
-    positions = getattr(policy.config, "max_position_embeddings", None)
+def check_context(cfg, positions):
+    """A prompt and its response must fit the model's positions (None: the model has no limit)."""
     if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
         raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
                          f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
+
+
+def check_lengths(cfg, inputs, policy, tokenizer):
+    """Prompt + response must fit the model's positions; longer texts are cut, and said so."""
+    check_context(cfg, getattr(policy.config, "max_position_embeddings", None))
     all_pairs = (inputs.pairs or []) + (inputs.eval_pairs or [])
     for what, prompts in [("training prompts", inputs.train_prompts), ("held-out prompts", inputs.eval_prompts),
                           ("pair prompts", [x["prompt"] for x in all_pairs])]:
@@ -885,6 +889,9 @@ def supervised_finetune(model, tokenizer, task, cfg, device):
         bar.set_postfix(nll=f"{loss.item():.3f}")
 
 
+EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response tokens
+
+
 def embedded_policy(cfg, task, device):
     """The embedded SFT model: load it from the cache, or build, fine-tune and save it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -895,15 +902,13 @@ def embedded_policy(cfg, task, device):
         what = "--cache_dir holds a broken SFT model (delete it to train it again):"
         return reward.load_pretrained(AutoModelForCausalLM, path, what), reward.load_pretrained(AutoTokenizer, path, what), 0.0
     check_writable_dir(cfg.cache_dir, "--cache_dir")  # before the SFT run, not after it
-    if cfg.max_prompt_len + cfg.max_new_tokens > 64:  # the embedded model's positions (checked again for any model)
-        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
-                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's 64 positions")
+    check_context(cfg, EMBEDDED_POSITIONS)  # before SFT trains, not after
     if cfg.sft_batch_size > len(task.sft):
         raise SystemExit(f"error: --sft_batch_size {cfg.sft_batch_size} is larger than the SFT corpus ({len(task.sft)} texts)")
     t0 = time.perf_counter()
     tokenizer = data.build_tokenizer([p + y for p, y in task.sft])
-    tokenizer.model_max_length = 64
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=2, n_head=4,
+    tokenizer.model_max_length = EMBEDDED_POSITIONS
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=EMBEDDED_POSITIONS, n_embd=128, n_layer=2, n_head=4,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(cfg.task_seed)
     model = GPT2LMHeadModel(config).to(device)
