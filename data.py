@@ -4,12 +4,15 @@ data.py: prompts, preference pairs, tokenisation and batching, and the embedded 
 The embedded task ("write a short review") is built from a seed in about a second, with no
 download: a corpus of (prompt, review) texts for supervised fine-tuning (SFT), training prompts,
 held-out evaluation prompts, and offline preference pairs: two reviews from the SFT distribution
-for one prompt, labelled by the gold reward of `reward.py` (ties dropped). Reviews are mixed on
-purpose (positive, negative, neutral, off-topic, repetitive), so the SFT model samples good and
-bad responses and leaves headroom for alignment.
+for one prompt, labelled by the gold reward of `reward.py`. A tied candidate pair (about 23% of
+them) is dropped, and the label it cost is charged to the next pair kept (its "labels" field), so
+offline pairs are counted in oracle labels the way online pairs are. Reviews are mixed on purpose
+(positive, negative, neutral, off-topic, repetitive), so the SFT model samples good and bad
+responses and leaves headroom for alignment.
 
 Real data comes from JSONL files in the common format: `{"prompt": ...}` per line for prompts and
-`{"prompt": ..., "chosen": ..., "rejected": ...}` for pairs (`load_prompts`, `load_pairs`).
+`{"prompt": ..., "chosen": ..., "rejected": ...}` for pairs (`load_prompts`, `load_pairs`). A
+file does not say how many ties were dropped to make it, so each of its pairs counts one label.
 
 Layout of every batch the models see (`encode_prompts`, `encode_responses`, `sail.sample`):
 prompts left-padded, responses right after them, then right padding. Position ids are always
@@ -62,7 +65,8 @@ class Task:
     sft: list           # [(prompt, response)] for supervised fine-tuning
     train_prompts: list  # [prompt] for online generation
     eval_prompts: list   # [prompt], held out: no training prompt or pair uses them
-    pairs: list         # [{"prompt", "chosen", "rejected"}] offline preference pairs
+    pairs: list         # [{"prompt", "chosen", "rejected", "labels"}] offline preference pairs; labels:
+                        # the oracle labels spent to get it (1 + the tied candidates dropped before it)
     eval_pairs: list    # the same, on the held-out prompts
 
 
@@ -78,14 +82,16 @@ def make_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs
         return make_review(rng, subject_of(prompt))
 
     def labelled_pairs(prompt_list, n):
-        pairs = []
+        pairs, spent = [], 0
         while len(pairs) < n:
             prompt = rng.choice(prompt_list)
             y1, y2 = review_of(prompt), review_of(prompt)
             r1, r2 = gold_reward(prompt, y1), gold_reward(prompt, y2)
-            if r1 != r2:  # a tie carries no preference
+            spent += 1  # one oracle label, a tie too (as online)
+            if r1 != r2:  # a tie carries no preference: dropped, its label charged to the next pair kept
                 chosen, rejected = (y1, y2) if r1 > r2 else (y2, y1)
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "labels": spent})
+                spent = 0
         return pairs
 
     # SFT text covers every prompt, the held-out ones included: the model should know how to

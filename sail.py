@@ -5,7 +5,8 @@ Large Language Models", arXiv 2406.15567), as short pure functions.
   sequence_logps  L(y) = log pi(y | x), summed over the response tokens
   dpo_loss        the DPO loss (Rafailov et al. 2023, eq. 7)
   sail_loss       a per-pair surrogate whose expected gradient is minus the gradient of SAIL's
-                  single-level objective J(theta) (below); DPO when both coefficients are 0
+                  single-level objective J(theta) (below) when both extra coefficients are 1, and
+                  a weighted sum of its three terms otherwise; DPO when both are 0
   selm_loss,      two related online methods for comparison: DPO plus an exploration bonus on a
   xpo_loss        response of the reference (SELM, XPO)
   sample          policy sampling with the model's KV cache, in plain PyTorch
@@ -33,8 +34,10 @@ Departures from the paper and the official code:
      batch (the README's "differences", 1). Its expected gradient is checked exactly against
      autograd of J in the tests.
   2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
-     as the mean of -l over the *other* pairs of the batch) is subtracted in the response term.
-     It leaves the expected gradient unchanged and lowers its variance. The paper has none.
+     as the mean of -l over the *other* pairs of the batch that carry the response term) is
+     subtracted in the response term. It leaves the expected gradient unchanged and lowers its
+     variance. The paper has none. A tied hard label keeps the baseline part of its term (its l
+     counts as 0), or the baseline would bias the gradient (sail_loss).
   3. Log-probs are those of the untempered policy (temperature 1), the distribution that the
      DPO reward-policy equivalence refers to. With the default sampling temperature 1 the
      response term is then exactly the score-function gradient; with another temperature it is
@@ -62,31 +65,42 @@ def sequence_logps(logits, labels, mask):
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+             valid=None):
     """DPO loss per pair.
 
     Each *_logps argument: (B,) summed response log-probs (sequence_logps). beta: KL strength.
+    valid: None or (B,) bool, False for a tied label (no preference: its loss is 0).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
     rewards beta * Delta(y), detached.
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
     losses = -F.logsigmoid(beta * h)  # DPO eq. 7: -log sigmoid(beta * h)
+    if valid is not None:
+        losses = torch.where(valid, losses, 0.0)  # (B,) a tie carries no preference
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
 
 
 def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-              label_coef=0.0, response_coef=0.0, baseline=None):
-    """SAIL's surrogate loss per pair: its expected gradient is -grad J (module docstring).
+              label_coef=0.0, response_coef=0.0, baseline=None, valid=None):
+    """SAIL's surrogate loss per pair (module docstring): with label_coef = response_coef = 1 its
+    expected gradient is -grad J; with other coefficients it is minus the weighted sum
+    E[grad l] + label_coef * E[l grad l] + response_coef * E[l grad(L(y1) + L(y2))].
 
     Each *_logps argument: (B,) summed response log-probs. beta: KL strength.
     label_coef: float or (B,), weight of the label term (self-labelled pairs: SAIL-PP, SAIL-DP).
     response_coef: float or (B,), weight of the response term (policy-sampled pairs: SAIL-PR, -PP).
-    baseline: None, float or (B,), an estimate of E[-l] independent of each pair's own responses.
+    baseline: None, float or (B,), an estimate of E[-valid * l] independent of each pair's own responses.
+    valid: None or (B,) bool, False for a tied hard label. A tie carries no preference: it is worth 0
+      to J (its l counts as 0), so only the baseline part of its response term remains. Dropping
+      the tied pair instead would bias the gradient by response_coef * b * grad P(tie).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
     ell = F.logsigmoid(beta * h)  # (B,) l = log sigmoid(beta h), the Bradley-Terry log-likelihood
+    if valid is not None:
+        ell = torch.where(valid, ell, 0.0)  # (B,) valid * l: a tie adds nothing to J
     cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
     losses = (-ell  # E[grad l]: DPO
               - 0.5 * label_coef * ell ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
@@ -96,31 +110,33 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
 
 
 def selm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-              policy_explore_logps, reference_explore_logps, alpha):
+              policy_explore_logps, reference_explore_logps, alpha, valid=None):
     """SELM (Zhang et al. 2024, arXiv 2405.19332): DPO plus an optimism bonus on a response of
     the reference, loss = -l + alpha * beta * Delta(y~), y~ the reference's greedy response.
 
     Each *_logps argument: (B,) summed response log-probs; the explore ones are of y~ under the
     policy and the reference. Minimising the bonus lowers the policy's implicit reward of what the
-    reference would already say, pushing probability towards unexplored responses.
+    reference would already say, pushing probability towards unexplored responses. valid: as in
+    dpo_loss (a tied pair keeps its bonus, which does not depend on the label).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                        reference_chosen_logps, reference_rejected_logps, beta)
+                                                        reference_chosen_logps, reference_rejected_logps, beta, valid)
     bonus = alpha * beta * (policy_explore_logps - reference_explore_logps)  # (B,) alpha * beta * Delta(y~)
     return losses + bonus, chosen_rewards, rejected_rewards
 
 
 def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-             policy_explore_logps, alpha):
+             policy_explore_logps, alpha, valid=None):
     """XPO (Xie et al. 2024, arXiv 2405.21046): loss = -l + alpha * log pi_theta(y~), y~ ~ pi_ref.
 
     Each *_logps argument: (B,) summed response log-probs; policy_explore_logps is log pi_theta of
     a fresh sample y~ of the reference (the log pi_ref(y~) part of SELM's bonus has no gradient).
+    valid: as in selm_loss.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                        reference_chosen_logps, reference_rejected_logps, beta)
+                                                        reference_chosen_logps, reference_rejected_logps, beta, valid)
     return losses + alpha * policy_explore_logps, chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
 
 
@@ -128,11 +144,16 @@ def _implicit_rewards(pc, pr, rc, rr, beta):
     return beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
-def leave_one_out_mean(x):
-    """For each i, the mean of x over the other entries: a baseline for pair i that does not
-    depend on pair i (so it keeps the response term unbiased). x: (B,) with B >= 2."""
+def leave_one_out_mean(x, pool=None):
+    """For each i, the mean of x over the *other* entries j of the pool (pool[j] True; all entries
+    when pool is None), 0 where there is no other: a baseline for pair i that does not depend on
+    pair i, so it keeps the response term unbiased. x: (B,); pool: None or (B,) bool."""
     x = x.detach()
-    return (x.sum() - x) / (x.numel() - 1)  # (B,)
+    if pool is None:
+        return (x.sum() - x) / (x.numel() - 1)  # (B,)
+    x = torch.where(pool, x, 0.0)  # (B,)
+    others = pool.sum() - pool.long()  # (B,) pool members other than i
+    return torch.where(others > 0, (x.sum() - x) / others.clamp(min=1), 0.0)  # (B,)
 
 
 def sample_token(logits, temperature, generator=None):

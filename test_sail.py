@@ -288,6 +288,87 @@ def test_expected_surrogate_gradient_equals_minus_grad_J(variant):
     assert (dpo_only + grad_J).abs().max() > 1e-3
 
 
+def tabular(seed=1, K=4):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(K, generator=g, dtype=torch.float64).requires_grad_()
+    L_ref = torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    return theta, L_ref
+
+
+def test_expected_gradient_is_exact_with_tied_hard_labels():
+    """Hard oracle labels with ties (responses 2 and 3 score the same, and y1 = y2 always ties):
+    J = E[valid * l]. With the baseline kept on tied pairs the expected surrogate gradient is
+    -grad J for any baseline; dropping tied pairs from the loss biases it by b * grad P(valid)."""
+    K, beta, b = 4, 0.7, 0.37
+    theta, L_ref = tabular()
+    r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)  # the oracle's rewards: 2 and 3 tie
+
+    def expectation(L, surrogate, baseline=0.0, drop_ties=False):
+        pi, total = L.exp(), 0.0
+        for i in range(K):
+            for j in range(K):
+                w, l = (i, j) if r[i] >= r[j] else (j, i)
+                valid = t([bool(r[i] != r[j])])
+                if surrogate:
+                    loss = sail_loss(L[w:w + 1], L[l:l + 1], L_ref[w:w + 1], L_ref[l:l + 1], beta, response_coef=1.0,
+                                     baseline=baseline, valid=valid)[0]
+                    total = total + (pi[i] * pi[j]).detach() * (loss * valid if drop_ties else loss).sum()
+                elif valid:
+                    total = total + pi[i] * pi[j] * F.logsigmoid(beta * ((L[w] - L_ref[w]) - (L[l] - L_ref[l])))
+        return total
+
+    def grad(f):
+        return torch.autograd.grad(f(torch.log_softmax(theta, 0)), theta)[0]
+
+    grad_J = grad(lambda L: expectation(L, False))
+    for baseline in (0.0, b):
+        assert torch.allclose(grad(lambda L: expectation(L, True, baseline)), -grad_J, rtol=1e-10, atol=1e-13)
+    biased = grad(lambda L: expectation(L, True, b, drop_ties=True))
+    assert (biased + grad_J).abs().max() > 1e-2 * grad_J.abs().max()  # what the tie case catches
+
+
+@pytest.mark.parametrize("pool", ["loo", "loo-all"])
+def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
+    """A batch of two SAIL-PR pairs (hard labels, ties) and one offline pair, the baseline made by
+    train.response_baselines: enumerating both pairs' responses, the expected gradient of the
+    batch's mean loss is minus the gradient of the batch's mean J."""
+    K, beta = 4, 0.7
+    theta, L_ref = tabular(seed=3)
+    r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)
+    route = train.np.array([train.OFFLINE, train.PR, train.PR])
+    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta), device=torch.device("cpu"),
+                          response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+    def batch(L, i1, j1, i2, j2):
+        """(y1, y2) of the three pairs: the offline pair is (0, 1), labelled 0 > 1."""
+        y1, y2 = [0, i1, i2], [1, j1, j2]
+        wins = t([True, bool(r[i1] >= r[j1]), bool(r[i2] >= r[j2])])
+        valid = t([True, bool(r[i1] != r[j1]), bool(r[i2] != r[j2])])
+        return y1, y2, wins, valid
+
+    def expectation(L, surrogate):
+        pi, total = L.exp(), 0.0
+        for i1, j1, i2, j2 in ((a, b, c, d) for a in range(K) for b in range(K) for c in range(K) for d in range(K)):
+            y1, y2, wins, valid = batch(L, i1, j1, i2, j2)
+            q = pi[i1] * pi[j1] * pi[i2] * pi[j2]
+            rows = t(y1 + y2)
+            w, l = train.order_pairs(wins, L[rows]), train.order_pairs(wins, L_ref[rows])
+            if surrogate:
+                labels = SimpleNamespace(y1_wins=wins, valid=valid)
+                b = train.response_baselines(run, SimpleNamespace(route=route), labels, (L[rows] - L_ref[rows]).detach())
+                loss = sail_loss(w[0], w[1], l[0], l[1], beta, response_coef=run.response_coefs[t(route)], baseline=b,
+                                 valid=valid)[0]
+                total = total + q.detach() * loss.mean()
+            else:
+                ell = F.logsigmoid(beta * ((w[0] - l[0]) - (w[1] - l[1])))
+                total = total + q * torch.where(valid, ell, 0.0).mean()
+        return total
+
+    grad_J = torch.autograd.grad(expectation(torch.log_softmax(theta, 0), False), theta)[0]
+    grad_surrogate = torch.autograd.grad(expectation(torch.log_softmax(theta, 0), True), theta)[0]
+    assert torch.allclose(grad_surrogate, -grad_J, rtol=1e-9, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Labellers and the gold reward
 
@@ -326,6 +407,9 @@ def test_embedded_task_is_deterministic_and_has_headroom():
     rewards = [reward.gold_reward(p, y) for p, y in a.sft[:2000]]
     assert sum(rewards) / len(rewards) < 1.0 and max(rewards) >= 3.0 and min(rewards) < 0  # good and bad responses
     assert all(reward.gold_reward(x["prompt"], x["chosen"]) > reward.gold_reward(x["prompt"], x["rejected"]) for x in a.pairs)
+    # each pair's label cost: itself and the tied candidates dropped before it (about 23% of candidates tie)
+    labels = [x["labels"] for x in a.pairs]
+    assert min(labels) == 1 and 1.2 < sum(labels) / len(labels) < 1.4
 
 
 def test_stream_visits_every_item_once_per_epoch():
@@ -522,8 +606,12 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     assert set(stats) == set(train.METHODS)
     # 2 steps x 16 pairs: an offline pair carries a dataset (oracle) label, an online SAIL-PR pair an
     # online one; self-labelled pairs (SAIL-PP, SAIL-DP, and in the mixture) cost none.
+    # Offline pairs (a prefix of one stream for every method) cost the labels their dataset spent on them.
+    offline = sum(data.make_task(0).pairs[i]["labels"] for i in data.Stream(4096, seed=0).next(32))
     for method, (queries, _) in ((m, stats[m]["oracle_queries"]) for m in stats):
-        assert queries == 32 if method in ("dpo", "online-dpo", "sail-pr", "selm", "xpo") else queries < 32, method
+        expected = {"dpo": offline, "online-dpo": 32, "selm": 32, "xpo": 32}
+        assert queries == expected[method] if method in expected else queries < offline, method
+    assert offline > 32
     results = (root / "results.md").read_text()
     assert all(f"| {m} |" in results for m in train.METHODS) and "generated tok/s" in results
     report = json.loads((root / "compare.json").read_text())
@@ -689,10 +777,12 @@ def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     assert row["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert row["acc"] == ((h > 0).float() + 0.5 * (h == 0).float()).mean().item()
     assert row["margin"] == pytest.approx((0.1 * h).mean().item(), rel=1e-5, abs=1e-7)
-    assert row["kl"] == pytest.approx(delta.mean().item(), rel=1e-5, abs=1e-7)  # dataset rows: their mean log-ratio
+    assert row["kl"] is None  # no response was sampled: dataset rows say nothing of the policy's KL
     assert row["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
     assert row["trained_tokens"] == int(batch[1].sum()) and row["generated_tokens"] == 0
-    assert row["oracle_queries"] == 8 and row["ties"] == 0 and row["reward"] is None  # 8 distinct dataset labels
+    # 8 distinct dataset pairs, each costing the labels its dataset spent on it (the ties dropped before it too)
+    spent = sum(task.pairs[i]["labels"] for i in data.Stream(len(task.pairs), seed=0).next(8))
+    assert row["oracle_queries"] == spent and row["ties"] == spent - 8 and row["oracle_reward"] is None
 
 
 def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
@@ -708,8 +798,9 @@ def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
     ids, attention, response = sample(sft, *data.encode_prompts(tokenizer, prompts * 2, 32), max_new_tokens=24, temperature=0.7,
                                       eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(0))
     scores = reward.GoldReward()(prompts * 2, train.decode(tokenizer, ids, response))  # (8,) y1 rows, then y2 rows
-    assert row["reward"] == pytest.approx(scores.mean().item(), rel=1e-6)
+    assert row["oracle_reward"] == pytest.approx(scores.mean().item(), rel=1e-6)
     assert row["ties"] == int((scores[:4] == scores[4:]).sum()) and row["oracle_queries"] == 4
+    assert row["tie_rate"] == row["ties"] / 4
     assert row["generated_tokens"] == int(response.sum()) and row["trained_tokens"] == int(attention.sum())
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-6) and row["acc"] == 0.5  # h = 0: a tie of the implicit reward
     assert row["margin"] == 0 and row["kl"] == 0
@@ -775,24 +866,54 @@ def test_the_reference_is_frozen_and_never_trained(tmp_path, cache, no_eval, mon
     assert all(torch.equal(p, sft[n]) for n, p in references[0].state_dict().items() if n in sft)
 
 
+def one_step_gradient(cache, method, grad_accum, monkeypatch):
+    """The gradient of step 1 from a perturbed SFT policy (so h != 0), with the given micro-batches."""
+    cfg = train.parse_args(["--method", *method.split(), "--batch_size", "8", "--grad_accum", str(grad_accum), "--grad_clip", "0",
+                            "--cache_dir", cache, "--sft_steps", "40"])
+    inputs = train.load_inputs(cfg)
+    run = train.setup_run(cfg, inputs, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in run.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    state = train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs), history=[])
+    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    return row, torch.cat([p.grad.flatten() for p in run.policy.parameters()]), labels
+
+
+@pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "selm"])
+def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, capsys):
+    """--grad_accum 4 cuts the same 8 pairs (same samples, labels, self-labels, ties, baselines) into
+    micro-batches of 2: the gradient and every logged figure equal those of one batch of 8."""
+    row1, grad1, labels1 = one_step_gradient(cache, method, 1, monkeypatch)
+    row4, grad4, labels4 = one_step_gradient(cache, method, 4, monkeypatch)
+    assert torch.equal(labels1.y1_wins, labels4.y1_wins) and torch.equal(labels1.valid, labels4.valid)
+    assert torch.allclose(grad1, grad4, rtol=1e-4, atol=1e-7) and grad1.abs().max() > 0
+    figures = [k for k in row1 if not k.startswith(("dt", "t_"))]
+    assert {k: row4[k] for k in figures} == pytest.approx({k: row1[k] for k in figures}, rel=1e-5, abs=1e-7)
+
+
 @pytest.mark.parametrize("method", ["sail-pp --p 1", "sail-dp --r 1"])
 def test_self_labelled_pairs_cost_no_oracle_query(tmp_path, cache, no_eval, method):
     """Every pair self-labelled: not one query, not one tie, no oracle score logged (the offline and
     online oracle-labelled counts are checked in the two recomputed steps above)."""
     train.main(train.parse_args(["--method", *method.split(), "--steps", "2", "--cache_dir", cache, "--out_dir", str(tmp_path), *SHORT]))
-    assert [(r["oracle_queries"], r["ties"], r["reward"]) for r in rows_of(tmp_path)] == [(0, 0, None)] * 2
+    assert [(r["oracle_queries"], r["ties"], r["oracle_reward"], r["tie_rate"]) for r in rows_of(tmp_path)] == [(0, 0, None, None)] * 2
 
 
 def test_ties_are_counted_left_out_and_scored_rows_only_are_averaged(tmp_path, cache, no_eval, monkeypatch):
     """An oracle that scores every response 1.5 ties every SAIL-PR pair: each is a query and a
-    tie, none is in the loss, and the logged reward is 1.5 (the offline rows are not scored)."""
+    tie, none is in the logged loss, and the logged reward is 1.5 (the offline rows are not scored)."""
     monkeypatch.setattr(reward.GoldReward, "__call__", lambda self, prompts, responses: torch.full((len(responses),), 1.5))
     train.main(train.parse_args(["--method", "sail-pr", "--g", "0.5", "--steps", "4", "--cache_dir", cache,
                                  "--out_dir", str(tmp_path), *SHORT]))
     rows = rows_of(tmp_path)
-    assert all(r["reward"] in (None, 1.5) for r in rows) and rows[-1]["ties"] > 0
-    # every pair costs a label (16 = 4 steps x 4 pairs); the tied ones are the online ones
-    assert rows[-1]["oracle_queries"] == 16 and rows[-1]["ties"] < 16
+    assert all(r["oracle_reward"] in (None, 1.5) for r in rows) and all(r["tie_rate"] in (None, 1.0) for r in rows)
+    # 16 = 4 steps x 4 pairs. An online pair costs one label, a tie; an offline pair the labels its dataset
+    # spent on it, all ties but the last: so queries - ties counts the offline pairs.
+    n_offline = rows[-1]["oracle_queries"] - rows[-1]["ties"]
+    spent = sum(x["labels"] for x in (data.make_task(0).pairs[i] for i in data.Stream(4096, seed=0).next(n_offline)))
+    assert 0 < n_offline < 16 and rows[-1]["oracle_queries"] == (16 - n_offline) + spent
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: only offline pairs, h = 0
 
 
@@ -900,7 +1021,7 @@ def test_every_numeric_option_refuses_values_out_of_range(name, value, message):
 
 @pytest.mark.parametrize("argv,message", [
     (["--r", "1.5"], "--r must be between 0 and 1"), (["--holdout", "1"], "--holdout must be strictly between 0 and 1"),
-    (["--batch_size", "6", "--grad_accum", "4"], "must split into --grad_accum 4 micro-batches"),
+    (["--batch_size", "4", "--grad_accum", "6"], "--grad_accum 6 must be <= --batch_size 4"),
     (["--compare_methods", "dpo,ppo"], "--compare_methods: unknown 'ppo'"), (["--label_mode", "soft"], "--label_mode 'soft'"),
     (["--device", "gpu"], "--device 'gpu': choose auto, cpu"), (["--device", "cuda:99"], "--device cuda:99: "),
     (["--steps", "ten"], None),  # argparse's own message: "argument --steps: invalid int value: 'ten'"

@@ -83,7 +83,7 @@ class Config:
     ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
     response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
-    baseline: str = arg("loo", "response-term baseline: loo (mean -l of the other pairs in the batch) | none")
+    baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
     label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; ties dropped) | sampled (Bernoulli(sigmoid(r1 - r2)))")
     # optimisation
     steps: int = arg(150, "alignment steps (optimiser updates)")
@@ -91,7 +91,7 @@ class Config:
     lr: float = arg(5e-4, "AdamW learning rate of the alignment phase")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    grad_accum: int = arg(1, "split each step's pairs into this many micro-batches (less memory, same update)")
+    grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches (less memory, the same update, one more forward)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
     offload_reference: bool = arg(False, "keep the frozen reference model on the CPU (less GPU memory, slower)")
     # generation
@@ -198,7 +198,7 @@ RANGES = [
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "baseline": ("loo", "none"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
+CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
 
 
 def check_config(cfg):
@@ -217,8 +217,8 @@ def check_config(cfg):
             problems.append(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
     if cfg.method == "mix" and cfg.r + cfg.p + cfg.g > 1 + 1e-9:
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
-    if cfg.grad_accum >= 1 and (cfg.batch_size % cfg.grad_accum or cfg.batch_size // cfg.grad_accum < 2):
-        problems.append(f"--batch_size {cfg.batch_size} must split into --grad_accum {cfg.grad_accum} micro-batches of >= 2 pairs")
+    if cfg.grad_accum > cfg.batch_size >= 2:
+        problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
     unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS]
     if unknown:
         problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
@@ -299,7 +299,7 @@ class Labels:
     """Who won each pair: y1 until a label says otherwise (a dataset pair's y1 is its chosen
     response; SAIL-DP and SAIL-PP pairs get theirs from `self_labels`)."""
     y1_wins: torch.Tensor  # (B,) bool
-    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (no preference: left out of the loss)
+    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (no preference: worth 0 to J; see sail_loss)
     scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
     score_sum: float = 0.0  # checked for NaN / inf
     queries: int = 0
@@ -391,55 +391,86 @@ def self_labels(run, state, pairs, labels, delta):
         labels.y1_wins[mine] = reward.self_label(delta[:B][mine] - delta[B:][mine], run.cfg.beta, state.label_gen)
 
 
-def pair_losses(run, pairs, labels, logps, ref, delta, explore_logps, explore_ref):
-    """The loss of each pair (B,), and h and -l for the log. SAIL's surrogate with each route's
-    coefficients (an offline pair's are 0: DPO), or DPO plus SELM's or XPO's exploration bonus."""
+def response_baselines(run, pairs, labels, delta):
+    """Each pair's response-term baseline b (B,), or None: the mean cost valid * -l of the *other*
+    pairs of the step that carry the response term (--baseline loo), or of every other pair
+    (loo-all). A tie's cost is 0, the value it adds to J. delta: (2B,) of every pair of the step."""
     cfg = run.cfg
-    y1_wins, route = labels.y1_wins.to(run.device), torch.from_numpy(pairs.route).to(run.device)
-    h = torch.sub(*order_pairs(y1_wins, delta))  # (B,) Delta(y_w) - Delta(y_l): implicit reward margin / beta
-    neg_ell = -F.logsigmoid(cfg.beta * h)  # (B,) -l, the DPO loss of each pair
+    if cfg.baseline == "none" or cfg.method in EXPLORE:
+        return None
+    h = torch.sub(*order_pairs(labels.y1_wins.to(run.device), delta))  # (B,)
+    cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * h), 0.0)  # (B,) valid * -l
+    route = torch.from_numpy(pairs.route).to(run.device)
+    return leave_one_out_mean(cost, None if cfg.baseline == "loo-all" else run.response_coefs[route] > 0)
+
+
+def rows_of(pairs, idx):
+    """The batch rows of the pairs idx (m,) in the layout [y1 | y2 | y~], each (2m [+ m], T'),
+    without the columns that are padding in every one of them."""
+    B = len(pairs.route)
+    rows = torch.cat([idx, B + idx] + ([2 * B + idx] if len(pairs.batch[0]) > 2 * B else []))
+    ids, attention, response = (t[rows.to(t.device)] for t in pairs.batch)
+    width = int(attention.bool().any(0).nonzero().max()) + 1
+    return ids[:, :width], attention[:, :width], response[:, :width]
+
+
+def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
+    """The loss of each pair idx (m,) of a micro-batch: SAIL's surrogate with each route's
+    coefficients (an offline pair's are 0: DPO), or DPO plus SELM's or XPO's exploration bonus.
+    logps, ref: (2m [+ m],) the micro-batch's rows, y1 rows, then y2 rows, then y~."""
+    cfg, m = run.cfg, len(idx)
+    y1_wins, valid = labels.y1_wins[idx].to(run.device), labels.valid[idx].to(run.device)  # (m,)
+    (logps, explore_logps), (ref, explore_ref) = (x.split([2 * m, len(x) - 2 * m]) for x in (logps, ref))
     pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
     if cfg.method == "selm":
-        losses = selm_loss(*pair, policy_explore_logps=explore_logps, reference_explore_logps=explore_ref, alpha=cfg.selm_alpha)[0]
-    elif cfg.method == "xpo":
-        losses = xpo_loss(*pair, policy_explore_logps=explore_logps, alpha=cfg.xpo_alpha)[0]
-    else:
-        losses = sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
-                           baseline=leave_one_out_mean(neg_ell) if cfg.baseline == "loo" else None)[0]
-    return losses, h, neg_ell
+        return selm_loss(*pair, policy_explore_logps=explore_logps, reference_explore_logps=explore_ref,
+                         alpha=cfg.selm_alpha, valid=valid)[0]
+    if cfg.method == "xpo":
+        return xpo_loss(*pair, policy_explore_logps=explore_logps, alpha=cfg.xpo_alpha, valid=valid)[0]
+    route = torch.from_numpy(pairs.route[idx.numpy()]).to(run.device)  # (m,)
+    return sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
+                     baseline=None if baseline is None else baseline[idx.to(run.device)], valid=valid)[0]
 
 
 def alignment_step(run, state, step):
     """One update (one iteration of the paper's Algorithm 1) for every method: pairs, labels,
-    reference, loss, backward, optimiser. Returns the step's metrics line and its last micro-batch."""
+    reference, loss, backward, optimiser. Returns the step's metrics line and its pairs and labels.
+    With --grad_accum K the step's pairs are cut into K micro-batches after they are drawn and
+    labelled, so the update is the same as in one batch (up to float rounding)."""
     cfg, clock = run.cfg, Clock(run.device)
-    B = cfg.batch_size // (run.world * cfg.grad_accum)  # pairs per micro-batch (ddp: on this rank)
+    B = cfg.batch_size // run.world  # pairs of this step (ddp: on this rank)
     run.optimizer.zero_grad(set_to_none=True)
-    parts = []
-    for micro in range(cfg.grad_accum):  # gradient accumulation: one update from several micro-batches
-        # 1. Route each pair; its responses come from the dataset, or fresh: y1, y2 ~ pi_theta.
-        pairs = build_pairs(run, state, B)
-        clock.lap("generate")
-        # 2. The oracle labels the SAIL-PR pairs (SAIL-DP/PP pairs are labelled by the policy in 4).
-        labels = oracle_labels(run, state, pairs)
-        clock.lap("label")
-        # 3. Reference log-probs of every row, once, without a graph.
-        ref = reference_logps(run, pairs.batch, model=run.train_reference)  # (2B [+ B],)
-        clock.lap("reference")
-        # 4. Policy log-probs of y1 and y2 through one forward; self-labels; each pair's loss; backward.
-        with ddp_no_sync(run, last=micro == cfg.grad_accum - 1):  # ddp: average the gradients after the last micro-batch
-            logps = sequence_logps_of(run.train_policy, *pairs.batch, run.amp)  # (2B [+ B],)
-            (logps, explore_logps), (ref, explore_ref) = (x.split([2 * B, len(x) - 2 * B]) for x in (logps, ref))
-            delta = (logps - ref).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
-            self_labels(run, state, pairs, labels, delta)
-            losses, h, neg_ell = pair_losses(run, pairs, labels, logps, ref, delta, explore_logps, explore_ref)
-            valid = labels.valid.to(run.device)
-            loss = mean_over_ranks(losses, valid, run.world) / cfg.grad_accum  # the mean over the valid pairs
+    # 1. Route each pair; its responses come from the dataset, or fresh: y1, y2 ~ pi_theta.
+    pairs = build_pairs(run, state, B)
+    clock.lap("generate")
+    # 2. The oracle labels the SAIL-PR pairs (SAIL-DP/PP pairs are labelled by the policy in 4).
+    labels = oracle_labels(run, state, pairs)
+    clock.lap("label")
+    # 3. Reference log-probs of every row, once, without a graph, one micro-batch at a time.
+    micro = torch.arange(B).tensor_split(cfg.grad_accum)  # the pairs of each micro-batch
+    ref = [reference_logps(run, rows_of(pairs, idx), model=run.train_reference) for idx in micro]  # (2m [+ m],) each
+    clock.lap("reference")
+    # 4. Self-labels and baselines need Delta of every pair of the step before any loss: from the
+    #    loss's own forward with one micro-batch; with several, from a first pass without a graph.
+    if len(micro) > 1:
+        with torch.no_grad():
+            delta = all_pairs(B, micro, [sequence_logps_of(run.policy, *rows_of(pairs, idx), run.amp) - r
+                                         for idx, r in zip(micro, ref)])  # (2B,)
+        self_labels(run, state, pairs, labels, delta)
+        baseline = response_baselines(run, pairs, labels, delta)
+    for k, idx in enumerate(micro):
+        with ddp_no_sync(run, last=k == len(micro) - 1):  # ddp: average the gradients after the last micro-batch
+            logps = sequence_logps_of(run.train_policy, *rows_of(pairs, idx), run.amp)  # (2m [+ m],)
+            if len(micro) == 1:
+                delta = (logps[:2 * B] - ref[0][:2 * B]).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
+                self_labels(run, state, pairs, labels, delta)
+                baseline = response_baselines(run, pairs, labels, delta)
+            losses = pair_losses(run, pairs, labels, baseline, idx, logps, ref[k])  # (m,)
+            loss = losses.sum() * run.world / cfg.batch_size  # the mean over the step's pairs (ddp: of all ranks)
             stop_if_not_finite(step, {"an oracle reward": labels.score_sum, "the loss": loss.item()}, cfg.out_dir,
                                run.world, run.device)
             loss.backward()
-        clock.lap("policy")
-        parts.append(step_figures(pairs, labels, valid, h, neg_ell, delta))
+    clock.lap("policy")
     # 5. One optimiser step on the accumulated gradient.
     grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, run.world, run.device)
@@ -447,27 +478,35 @@ def alignment_step(run, state, step):
     clock.lap("optimizer")
     if run.ref_every and step % run.ref_every == 0:  # SELM: this policy is the next iteration's reference
         run.train_reference.load_state_dict(run.policy.state_dict())
-    return step_metrics(run, state, step, parts, grad_norm, clock.times), (pairs, labels)
+    return step_metrics(run, state, step, step_figures(run, pairs, labels, delta), grad_norm, clock.times), (pairs, labels)
 
 
-def step_figures(pairs, labels, valid, h, neg_ell, delta):
-    """What the log needs of one micro-batch: per pair, and the log-ratio of its sampled rows."""
-    B = len(pairs.route)
-    n_ds = int((pairs.route <= DP).sum())
-    online = torch.cat([torch.arange(n_ds, B), torch.arange(B + n_ds, 2 * B)]) if n_ds < B else torch.arange(2 * B)
-    return {"neg_ell": neg_ell, "h": h, "valid": valid, "kl": delta[online.to(delta.device)], "scores": labels.scores,
-            "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated, "trained": int(pairs.batch[1].sum())}
+def all_pairs(B, micro, values):
+    """Per-row values of the micro-batches, each (2m [+ m],), back in the step's layout (2B,)."""
+    out = torch.empty(2 * B, device=values[0].device)
+    for idx, v in zip(micro, values):
+        out[idx], out[B + idx] = v[:len(idx)], v[len(idx):2 * len(idx)]
+    return out
 
 
-def step_metrics(run, state, step, parts, grad_norm, times):
-    """The step's line of metrics.jsonl: means over the valid pairs of every micro-batch and rank;
-    counts and timings added to the run's totals."""
-    neg_ell, h, valid, kl, scores = (torch.cat([p[k] for p in parts]) for k in ("neg_ell", "h", "valid", "kl", "scores"))
+def step_figures(run, pairs, labels, delta):
+    """What the log needs of the step, per pair, and the log-ratio of its policy-sampled rows."""
+    h = torch.sub(*order_pairs(labels.y1_wins.to(delta.device), delta))  # (B,)
+    online = torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)  # (2B,) rows sampled from pi_theta
+    return {"neg_ell": -F.logsigmoid(run.cfg.beta * h), "h": h, "valid": labels.valid.to(delta.device), "kl": delta[online],
+            "scores": labels.scores, "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated,
+            "trained": int(pairs.batch[1].sum())}
+
+
+def step_metrics(run, state, step, fig, grad_norm, times):
+    """The step's line of metrics.jsonl: means over the valid pairs (of every rank); counts and
+    timings added to the run's totals."""
+    neg_ell, h, valid, kl, scores = (fig[k] for k in ("neg_ell", "h", "valid", "kl", "scores"))
     beta = run.cfg.beta
     sums = all_ranks_sum(torch.tensor([
         valid.sum(), torch.where(valid, neg_ell, 0.0).sum(), torch.where(valid, accuracy(h), 0.0).sum(),
         torch.where(valid, beta * h, 0.0).sum(), kl.sum(), kl.numel(), scores.nan_to_num(0.0).sum().item(),
-        (~scores.isnan()).sum(), *(sum(p[k] for p in parts) for k in ("queries", "ties", "generated", "trained"))],
+        (~scores.isnan()).sum(), *(fig[k] for k in ("queries", "ties", "generated", "trained"))],
         dtype=torch.float64, device=run.device), run.world).tolist()
     n_valid, loss_sum, acc_sum, margin_sum, kl_sum, n_kl, reward_sum, n_scored, queries, ties, generated, trained = sums
     state.oracle_queries, state.ties = state.oracle_queries + int(queries), state.ties + int(ties)
@@ -476,11 +515,23 @@ def step_metrics(run, state, step, parts, grad_norm, times):
     for k, v in times.items():
         state.phase_seconds[k] = state.phase_seconds.get(k, 0.0) + v
     return {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1), "margin": margin_sum / max(n_valid, 1),
-            "kl": kl_sum / n_kl,  # mean log-ratio of the policy-sampled responses: a KL estimate
-            "reward": reward_sum / n_scored if n_scored else None,
-            "grad_norm": grad_norm.item(), "oracle_queries": state.oracle_queries + len(state.used_pairs), "ties": state.ties,
+            # the mean log-ratio to the loss's reference of the responses sampled this step: a KL estimate
+            # (SELM: to its last iterate; None if the step sampled none)
+            "kl": kl_sum / n_kl if n_kl else None,
+            "oracle_reward": reward_sum / n_scored if n_scored else None,  # the mean oracle score of the rows it labelled
+            "tie_rate": ties / queries if queries else None,  # of this step's oracle labels
+            "grad_norm": grad_norm.item(), **label_totals(run, state),
             "generated_tokens": int(generated), "trained_tokens": int(trained),
             "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
+
+
+def label_totals(run, state):
+    """The oracle labels spent so far, the same way for every pair: each online label (a tie too),
+    and for each distinct offline pair trained on, the labels its dataset spent on it (the ties
+    dropped before it included: data.make_task)."""
+    spent = run.pair_labels[sorted(state.used_pairs)].sum() if state.used_pairs else 0
+    n_used = len(state.used_pairs)
+    return {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
 
 
 class Clock:
@@ -624,8 +675,9 @@ def log_step(metrics_file, row):
     """One JSON line per step, and one fixed-format line on the terminal."""
     metrics_file.write(json.dumps(row) + "\n")
     metrics_file.flush()
-    line = f"step {row['step']} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f} | kl {row['kl']:.2f}"
-    line += f" | reward {row['reward']:.2f}" if row["reward"] is not None else ""
+    line = f"step {row['step']} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f}"
+    line += f" | kl {row['kl']:.2f}" if row["kl"] is not None else ""  # steps that sample responses
+    line += f" | reward {row['oracle_reward']:.2f} | ties {row['tie_rate']:.2f}" if row["tie_rate"] is not None else ""
     line += f" | dt {1000 * row['dt']:.0f}ms"
     line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
     tqdm.write(line)
@@ -639,7 +691,7 @@ def show_sample(run, pairs, labels):
     w, l = (i, B + i) if bool(labels.y1_wins[i]) else (B + i, i)
     shown = run.oracle([pairs.prompts[i]] * 2, [pairs.texts[w], pairs.texts[l]])
     how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][pairs.route[i]]
-    tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: left out'}]\n"
+    tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: no preference'}]\n"
                f"  chosen   {pairs.texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {pairs.texts[l]!r}  (reward {shown[1]:.2f})")
 
 
@@ -655,13 +707,14 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
         "margin_final": final.get("eval_margin"),
-        "oracle_queries": state.oracle_queries + len(state.used_pairs), "ties": state.ties,
+        **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
         "seconds": time.perf_counter() - t_start, "seconds_by_phase": seconds,
         "seconds_per_step": {k: v / cfg.steps for k, v in phases.items()},
         "phase_share": {k: v / sum(phases.values()) for k, v in phases.items()},
         "tokens_per_second": {"generated": state.token_totals["generated"] / max(phases.get("generate", 0.0), 1e-9),
                               "trained": state.token_totals["trained"] / max(phases["policy"], 1e-9)},
     }
+    summary["tie_rate"] = summary["ties"] / summary["oracle_queries"] if summary["oracle_queries"] else None
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_history(state.history, os.path.join(cfg.out_dir, "reward.png"), cfg.method)
@@ -678,7 +731,8 @@ def print_summary(cfg, summary, sft_eval, final):
                                          for k, v in summary["seconds_per_step"].items())
           + f" | tokens/s generated {summary['tokens_per_second']['generated']:.0f}, trained {summary['tokens_per_second']['trained']:.0f}")
     s = summary["seconds_by_phase"]
-    print(f"oracle queries {summary['oracle_queries']} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
+    ties = f" ({summary['ties']} ties)" if summary["ties"] else ""
+    print(f"oracle queries {summary['oracle_queries']}{ties} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
           f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
 
 
@@ -714,9 +768,9 @@ def setup_device(cfg):
             torch.cuda.set_device(device)
         if rank:
             sys.stdout = open(os.devnull, "w")
-        if cfg.batch_size % (world * cfg.grad_accum) or cfg.batch_size // (world * cfg.grad_accum) < 2:
-            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks x --grad_accum "
-                             f"{cfg.grad_accum} micro-batches of >= 2 pairs")
+        if cfg.batch_size % world or cfg.batch_size // world < max(2, cfg.grad_accum):
+            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks of >= 2 pairs and "
+                             f">= --grad_accum {cfg.grad_accum} pairs each")
         print(f"data parallel: {world} ranks | global batch {cfg.batch_size} pairs = {world} ranks x "
               f"{cfg.batch_size // world} pairs ({cfg.grad_accum} micro-batches each)")
     if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
@@ -763,6 +817,7 @@ class Run:
     ref_device: torch.device          # the reference may live on the CPU (--offload_reference)
     amp: object                       # bf16 autocast where supported, else a no-op
     ref_amp: object
+    pair_labels: np.ndarray           # per offline pair: the oracle labels its dataset spent on it (ties included)
     route_probs: np.ndarray           # probabilities of (offline, SAIL-DP, SAIL-PP, SAIL-PR)
     label_coefs: torch.Tensor         # per route: label-term coefficient
     response_coefs: torch.Tensor      # per route: response-term coefficient
@@ -816,6 +871,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
               optimizer=torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
               train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
               ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
+              pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
               route_probs=np.clip(METHODS[cfg.method](cfg), 0, 1),
               label_coefs=torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device),  # per route
               response_coefs=cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device),
@@ -1087,12 +1143,6 @@ def all_ranks_sum(x, world):
         x = x.clone()
         dist.all_reduce(x)
     return x
-
-
-def mean_over_ranks(losses, valid, world):
-    """The mean loss over the valid pairs of all ranks. DDP averages gradients over ranks, hence
-    the factor `world`: each rank's sum is divided by the count of all ranks' valid pairs."""
-    return torch.where(valid, losses, 0.0).sum() * world / all_ranks_sum(valid.sum().float(), world).clamp(min=1)
 
 
 def ddp_no_sync(run, last):
