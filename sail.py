@@ -32,7 +32,8 @@ Departures from the paper and the official code:
   1. The extra terms are written as a surrogate loss with stop-gradients instead of the
      official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
      batch (the README's "differences", 1). Its expected gradient is checked exactly against
-     autograd of J in the tests.
+     autograd of J in the tests. The hook's gradient is kept, for comparison, as
+     sail_loss(response_term="official"), tested against the hook itself.
   2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
      as the mean of -l over the *other* pairs of the batch that carry the response term) is
      subtracted in the response term. It leaves the expected gradient unchanged and lowers its
@@ -83,7 +84,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-              label_coef=0.0, response_coef=0.0, baseline=None, valid=None):
+              label_coef=0.0, response_coef=0.0, baseline=None, valid=None, response_term="exact"):
     """SAIL's surrogate loss per pair (module docstring): with label_coef = response_coef = 1 its
     expected gradient is -grad J; with other coefficients it is minus the weighted sum
     E[grad l] + label_coef * E[l grad l] + response_coef * E[l grad(L(y1) + L(y2))].
@@ -95,16 +96,27 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     valid: None or (B,) bool, False for a tied hard label. A tie carries no preference: it is worth 0
       to J (its l counts as 0), so only the baseline part of its response term remains. Dropping
       the tied pair instead would bias the gradient by response_coef * b * grad P(tie).
+    response_term: "exact", the score-function term above; or "official", the official code's
+      gradient hook, which adds -response_coef * l / L(y) to the gradient of each response's L(y):
+      the opposite sign, scaled by 1/|L(y)|, no baseline. The hook acts on the gradient whatever the
+      loss's reduction, so it is summed over the batch: a caller that averages the losses over N
+      pairs passes response_coef times N.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
     ell = F.logsigmoid(beta * h)  # (B,) l = log sigmoid(beta h), the Bradley-Terry log-likelihood
     if valid is not None:
         ell = torch.where(valid, ell, 0.0)  # (B,) valid * l: a tie adds nothing to J
-    cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
+    if response_term == "exact":  # E[l grad(L(y1) + L(y2))]
+        cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
+        response = cost * (policy_chosen_logps + policy_rejected_logps)  # (B,)
+    elif response_term == "official":  # sg(-l / L(y)) * L(y) has the gradient -l / L(y), the hook's
+        response = sum((-ell).detach() / L.detach() * L for L in (policy_chosen_logps, policy_rejected_logps))  # (B,)
+    else:
+        raise ValueError(f"response_term must be 'exact' or 'official', got {response_term!r}")
     losses = (-ell  # E[grad l]: DPO
               - 0.5 * label_coef * ell ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
-              + response_coef * cost * (policy_chosen_logps + policy_rejected_logps))  # E[l grad(L(y1) + L(y2))]
+              + response_coef * response)
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
 

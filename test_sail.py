@@ -114,6 +114,36 @@ def test_selm_and_xpo_gradients_on_a_tabular_policy(method):
     assert torch.allclose(grad(expected_surrogate), -grad(J), rtol=1e-10, atol=1e-13)
 
 
+def test_the_official_response_term_has_the_gradient_of_the_official_hook():
+    """The official code registers a hook on each response's log-prob that adds -coef * l / L(y)
+    to its gradient (whatever the loss's mean). sail_loss(response_term="official") with the
+    coefficient times the batch size, averaged, gives the parameters the same gradient."""
+    B, beta, coef = 3, 0.5, 0.3
+    g = torch.Generator().manual_seed(4)
+    theta0 = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    ref_w, ref_l = (-F.softplus(torch.randn(B, generator=g, dtype=torch.float64)) - 2 for _ in range(2))
+
+    def logps(theta):  # (B,) each: the policy's log-probs of y_w and y_l, functions of the parameters
+        return -F.softplus(theta[:, 0]) - 1.0, -F.softplus(theta[:, 1]) - 3.0
+
+    hooked = theta0.clone().requires_grad_()
+    L_w, L_l = logps(hooked)
+    ell = F.logsigmoid(beta * ((L_w - ref_w) - (L_l - ref_l))).detach()
+    for L in (L_w, L_l):
+        L.register_hook(lambda grad, L=L: grad - coef * ell / L.detach())  # the official code's hook
+    dpo_loss(L_w, L_l, ref_w, ref_l, beta)[0].mean().backward()
+
+    ours = theta0.clone().requires_grad_()
+    sail_loss(*logps(ours), ref_w, ref_l, beta, response_coef=coef * B, response_term="official")[0].mean().backward()
+    assert torch.allclose(ours.grad, hooked.grad, rtol=1e-12, atol=1e-15)
+    # ... and it is not the exact term: that one pushes both log-probs the other way
+    exact = theta0.clone().requires_grad_()
+    sail_loss(*logps(exact), ref_w, ref_l, beta, response_coef=coef)[0].mean().backward()
+    plain = theta0.clone().requires_grad_()
+    dpo_loss(*logps(plain), ref_w, ref_l, beta)[0].mean().backward()
+    assert ((ours.grad - plain.grad) * (exact.grad - plain.grad) < 0).all()
+
+
 def test_leave_one_out_mean():
     assert torch.allclose(leave_one_out_mean(t([1.0, 2.0, 6.0])), t([4.0, 3.5, 1.5]))
 
@@ -864,6 +894,17 @@ def test_the_reference_is_frozen_and_never_trained(tmp_path, cache, no_eval, mon
     assert not references[0].training and not any(p.requires_grad for p in references[0].parameters())
     sft = weights(os.path.join(cache, "embedded-sft-task0-steps40"))
     assert all(torch.equal(p, sft[n]) for n, p in references[0].state_dict().items() if n in sft)
+
+
+def test_response_coefficients_of_each_term(cache):
+    """Per route (offline, SAIL-DP, SAIL-PP, SAIL-PR): the exact term's coefficients are scaled by
+    --response_scale; the official hook's are summed over the batch, so they carry its size."""
+    common = ["--method", "mix", "--batch_size", "8", "--cache_dir", cache, "--sft_steps", "40"]
+    exact = train.setup_run(train.parse_args(common), train.load_inputs(train.parse_args(common)), torch.device("cpu"))
+    official = train.setup_run(train.parse_args(common + ["--response_term", "official"]), train.load_inputs(train.parse_args(common)),
+                               torch.device("cpu"))
+    assert exact.response_coefs.tolist() == pytest.approx([0, 0, 0.1 * 0.2, 0.1 * 0.3])
+    assert official.response_coefs.tolist() == pytest.approx([0, 0, 8 * 0.2, 8 * 0.3])
 
 
 def one_step_gradient(cache, method, grad_accum, monkeypatch):

@@ -39,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import io
 import json
 import math
 import os
@@ -81,6 +82,7 @@ class Config:
     selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
     xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
     ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
+    response_term: str = arg("exact", "exact (the score-function gradient, sail.py) | official (the official code's hook: -coef * l / log pi(y) on each response's gradient, summed, no baseline, no --response_scale)")
     response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
@@ -125,8 +127,10 @@ class Config:
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
     # side by side
     compare: bool = arg(False, "run every --compare_methods method for --compare_seeds seeds; write a table, JSON and plots")
-    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pp,sail-dp,mix,selm,xpo", "methods of --compare, comma-separated")
-    compare_seeds: int = arg(3, "seeds per method in --compare (--seed, --seed + 1, ...)")
+    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-official,sail-pp,sail-pp-official,sail-dp,mix,selm,xpo",
+                               "methods of --compare, comma-separated; NAME-official: that method with --response_term official")
+    compare_seeds: int = arg(5, "seeds per method in --compare (--seed, --seed + 1, ...)")
+    compare_workers: int = arg(2, "runs of --compare at once, in processes sharing the CPU threads (1: one after another, in this process)")
     benchmark: bool = arg(False, "measure the sampler and an online step against transformers' generate; write bench.json")
     bench_reps: int = arg(15, "repetitions of each timing in --benchmark (medians are reported)")
 
@@ -143,6 +147,7 @@ METHODS = {  # method -> probabilities of (offline DPO, SAIL-DP, SAIL-PP, SAIL-P
     "xpo": lambda c: (0, 0, 0, 1),  # online DPO + a bonus on a sample of the reference
 }
 EXPLORE = {"selm", "xpo"}  # methods that also need a response of the reference per prompt
+OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official
 
 
 def parse_args(argv=None):
@@ -194,11 +199,11 @@ RANGES = [
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
     (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
                                 "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every",
-                                "compare_seeds", "bench_reps"]),
+                                "compare_seeds", "compare_workers", "bench_reps"]),
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
+CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
 
 
 def check_config(cfg):
@@ -219,9 +224,10 @@ def check_config(cfg):
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
     if cfg.grad_accum > cfg.batch_size >= 2:
         problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
-    unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS]
+    unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS and m.removesuffix("-official") not in OFFICIAL]
     if unknown:
-        problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+        problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
+                        + ", ".join(f"{m}-official" for m in OFFICIAL))
     device_problem = check_device(cfg.device)
     if device_problem:
         problems.append(device_problem)
@@ -396,7 +402,7 @@ def response_baselines(run, pairs, labels, delta):
     pairs of the step that carry the response term (--baseline loo), or of every other pair
     (loo-all). A tie's cost is 0, the value it adds to J. delta: (2B,) of every pair of the step."""
     cfg = run.cfg
-    if cfg.baseline == "none" or cfg.method in EXPLORE:
+    if cfg.baseline == "none" or cfg.method in EXPLORE or cfg.response_term == "official":
         return None
     h = torch.sub(*order_pairs(labels.y1_wins.to(run.device), delta))  # (B,)
     cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * h), 0.0)  # (B,) valid * -l
@@ -429,7 +435,8 @@ def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
         return xpo_loss(*pair, policy_explore_logps=explore_logps, alpha=cfg.xpo_alpha, valid=valid)[0]
     route = torch.from_numpy(pairs.route[idx.numpy()]).to(run.device)  # (m,)
     return sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
-                     baseline=None if baseline is None else baseline[idx.to(run.device)], valid=valid)[0]
+                     baseline=None if baseline is None else baseline[idx.to(run.device)], valid=valid,
+                     response_term=cfg.response_term)[0]
 
 
 def alignment_step(run, state, step):
@@ -866,6 +873,9 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
+    # The exact term is averaged over the step's pairs like the rest of the loss, scaled by
+    # --response_scale; the official hook's is summed over each rank's pairs, unscaled (sail_loss).
+    response_scale = cfg.batch_size / world if cfg.response_term == "official" else cfg.response_scale
     run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=copy.deepcopy(reference) if ref_every else reference,
               tokenizer=tokenizer, oracle=oracle,
               optimizer=torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -874,7 +884,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
               pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
               route_probs=np.clip(METHODS[cfg.method](cfg), 0, 1),
               label_coefs=torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device),  # per route
-              response_coefs=cfg.response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device),
+              response_coefs=response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device),
               ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
           f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
@@ -982,7 +992,7 @@ def embedded_policy(cfg, task, device):
 # Checkpoints: the run's state, saved and loaded in one place
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
-                     "compare", "compare_methods", "compare_seeds", "benchmark", "bench_reps"}
+                     "compare", "compare_methods", "compare_seeds", "compare_workers", "benchmark", "bench_reps"}
 
 
 @dataclass
@@ -1184,78 +1194,161 @@ def finish_ddp(run):
 
 def compare(cfg):
     """`python train.py --compare`: every method from the same SFT model, with the same number of
-    updates and pairs per update, over several seeds. The oracle-label budget is the same cap for
-    all (batch_size x steps labels); the self-labelling variants use less of it, and the table says
-    how much. Finished runs are not redone; an interrupted one resumes from its checkpoint."""
+    updates and pairs per update, over several seeds; --compare_workers runs at once. Finished runs
+    are not redone; an interrupted one resumes from its checkpoint. Writes results.md (means with
+    95% intervals over seeds, and each method's difference from online DPO paired by seed),
+    compare.json and the plots."""
     import platform
 
     root = os.path.join(cfg.out_dir, "compare")
     check_writable_dir(root)
     t0 = time.perf_counter()
-    runs = []
     plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
-    for method, seed in tqdm(plan, desc="compare", dynamic_ncols=True):
-        out = os.path.join(root, f"{method}-seed{seed}")
-        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False)
-        done = os.path.isfile(os.path.join(out, "summary.json"))
-        if done:  # finished: reuse it if it ran with these settings (more --steps: it resumes and goes on)
-            with open(os.path.join(out, "config.json")) as f:
-                refuse_changed_settings(json.load(f), run_cfg, "delete it or use another --out_dir")
-            with open(os.path.join(out, "summary.json")) as f:
-                done = json.load(f)["steps"] == cfg.steps
-        if not done:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
-                main(run_cfg)
-        with open(os.path.join(out, "summary.json")) as f:
-            summary = json.load(f)
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            evals = [{k: v for k, v in json.loads(x).items() if k == "step" or k.startswith("eval_")} for x in f]
-        sft = {"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0}
-        runs.append({"method": method, "seed": seed, "summary": summary, "history": [sft] + [e for e in evals if len(e) > 1]})
+    configs = {(m, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-seed{seed}")) for m, seed in plan}
+    todo = [c for c in configs.values() if not finished(c)]
+    if cfg.compare_workers == 1 or len(todo) < 2:
+        for c in tqdm(todo, desc="compare", dynamic_ncols=True):
+            compare_run(c)
+    else:  # several processes; the SFT model is cached first, so that no two of them train it
+        if cfg.model == "embedded":
+            with contextlib.redirect_stdout(io.StringIO()):
+                embedded_policy(cfg, data.make_task(cfg.task_seed), torch.device("cpu"))
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, torch.get_num_threads() // cfg.compare_workers)
+        with ProcessPoolExecutor(cfg.compare_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            for done in tqdm(as_completed([pool.submit(compare_run, c) for c in todo]), total=len(todo), desc="compare",
+                             dynamic_ncols=True):
+                done.result()
+    runs = [read_run(m, seed, configs[m, seed].out_dir) for m, seed in plan]
     wall = time.perf_counter() - t0
 
-    stats = {}  # method -> {figure: (mean, std)}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        group = [r["summary"] for r in runs if r["method"] == method]
-        figures = {k: [s[k] for s in group] for k in ("gold_reward_final", "win_rate_vs_sft", "kl", "oracle_queries")}
-        figures["seconds_per_step"] = [sum(s["seconds_per_step"].values()) for s in group]
-        for phase in group[0]["seconds_per_step"]:
-            figures[f"ms_{phase}"] = [1000 * s["seconds_per_step"][phase] for s in group]
-        figures["tokens_per_second_generated"] = [s["tokens_per_second"]["generated"] for s in group]
-        figures["tokens_per_second_trained"] = [s["tokens_per_second"]["trained"] for s in group]
-        stats[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in figures.items()}
+    methods = list(dict.fromkeys(m for m, _ in plan))
+    stats = {m: method_stats([r for r in runs if r["method"] == m], [r for r in runs if r["method"] == "online-dpo"])
+             for m in methods}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": dataclasses.asdict(cfg), "stats": stats, "runs": runs}, f, indent=1)
-
-    sft_reward = runs[0]["summary"]["gold_reward_sft"]
-    budget = cfg.batch_size * cfg.steps
-    run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # not just this invocation's: some runs may be reused
-    lines = [f"{len(plan)} runs ({cfg.compare_seeds} seeds), {cfg.steps} updates x {cfg.batch_size} pairs each, "
-             f"oracle-label budget {budget} per run; {machine}; the runs took {run_minutes:.1f} min. Mean ± std over seeds.", "",
-             f"| method | gold reward (SFT {sft_reward:.2f}) | win rate vs SFT | KL to SFT | oracle labels used | s/step |",
-             "|---|---|---|---|---|---|"]
-
-    def pm(m, k, d=2):  # "mean ± std"
-        return f"{stats[m][k][0]:.{d}f} ± {stats[m][k][1]:.{d}f}"
-
-    for m in stats:
-        lines.append(f"| {m} | {pm(m, 'gold_reward_final')} | {pm(m, 'win_rate_vs_sft')} | {pm(m, 'kl', 1)} | "
-                     f"{stats[m]['oracle_queries'][0]:.0f} | {stats[m]['seconds_per_step'][0]:.3f} |")
-    phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
-    lines += ["", "Time per step (ms, share of the step) and throughput:", "",
-              "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
-    for m in stats:
-        total = sum(stats[m][f"ms_{p}"][0] for p in phases)
-        lines.append(f"| {m} | " + " | ".join(f"{stats[m][f'ms_{p}'][0]:.1f} ({100 * stats[m][f'ms_{p}'][0] / total:.0f}%)" for p in phases)
-                     + f" | {stats[m]['tokens_per_second_generated'][0]:.0f} | {stats[m]['tokens_per_second_trained'][0]:.0f} |")
+    lines = results_table(cfg, runs, stats, machine, wall)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_compare(runs, root)
     print(f"compare: outputs in {root}/")
     return stats
+
+
+def compare_config(cfg, name, seed, out):
+    """The settings of one --compare run: NAME-official is NAME with the official hook's term."""
+    official = name.endswith("-official")
+    return dataclasses.replace(cfg, method=name.removesuffix("-official"), seed=seed, out_dir=out, compare=False,
+                               response_term="official" if official else cfg.response_term)
+
+
+def finished(c):
+    """Has this run finished with these settings? (A run with more --steps resumes and goes on.)"""
+    if not os.path.isfile(os.path.join(c.out_dir, "summary.json")):
+        return False
+    with open(os.path.join(c.out_dir, "config.json")) as f:
+        refuse_changed_settings(json.load(f), c, "delete it or use another --out_dir")
+    with open(os.path.join(c.out_dir, "summary.json")) as f:
+        return json.load(f)["steps"] == c.steps
+
+
+def compare_run(c):
+    """One run of --compare, its output in its own log.txt (in a worker process, or this one)."""
+    os.makedirs(c.out_dir, exist_ok=True)
+    with open(os.path.join(c.out_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        main(c)
+
+
+def read_run(method, seed, out):
+    """A finished run's summary and its evaluations, each with the oracle labels and the training
+    seconds (the steps' own time, without evaluation) spent up to it; the SFT model is step 0."""
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    history, seconds = [{"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0, "labels": 0, "seconds": 0.0}], 0.0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            seconds += row["dt"]
+            if "eval_reward" in row:
+                history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
+                                "labels": row["oracle_queries"], "seconds": seconds})
+    return {"method": method, "seed": seed, "summary": summary, "history": history}
+
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+       2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # Student t, 0.975
+
+
+def interval(x):
+    """(mean, half-width of its two-sided 95% Student-t interval) of the values x; None with one value."""
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), None
+    df = len(x) - 1
+    t = T95[df - 1] if df <= len(T95) else 1.96 + 2.37 / df  # beyond the table: the first-order expansion
+    return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
+           "tie_rate": "tie rate"}
+
+
+def method_stats(group, baseline):
+    """Mean and 95% interval over seeds of each figure of one method's runs, and its gold reward's
+    difference from the baseline's (online DPO) paired by seed."""
+    out = {k: interval([r["summary"][k] or 0.0 for r in group]) for k in FIGURES}
+    out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
+    for phase in group[0]["summary"]["seconds_per_step"]:
+        out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
+    for kind in ("generated", "trained"):
+        out[f"tokens_per_second_{kind}"] = interval([r["summary"]["tokens_per_second"][kind] for r in group])
+    by_seed = {r["seed"]: r["summary"]["gold_reward_final"] for r in baseline}
+    paired = [r["summary"]["gold_reward_final"] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
+    out["reward_minus_online_dpo"] = interval(paired) if paired else (None, None)
+    return out
+
+
+def results_table(cfg, runs, stats, machine, wall):
+    """results.md: the table, what runs of one seed share, and the time per phase."""
+    def pm(v, d=2):  # "mean ± half-width"
+        return "n/a" if v[0] is None else f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
+
+    def paired(v):
+        if v[0] is None or v[1] is None:
+            return "n/a" if v[0] is None else f"{v[0]:+.2f}"
+        return f"{v[0]:+.2f} ± {v[1]:.2f}" + (" *" if abs(v[0]) > v[1] else "")
+
+    seeds = sorted({r["seed"] for r in runs})
+    run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # some runs may be reused: their own time
+    lines = [f"{len(runs)} runs: {len(stats)} methods x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} updates x "
+             f"{cfg.batch_size} pairs each; {machine}; {cfg.compare_workers} at once; this invocation took {wall / 60:.1f} min, "
+             f"the runs {run_minutes:.1f} min in all. Mean ± half-width of the 95% Student-t interval over seeds; "
+             "Δ: the difference from online DPO's gold reward, paired by seed, with its own interval (* where it excludes 0).", "",
+             f"| method | gold reward (SFT {runs[0]['summary']['gold_reward_sft']:.2f}) | Δ vs online DPO | win rate vs SFT "
+             "| KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|"]
+    for m, st in stats.items():
+        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {'—' if m == 'online-dpo' else paired(st['reward_minus_online_dpo'])} | "
+                     f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
+                     f"{st['tie_rate'][0]:.2f} | {st['seconds_per_step'][0]:.3f} |")
+    lines += ["", "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
+              "generator (seed + 1: the same sampling noise for every method and for the SFT baseline), and the seeds of the "
+              "routing stream, the prompt and pair orders and the sampling and labelling generators. Methods with the same "
+              "routing (sail-pr, sail-pp and their -official rows; online-dpo, selm and xpo) route the same pairs the same way, "
+              "train on the same offline pairs and prompts and draw their first samples with the same noise; they part ways as "
+              "their policies do. Oracle labels count every label spent: online ones (ties included) and, for each offline pair "
+              "trained on, the labels its dataset spent on it (ties dropped while building it included).", ""]
+    phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
+    lines += ["Time per step (ms, share of the step) and throughput (runs sharing the CPU as above):", "",
+              "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
+    for m, st in stats.items():
+        total = sum(st[f"ms_{p}"][0] for p in phases)
+        lines.append(f"| {m} | " + " | ".join(f"{st[f'ms_{p}'][0]:.1f} ({100 * st[f'ms_{p}'][0] / total:.0f}%)" for p in phases)
+                     + f" | {st['tokens_per_second_generated'][0]:.0f} | {st['tokens_per_second_trained'][0]:.0f} |")
+    return lines
 
 
 def pyplot(what):
@@ -1284,26 +1377,40 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
+PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, title)
+    "reward_vs_labels.png": ("labels", "oracle labels used (ties and the offline pairs' included)", "Label efficiency"),
+    "reward_vs_seconds.png": ("seconds", "training seconds (the steps, without evaluation)", "Gold reward against wall-clock time"),
+    "reward_vs_kl.png": ("eval_kl", "KL(policy || SFT), sampled estimate", "Reward-KL frontier"),
+    "reward_vs_step.png": ("step", "step", "Gold reward during alignment"),
+}
+
+
 def plot_compare(runs, root):
-    """reward_vs_step.png (mean ± std over seeds) and reward_vs_kl.png (the reward-KL frontier)."""
+    """The gold reward of every method against each x of PLOTS: the mean over seeds, with a band
+    (the KL plot: error bars on both axes) for the 95% interval; official-hook rows dashed."""
     plt = pyplot("the plots")
     if plt is None:
         return
-    fig1, ax1 = plt.subplots(figsize=(6.4, 4))
-    fig2, ax2 = plt.subplots(figsize=(6.4, 4))
-    for method in dict.fromkeys(r["method"] for r in runs):
-        histories = [r["history"] for r in runs if r["method"] == method]
-        steps = [h["step"] for h in histories[0]]
-        reward = np.array([[h["eval_reward"] for h in hist] for hist in histories])  # (seeds, evals)
-        kl = np.array([[h["eval_kl"] for h in hist] for hist in histories])
-        line, = ax1.plot(steps, reward.mean(0), marker=".", label=method)
-        ax1.fill_between(steps, reward.mean(0) - reward.std(0), reward.mean(0) + reward.std(0), color=line.get_color(), alpha=0.15)
-        ax2.plot(kl.mean(0), reward.mean(0), marker="o", markersize=3, label=method)
-    ax1.set(xlabel="step", ylabel="gold reward, held-out prompts", title="Gold reward during alignment")
-    ax2.set(xlabel="KL(policy || SFT), sampled estimate", ylabel="gold reward, held-out prompts", title="Reward-KL frontier")
-    for fig, ax, name in [(fig1, ax1, "reward_vs_step.png"), (fig2, ax2, "reward_vs_kl.png")]:
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    for name, (key, xlabel, title) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4.4))
+        for method in methods:
+            hist = [r["history"] for r in runs if r["method"] == method]
+            n = min(len(h) for h in hist)  # every seed evaluates at the same steps
+            x, y = ([interval([h[i][k] for h in hist]) for i in range(n)] for k in (key, "eval_reward"))
+            xm, ym = np.array([v[0] for v in x]), np.array([v[0] for v in y])
+            yerr = np.array([v[1] or 0.0 for v in y])
+            style = dict(color=colors[method], linestyle="--" if method.endswith("-official") else "-", label=method)
+            if key == "eval_kl":
+                ax.errorbar(xm, ym, xerr=[v[1] or 0.0 for v in x], yerr=yerr, marker="o", markersize=3, capsize=2,
+                            elinewidth=0.8, **style)
+            else:
+                ax.plot(xm, ym, marker=".", **style)
+                ax.fill_between(xm, ym - yerr, ym + yerr, color=colors[method], alpha=0.12)
+        ax.set(xlabel=xlabel, ylabel="gold reward, held-out prompts", title=f"{title} (mean, 95% interval over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(root, name), dpi=120)
         plt.close(fig)
@@ -1319,7 +1426,8 @@ def benchmark(cfg):
     model's forward. (2) The loop's own step (`alignment_step`, SAIL-PR with every pair online) with
     each of the two as its sampler, phase by phase. (3) The cost of SAIL's extra terms: the step's
     policy phase (forward, loss, backward) of SAIL-PR against online DPO on the same pairs (the
-    learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs)."""
+    learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs).
+    (4) What the response-term baseline saves (`baseline_variance`)."""
     device, n_new = pick_device(cfg.device), 32
     check_writable_dir(cfg.out_dir)  # before any measurement
     bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=16, grad_accum=1, max_new_tokens=n_new, lr=0.0)
@@ -1328,6 +1436,7 @@ def benchmark(cfg):
     prompts = data.encode_prompts(run.tokenizer, inputs.train_prompts[:16] * 2, bench.max_prompt_len)
     t_ours, t_generate, forward_share = time_samplers(run, *(t.to(device) for t in prompts), n_new, cfg.bench_reps)
     step = time_steps(run, inputs, cfg.bench_reps)
+    variance = baseline_variance(cfg, inputs, device, batches=4 * cfg.bench_reps)
     result = {
         "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": bench.model,
         "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 32, "new_tokens": n_new,
@@ -1339,6 +1448,7 @@ def benchmark(cfg):
         "online_step_phase_share": {k: v / sum(step["ours"].values()) for k, v in step["ours"].items()},
         "policy_phase_sail_pr_ms": 1000 * step["ours"]["policy"], "policy_phase_online_dpo_ms": 1000 * step["dpo"]["policy"],
         "extra_terms_overhead": step["ours"]["policy"] / step["dpo"]["policy"] - 1,
+        "gradient_variance": variance,
     }
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -1418,6 +1528,33 @@ def time_steps(run, inputs, reps):
     return {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
 
 
+def baseline_variance(cfg, inputs, device, batches, train_steps=50):
+    """(4) The variance of the step's gradient with each --baseline, for the default SAIL-PR (g =
+    0.3: offline and online pairs in one batch), at the SFT policy and after `train_steps` steps:
+    the trace of its covariance over `batches` steps of the same model (learning rate 0), each
+    baseline on the same pairs (the same seeds), and the squared norm of the mean gradient."""
+    base = dataclasses.replace(cfg, method="sail-pr", grad_accum=1, lr=0.0, grad_clip=0.0)
+    runs = {b: setup_run(dataclasses.replace(base, baseline=b), inputs, device) for b in ("none", "loo-all", "loo")}
+    trainer = setup_run(dataclasses.replace(base, lr=cfg.lr), inputs, device)
+    state = State.new(trainer.cfg, trainer, len(inputs.train_prompts), len(inputs.pairs), history=[])
+    out = {}
+    for at in (0, train_steps):
+        for step in range(len(out) and train_steps):  # the second time: train first, with the run's own settings
+            alignment_step(trainer, state, step + 1)
+        weights = trainer.policy.state_dict()
+        for name, r in runs.items():
+            r.policy.load_state_dict(weights)
+            st = State.new(r.cfg, r, len(inputs.train_prompts), len(inputs.pairs), history=[])
+            grads = []
+            for k in tqdm(range(batches), desc=f"variance, --baseline {name}", dynamic_ncols=True, leave=False):
+                alignment_step(r, st, k + 1)
+                grads.append(torch.cat([p.grad.flatten() for p in r.policy.parameters()]).double())
+            g = torch.stack(grads)  # (batches, parameters)
+            out[f"step{at}_{name}"] = {"variance": (g - g.mean(0)).pow(2).sum(1).mean().item() * batches / (batches - 1),
+                                       "mean_norm_sq": g.mean(0).pow(2).sum().item()}
+    return out
+
+
 def print_benchmark(r, out_dir):
     print(f"device {r['device']}, {r['cpu_threads']} threads, {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), {r['rows']} rows")
     print(f"sampler, {r['new_tokens']} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
@@ -1427,6 +1564,11 @@ def print_benchmark(r, out_dir):
     print("  phase shares (ours):   " + " | ".join(f"{k} {100 * v:.0f}%" for k, v in r["online_step_phase_share"].items()))
     print(f"policy phase, same pairs: sail-pr {r['policy_phase_sail_pr_ms']:.2f} ms | online-dpo {r['policy_phase_online_dpo_ms']:.2f} ms | "
           f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
+    v = r["gradient_variance"]
+    for at in sorted({k.split("_")[0] for k in v}):
+        print(f"gradient variance (trace), sail-pr at {at}: " + " | ".join(
+            f"--baseline {k.split('_', 1)[1]} {v[k]['variance']:.3g}" for k in v if k.startswith(at + "_"))
+            + f" | squared norm of the mean gradient {v[at + '_none']['mean_norm_sq']:.3g}")
     print(f"benchmark: {out_dir}/bench.json")
 
 
