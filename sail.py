@@ -44,6 +44,8 @@ Departures from the paper and the official code:
      response term is then exactly the score-function gradient; with another temperature it is
      an approximation (the paper samples at 0.9).
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -111,7 +113,8 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
         cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
         response = cost * (policy_chosen_logps + policy_rejected_logps)  # (B,)
     elif response_term == "official":  # sg(-l / L(y)) * L(y) has the gradient -l / L(y), the hook's
-        response = sum((-ell).detach() / L.detach() * L for L in (policy_chosen_logps, policy_rejected_logps))  # (B,)
+        # (a response of probability 1, L = 0, would divide by zero: the clamp keeps it finite)
+        response = sum((-ell).detach() / L.detach().clamp(max=-1e-6) * L for L in (policy_chosen_logps, policy_rejected_logps))
     else:
         raise ValueError(f"response_term must be 'exact' or 'official', got {response_term!r}")
     losses = (-ell  # E[grad l]: DPO
@@ -188,6 +191,8 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     ready for `sequence_logps(model(ids, ...).logits, ids, response_mask)`.
     """
     B = prompt_ids.shape[0]
+    # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     # Left padding shifts where each prompt starts; position ids must count real tokens only,
     # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
@@ -207,7 +212,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
         if bool(done.all()):
             break
         out = model(input_ids=token[:, None], attention_mask=attention[:, :Tp + t + 1], position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{cache: getattr(out, cache)})
         next_position = next_position + 1
     response_mask = torch.stack(alive, 1).long()  # (B, n)
     ids = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1)  # (B, Tp + n)

@@ -366,7 +366,7 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
     theta, L_ref = tabular(seed=3)
     r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)
     route = train.np.array([train.OFFLINE, train.PR, train.PR])
-    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta), device=torch.device("cpu"),
+    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact"), device=torch.device("cpu"),
                           response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
 
     def batch(L, i1, j1, i2, j2):
@@ -633,7 +633,8 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
             "--eval_pairs", few_eval_pairs]
     stats = train.cli(argv)
     root = tmp_path / "compare"
-    assert set(stats) == set(train.METHODS)
+    names = train.Config.compare_methods.split(",")
+    assert set(stats) == set(train.METHODS) | {"sail-pr-official", "sail-pp-official"} == set(names)
     # 2 steps x 16 pairs: an offline pair carries a dataset (oracle) label, an online SAIL-PR pair an
     # online one; self-labelled pairs (SAIL-PP, SAIL-DP, and in the mixture) cost none.
     # Offline pairs (a prefix of one stream for every method) cost the labels their dataset spent on them.
@@ -643,15 +644,38 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
         assert queries == expected[method] if method in expected else queries < offline, method
     assert offline > 32
     results = (root / "results.md").read_text()
-    assert all(f"| {m} |" in results for m in train.METHODS) and "generated tok/s" in results
+    assert all(f"| {m} |" in results for m in names) and "generated tok/s" in results and "Δ vs online DPO" in results
     report = json.loads((root / "compare.json").read_text())
-    assert len(report["runs"]) == len(train.METHODS) and all(math.isfinite(r["summary"]["gold_reward_final"]) for r in report["runs"])
-    for png in ("reward_vs_step.png", "reward_vs_kl.png"):
+    assert len(report["runs"]) == len(names) and all(math.isfinite(r["summary"]["gold_reward_final"]) for r in report["runs"])
+    official = json.loads((root / "sail-pr-official-seed0" / "config.json").read_text())
+    assert (official["method"], official["response_term"]) == ("sail-pr", "official")
+    for png in train.PLOTS:
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (root / png).stat().st_size > 10_000
     # Started again, it reuses every finished run instead of training it again.
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
     train.cli(argv)
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
+
+
+def test_intervals_and_paired_differences_by_hand():
+    """The 95% Student-t interval: mean ± t(0.975, n - 1) * s / sqrt(n), s with n - 1; the paired
+    difference is taken seed by seed, so noise that the runs of one seed share cancels."""
+    mean, half = train.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12)
+    assert train.interval([2.0]) == (2.0, None)
+
+    def run(method, seed, reward):
+        return {"method": method, "seed": seed, "summary": {
+            "gold_reward_final": reward, "win_rate_vs_sft": 0.5, "kl": 1.0, "oracle_queries": 10, "tie_rate": 0.2,
+            "seconds_per_step": {"policy": 0.1}, "tokens_per_second": {"generated": 1.0, "trained": 1.0}}}
+
+    base = [run("online-dpo", s, r) for s, r in enumerate([0.5, 2.5, 2.0])]
+    other = [run("x", s, r) for s, r in enumerate([1.0, 2.0, 3.0])]  # differences 0.5, -0.5, 1.0
+    stats = train.method_stats(other, base)
+    assert stats["reward_minus_online_dpo"] == pytest.approx((1 / 3, 4.303 * math.sqrt(7 / 12) / math.sqrt(3)), rel=1e-12)
+    shifted = train.method_stats([run("y", s, r + 0.2) for s, r in enumerate([0.5, 2.5, 2.0])], base)
+    assert shifted["reward_minus_online_dpo"] == pytest.approx((0.2, 0.0), abs=1e-12)  # shared noise cancels
+    assert shifted["gold_reward_final"][1] > 2  # while each method's own interval is wide
 
 
 def test_benchmark_measures_sampler_and_step(tmp_path, cache):
@@ -661,6 +685,9 @@ def test_benchmark_measures_sampler_and_step(tmp_path, cache):
     assert set(result["online_step_ms"]) == {"generate", "label", "reference", "policy", "optimizer"}  # the loop's own phases
     assert result["policy_phase_sail_pr_ms"] > 0 and result["policy_phase_online_dpo_ms"] > 0
     assert abs(sum(result["online_step_phase_share"].values()) - 1) < 1e-9
+    variance = result["gradient_variance"]  # each baseline at the SFT policy and after 50 steps
+    assert set(variance) == {f"step{s}_{b}" for s in (0, 50) for b in ("none", "loo-all", "loo")}
+    assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for v in variance.values())
 
 
 def test_help_lists_every_option(capsys):

@@ -4,7 +4,7 @@ train.py: online preference alignment with SAIL, read top to bottom.
     python train.py                      # SFT (cached after the first run), SAIL-PR, evaluation
     python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix, selm, xpo
     python train.py run.yaml             # the options from a YAML or JSON file (flags after it override it)
-    python train.py --compare            # every method x 3 seeds: results.md, compare.json, plots
+    python train.py --compare            # 10 methods x 5 seeds, 2 at once: results.md, compare.json, 4 plots
     python train.py --benchmark          # where the step's time goes, against model.generate
     torchrun --nproc_per_node=N -- train.py ...   # data parallel: the same loop on N GPUs (lines marked ddp)
     python train.py --help               # every option with its default
@@ -29,15 +29,21 @@ Departures from the paper (see also sail.py):
   2. Each training step draws fresh prompts, so new prompts keep entering the online pool (the
      official code stops after its first generation round), and responses stay attached to the
      prompt that produced them, in one tensor (the official code pairs mismatched lists).
-  3. Tied oracle labels are left out of the loss and still counted as queries.
+  3. A tied oracle label carries no preference: its l counts as 0 (only the baseline part of its
+     response term stays, which keeps the gradient exact); it still counts as a query.
   4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models.
   5. The response term uses a leave-one-out baseline by default (--baseline none for the plain
      estimator), which lowers its variance without biasing it, and its coefficients are scaled
      by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
+     --response_term official runs the official code's hook instead (sail.sail_loss).
+  6. --grad_accum K cuts the step's pairs into K micro-batches only after they are sampled and
+     labelled, so that the baseline, the self-labels and the mean are the whole step's: the
+     update is that of one batch (tested), at the cost of one forward pass without a graph.
 """
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -86,14 +92,14 @@ class Config:
     response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
-    label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; ties dropped) | sampled (Bernoulli(sigmoid(r1 - r2)))")
+    label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; a tie carries no preference) | sampled (Bernoulli(sigmoid(r1 - r2)))")
     # optimisation
     steps: int = arg(150, "alignment steps (optimiser updates)")
     batch_size: int = arg(16, "preference pairs per step (online pairs: prompts x 2 responses)")
     lr: float = arg(5e-4, "AdamW learning rate of the alignment phase")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches (less memory, the same update, one more forward)")
+    grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches for the forward and backward passes (less memory, the same update)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
     offload_reference: bool = arg(False, "keep the frozen reference model on the CPU (less GPU memory, slower)")
     # generation
@@ -290,7 +296,7 @@ def accuracy(h):
 
 @dataclass
 class Pairs:
-    """One micro-batch of B preference pairs. Its 2B (+ B) rows, in order:
+    """The B preference pairs of one step (ddp: of this rank). Its 2B (+ B) rows, in order:
     [dataset y1 | online y1 | dataset y2 | online y2 | y~ of SELM/XPO], so row i and row B + i are
     the two responses of pair i; every function of the step relies on this layout."""
     route: np.ndarray  # (B,) OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
@@ -412,7 +418,7 @@ def response_baselines(run, pairs, labels, delta):
 
 def rows_of(pairs, idx):
     """The batch rows of the pairs idx (m,) in the layout [y1 | y2 | y~], each (2m [+ m], T'),
-    without the columns that are padding in every one of them."""
+    without the trailing columns that are padding in every one of them."""
     B = len(pairs.route)
     rows = torch.cat([idx, B + idx] + ([2 * B + idx] if len(pairs.batch[0]) > 2 * B else []))
     ids, attention, response = (t[rows.to(t.device)] for t in pairs.batch)
@@ -692,7 +698,7 @@ def log_step(metrics_file, row):
 
 def show_sample(run, pairs, labels):
     """A prompt with its chosen and rejected responses and their gold rewards (an online pair if
-    the micro-batch has one). The scores are for display, not oracle queries."""
+    the step has one). The scores are for display, not oracle queries."""
     B = len(pairs.route)
     i = int((pairs.route <= DP).sum()) % B  # the first online pair, or the first pair
     w, l = (i, B + i) if bool(labels.y1_wins[i]) else (B + i, i)
@@ -1010,7 +1016,7 @@ class State:
     history: list                   # the evaluations so far, step 0 (SFT) first
     oracle_queries: int = 0         # online oracle labels (ties included)
     ties: int = 0
-    used_pairs: set = field(default_factory=set)  # offline pairs trained on: each cost one dataset label
+    used_pairs: set = field(default_factory=set)  # offline pairs trained on: each cost its dataset's labels (Run.pair_labels)
     phase_seconds: dict = field(default_factory=dict)
     token_totals: dict = field(default_factory=lambda: {"generated": 0, "trained": 0})
 
@@ -1083,6 +1089,7 @@ def load_checkpoint(path, saved, run, state):
 def refuse_changed_settings(saved, cfg, advice):
     """A run continues only with its own settings (a few, in RESUMABLE_CHANGES, may change)."""
     changed = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in RESUMABLE_CHANGES and v != getattr(cfg, k, v)}
+    changed.update({k: ("not recorded", getattr(cfg, k)) for k in set(dataclasses.asdict(cfg)) - set(saved) - RESUMABLE_CHANGES})
     if changed:
         raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
                          + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items()) + f"); {advice}")
@@ -1205,14 +1212,17 @@ def compare(cfg):
     t0 = time.perf_counter()
     plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
     configs = {(m, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-seed{seed}")) for m, seed in plan}
-    todo = [c for c in configs.values() if not finished(c)]
+    # The longest runs first (the exploring methods, then by their share of online pairs), so that
+    # the workers finish together instead of one running the last long run alone.
+    todo = sorted((c for c in configs.values() if not finished(c)),
+                  key=lambda c: (c.method in EXPLORE, sum(METHODS[c.method](c)[PP:])), reverse=True)
     if cfg.compare_workers == 1 or len(todo) < 2:
         for c in tqdm(todo, desc="compare", dynamic_ncols=True):
             compare_run(c)
     else:  # several processes; the SFT model is cached first, so that no two of them train it
         if cfg.model == "embedded":
             with contextlib.redirect_stdout(io.StringIO()):
-                embedded_policy(cfg, data.make_task(cfg.task_seed), torch.device("cpu"))
+                embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -1300,7 +1310,8 @@ FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "k
 def method_stats(group, baseline):
     """Mean and 95% interval over seeds of each figure of one method's runs, and its gold reward's
     difference from the baseline's (online DPO) paired by seed."""
-    out = {k: interval([r["summary"][k] or 0.0 for r in group]) for k in FIGURES}
+    out = {k: interval([r["summary"][k] for r in group]) if None not in [r["summary"][k] for r in group] else (None, None)
+           for k in FIGURES}
     out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
     for phase in group[0]["summary"]["seconds_per_step"]:
         out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
@@ -1333,13 +1344,14 @@ def results_table(cfg, runs, stats, machine, wall):
     for m, st in stats.items():
         lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {'—' if m == 'online-dpo' else paired(st['reward_minus_online_dpo'])} | "
                      f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
-                     f"{st['tie_rate'][0]:.2f} | {st['seconds_per_step'][0]:.3f} |")
+                     f"{pm((st['tie_rate'][0], None))} | {st['seconds_per_step'][0]:.3f} |")
     lines += ["", "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
               "generator (seed + 1: the same sampling noise for every method and for the SFT baseline), and the seeds of the "
               "routing stream, the prompt and pair orders and the sampling and labelling generators. Methods with the same "
-              "routing (sail-pr, sail-pp and their -official rows; online-dpo, selm and xpo) route the same pairs the same way, "
-              "train on the same offline pairs and prompts and draw their first samples with the same noise; they part ways as "
-              "their policies do. Oracle labels count every label spent: online ones (ties included) and, for each offline pair "
+              "routing probabilities draw the same routes, offline pairs and prompts and their first samples with the same noise "
+              "(sail-pr and its -official row; sail-pp and its -official row; online-dpo, selm and xpo; and with p = g, the "
+              "defaults, sail-pr and sail-pp split their pairs between offline and online the same way); they part ways as their "
+              "policies do. Oracle labels count every label spent: online ones (ties included) and, for each offline pair "
               "trained on, the labels its dataset spent on it (ties dropped while building it included).", ""]
     phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
     lines += ["Time per step (ms, share of the step) and throughput (runs sharing the CPU as above):", "",
@@ -1387,7 +1399,7 @@ PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, titl
 
 def plot_compare(runs, root):
     """The gold reward of every method against each x of PLOTS: the mean over seeds, with a band
-    (the KL plot: error bars on both axes) for the 95% interval; official-hook rows dashed."""
+    (the KL plot: error bars) for the 95% interval of the reward; official-hook rows dashed."""
     plt = pyplot("the plots")
     if plt is None:
         return
@@ -1402,9 +1414,8 @@ def plot_compare(runs, root):
             xm, ym = np.array([v[0] for v in x]), np.array([v[0] for v in y])
             yerr = np.array([v[1] or 0.0 for v in y])
             style = dict(color=colors[method], linestyle="--" if method.endswith("-official") else "-", label=method)
-            if key == "eval_kl":
-                ax.errorbar(xm, ym, xerr=[v[1] or 0.0 for v in x], yerr=yerr, marker="o", markersize=3, capsize=2,
-                            elinewidth=0.8, **style)
+            if key == "eval_kl":  # the x of each point varies too; its interval is in compare.json's runs
+                ax.errorbar(xm, ym, yerr=yerr, marker="o", markersize=3, capsize=2, elinewidth=0.8, **style)
             else:
                 ax.plot(xm, ym, marker=".", **style)
                 ax.fill_between(xm, ym - yerr, ym + yerr, color=colors[method], alpha=0.12)
@@ -1487,6 +1498,7 @@ def time_samplers(run, prompt_ids, prompt_mask, n_new, reps):
 
     policy, forward_seconds, plain_forward = run.policy, [0.0], run.policy.forward
 
+    @functools.wraps(plain_forward)  # the same signature: sail.sample reads it
     def timed_forward(*args, **kwargs):
         t0 = time.perf_counter()
         out = plain_forward(*args, **kwargs)
@@ -1535,7 +1547,7 @@ def baseline_variance(cfg, inputs, device, batches, train_steps=50):
     baseline on the same pairs (the same seeds), and the squared norm of the mean gradient."""
     base = dataclasses.replace(cfg, method="sail-pr", grad_accum=1, lr=0.0, grad_clip=0.0)
     runs = {b: setup_run(dataclasses.replace(base, baseline=b), inputs, device) for b in ("none", "loo-all", "loo")}
-    trainer = setup_run(dataclasses.replace(base, lr=cfg.lr), inputs, device)
+    trainer = setup_run(dataclasses.replace(base, lr=cfg.lr, grad_clip=cfg.grad_clip), inputs, device)
     state = State.new(trainer.cfg, trainer, len(inputs.train_prompts), len(inputs.pairs), history=[])
     out = {}
     for at in (0, train_steps):
