@@ -88,7 +88,8 @@ class Config:
     selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
     xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
     ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
-    response_term: str = arg("exact", "exact (the score-function gradient, sail.py) | official (the official code's hook: -coef * l / log pi(y) on each response's gradient, summed, no baseline, no --response_scale)")
+    response_term: str = arg("exact", "exact (the score-function gradient, sail.py) | official (the official code's hook: "
+                                      "-coef * l / log pi(y) on each response's gradient, summed, no baseline or --response_scale)")
     response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
@@ -209,7 +210,8 @@ RANGES = [
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"), "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
+CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"),
+           "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
 
 
 def check_config(cfg):
@@ -261,6 +263,12 @@ def check_device(name):
 
 # -----------------------------------------------------------------------------
 # ALGORITHM: one SAIL step, as small functions in the paper's order. `alignment_step` calls them.
+# They read what they need from `run` (a Run, set up once, below) and `state` (a State: the random
+# streams and counters a checkpoint saves). The names used here: run.policy, the model trained
+# (run.train_policy: the same, or its DDP wrapper); run.reference, its frozen SFT copy
+# (run.train_reference: the same, or SELM's moving one); run.sampler, sail.sample; run.amp, bf16
+# autocast on CUDA, else nothing; run.label_coefs / run.response_coefs, each term's coefficient
+# per route, indexed by OFFLINE, DP, PP, PR.
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp):
     """Summed response log-probs (B,) of one batch through `model` (one forward pass)."""
@@ -328,7 +336,9 @@ def draw_routes(run, state, B):
     pair_ids = state.pair_stream.next(sum(n_dataset))
     prompt_ids = state.prompt_stream.next(B * run.world - sum(n_dataset))
     first = 0
-    for r, n in zip(routes, n_dataset):  # an offline pair is trained on its dataset (oracle) label
+    # An offline pair is trained on its dataset (oracle) label: it goes into the label count
+    # (label_totals) once, however often it is drawn again.
+    for r, n in zip(routes, n_dataset):
         state.used_pairs.update(pair_ids[first:first + int((r == OFFLINE).sum())])
         first += n
     a, b = sum(n_dataset[:run.rank]), sum(B - n for n in n_dataset[:run.rank])  # ddp: where this rank's share starts
@@ -396,7 +406,8 @@ def oracle_labels(run, state, pairs):
 
 def self_labels(run, state, pairs, labels, delta):
     """SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)),
-    from its implicit reward (no oracle query). delta: (2B,) L_theta(y) - L_ref(y) of the rows."""
+    from its implicit reward (no oracle query), written into labels.y1_wins: z decides which of
+    y1, y2 is the chosen one in the loss. delta: (2B,) L_theta(y) - L_ref(y) of the rows."""
     B = len(pairs.route)
     mine = torch.from_numpy((pairs.route == DP) | (pairs.route == PP))  # (B,)
     if mine.any():
@@ -410,7 +421,8 @@ def response_baselines(run, pairs, labels, delta):
     cfg = run.cfg
     if cfg.baseline == "none" or cfg.method in EXPLORE or cfg.response_term == "official":
         return None
-    h = torch.sub(*order_pairs(labels.y1_wins.to(run.device), delta))  # (B,)
+    chosen, rejected = order_pairs(labels.y1_wins.to(run.device), delta)  # (B,) each
+    h = chosen - rejected  # (B,) Delta(y_w) - Delta(y_l)
     cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * h), 0.0)  # (B,) valid * -l
     route = torch.from_numpy(pairs.route).to(run.device)
     return leave_one_out_mean(cost, None if cfg.baseline == "loo-all" else run.response_coefs[route] > 0)
@@ -433,6 +445,7 @@ def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
     cfg, m = run.cfg, len(idx)
     y1_wins, valid = labels.y1_wins[idx].to(run.device), labels.valid[idx].to(run.device)  # (m,)
     (logps, explore_logps), (ref, explore_ref) = (x.split([2 * m, len(x) - 2 * m]) for x in (logps, ref))
+    # (policy chosen, policy rejected, reference chosen, reference rejected, beta): each (m,)
     pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), cfg.beta)
     if cfg.method == "selm":
         return selm_loss(*pair, policy_explore_logps=explore_logps, reference_explore_logps=explore_ref,
@@ -440,6 +453,8 @@ def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
     if cfg.method == "xpo":
         return xpo_loss(*pair, policy_explore_logps=explore_logps, alpha=cfg.xpo_alpha, valid=valid)[0]
     route = torch.from_numpy(pairs.route[idx.numpy()]).to(run.device)  # (m,)
+    # Each pair's coefficients by its route: label (0, rho, pi, 0), response (0, 0, pi, gamma) times
+    # --response_scale (setup_run; gamma is 0 for online-dpo, and the official term has its own scale)
     return sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
                      baseline=None if baseline is None else baseline[idx.to(run.device)], valid=valid,
                      response_term=cfg.response_term)[0]
@@ -463,14 +478,16 @@ def alignment_step(run, state, step):
     micro = torch.arange(B).tensor_split(cfg.grad_accum)  # the pairs of each micro-batch
     ref = [reference_logps(run, rows_of(pairs, idx), model=run.train_reference) for idx in micro]  # (2m [+ m],) each
     clock.lap("reference")
-    # 4. Self-labels and baselines need Delta of every pair of the step before any loss: from the
-    #    loss's own forward with one micro-batch; with several, from a first pass without a graph.
+    # 4. Self-labels and baselines need Delta of every pair of the step before any loss: with
+    #    several micro-batches, from a first pass without a graph, here; with one, from the loss's
+    #    own forward, in the loop below (k = 0), which saves that pass.
     if len(micro) > 1:
         with torch.no_grad():
             delta = all_pairs(B, micro, [sequence_logps_of(run.policy, *rows_of(pairs, idx), run.amp) - r
                                          for idx, r in zip(micro, ref)])  # (2B,)
         self_labels(run, state, pairs, labels, delta)
         baseline = response_baselines(run, pairs, labels, delta)
+    # 5. Each micro-batch: the policy's log-probs of its rows through one forward, each pair's loss, backward.
     for k, idx in enumerate(micro):
         with ddp_no_sync(run, last=k == len(micro) - 1):  # ddp: average the gradients after the last micro-batch
             logps = sequence_logps_of(run.train_policy, *rows_of(pairs, idx), run.amp)  # (2m [+ m],)
@@ -484,7 +501,7 @@ def alignment_step(run, state, step):
                                run.world, run.device)
             loss.backward()
     clock.lap("policy")
-    # 5. One optimiser step on the accumulated gradient.
+    # 6. One optimiser step on the accumulated gradient.
     grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, run.world, run.device)
     run.optimizer.step()
@@ -504,7 +521,8 @@ def all_pairs(B, micro, values):
 
 def step_figures(run, pairs, labels, delta):
     """What the log needs of the step, per pair, and the log-ratio of its policy-sampled rows."""
-    h = torch.sub(*order_pairs(labels.y1_wins.to(delta.device), delta))  # (B,)
+    chosen, rejected = order_pairs(labels.y1_wins.to(delta.device), delta)  # (B,) each
+    h = chosen - rejected  # (B,) Delta(y_w) - Delta(y_l)
     online = torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)  # (2B,) rows sampled from pi_theta
     return {"neg_ell": -F.logsigmoid(run.cfg.beta * h), "h": h, "valid": labels.valid.to(delta.device), "kl": delta[online],
             "scores": labels.scores, "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated,
