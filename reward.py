@@ -20,7 +20,8 @@ Departures from the paper:
      programmatic gold reward so that the whole loop runs on a laptop in minutes and so that
      the evaluation reward is exact, not another model's opinion.
   2. Ties (equal rewards) carry no preference. With hard labels `bradley_terry_label` marks them
-     invalid and `train.py` leaves them out of the loss (they still count as oracle queries).
+     invalid; in the loss their l counts as 0 (`sail.sail_loss(valid=...)`), and they still
+     count as oracle queries.
 """
 import os
 import re

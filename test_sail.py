@@ -366,8 +366,8 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
     theta, L_ref = tabular(seed=3)
     r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)
     route = train.np.array([train.OFFLINE, train.PR, train.PR])
-    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact"), device=torch.device("cpu"),
-                          response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact"),
+                          device=torch.device("cpu"), response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
 
     def batch(L, i1, j1, i2, j2):
         """(y1, y2) of the three pairs: the offline pair is (0, 1), labelled 0 > 1."""

@@ -1215,7 +1215,7 @@ def finish_ddp(run):
 
 
 # -----------------------------------------------------------------------------
-# Side by side: every method, several seeds, one table, two plots
+# Side by side: every method, several seeds, one table with intervals, four plots
 
 def compare(cfg):
     """`python train.py --compare`: every method from the same SFT model, with the same number of
