@@ -690,6 +690,23 @@ def test_benchmark_measures_sampler_and_step(tmp_path, cache):
     assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for v in variance.values())
 
 
+@pytest.mark.parametrize("name", ["gpt2", "pythia-160m"])
+def test_benchmark_of_a_real_configuration_with_random_weights(tmp_path, cache, monkeypatch, name):
+    """--bench_model builds the named architecture with random weights, saves it with
+    save_pretrained and measures it as a real checkpoint; here at a tiny size of the same kind."""
+    from transformers import AutoConfig
+    arch, _, _ = train.BENCH_MODELS[name]
+    tiny = (dict(n_embd=32, n_layer=1, n_head=2, n_positions=128) if arch == "gpt2" else
+            dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    monkeypatch.setitem(train.BENCH_MODELS, name, (arch, 700, tiny))
+    result = train.cli(["--benchmark", "--bench_model", name, "--bench_reps", "1", "--bench_batch_size", "2", "--bench_new_tokens", "4",
+                        "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
+    config = AutoConfig.from_pretrained(os.path.join(cache, f"bench-{name}-random"))
+    assert config.model_type == arch and config.vocab_size == 700
+    assert (result["model"], result["rows"], result["new_tokens"], result["gradient_variance"]) == (name, 4, 4, None)
+    assert result["sampler_ms"] > 0 and result["tokens_per_second"]["generated"] > 0 and result["peak_memory_gb"] > 0
+
+
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])

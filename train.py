@@ -140,6 +140,10 @@ class Config:
     compare_workers: int = arg(2, "runs of --compare at once, in processes sharing the CPU threads (1: one after another, in this process)")
     benchmark: bool = arg(False, "measure the sampler and an online step against transformers' generate; write bench.json")
     bench_reps: int = arg(15, "repetitions of each timing in --benchmark (medians are reported)")
+    bench_model: str = arg("embedded", "--benchmark's model: embedded, or a real configuration with random weights, built "
+                                       "locally (no download): gpt2, gpt2-medium, pythia-160m, pythia-410m")
+    bench_batch_size: int = arg(16, "--benchmark: prompts per step (two responses each)")
+    bench_new_tokens: int = arg(32, "--benchmark: tokens sampled per response (every row gets exactly this many)")
 
 
 OFFLINE, DP, PP, PR = range(4)  # the four routes a pair can take
@@ -206,11 +210,11 @@ RANGES = [
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
     (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
                                 "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every",
-                                "compare_seeds", "compare_workers", "bench_reps"]),
+                                "compare_seeds", "compare_workers", "bench_reps", "bench_batch_size", "bench_new_tokens"]),
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"),
+CHOICES = {"method": METHODS, "bench_model": ("embedded", "gpt2", "gpt2-medium", "pythia-160m", "pythia-410m"), "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"),
            "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
 
 
@@ -1016,7 +1020,8 @@ def embedded_policy(cfg, task, device):
 # Checkpoints: the run's state, saved and loaded in one place
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
-                     "compare", "compare_methods", "compare_seeds", "compare_workers", "benchmark", "bench_reps"}
+                     "compare", "compare_methods", "compare_seeds", "compare_workers", "benchmark", "bench_reps",
+                     "bench_model", "bench_batch_size", "bench_new_tokens"}
 
 
 @dataclass
@@ -1449,40 +1454,92 @@ def plot_compare(runs, root):
 # Benchmark: where the time of the loop's own step goes, against transformers' generate
 
 def benchmark(cfg):
-    """`python train.py --benchmark`: 16 prompts x 2 responses of exactly 32 new tokens, measured side
-    by side in one process, medians of --bench_reps interleaved repetitions. (1) sail.sample against
+    """`python train.py --benchmark`: --bench_batch_size prompts x 2 responses of exactly
+    --bench_new_tokens new tokens, measured side by side in one process, medians of --bench_reps
+    interleaved repetitions, on the embedded model or a real configuration with random weights
+    (--bench_model: the same time and memory as the trained model). (1) sail.sample against
     model.generate(do_sample=True, use_cache=True), and the share of sample's time spent inside the
     model's forward. (2) The loop's own step (`alignment_step`, SAIL-PR with every pair online) with
     each of the two as its sampler, phase by phase. (3) The cost of SAIL's extra terms: the step's
     policy phase (forward, loss, backward) of SAIL-PR against online DPO on the same pairs (the
     learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs).
-    (4) What the response-term baseline saves (`baseline_variance`)."""
-    device, n_new = pick_device(cfg.device), 32
+    (4) On the embedded model, what the response-term baseline saves (`baseline_variance`).
+    (5) Peak memory: the process's peak RSS on a CPU, peak allocated memory on CUDA."""
+    device, n_new, n_prompts = pick_device(cfg.device), cfg.bench_new_tokens, cfg.bench_batch_size
     check_writable_dir(cfg.out_dir)  # before any measurement
-    bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=16, grad_accum=1, max_new_tokens=n_new, lr=0.0)
+    model = cfg.model if cfg.bench_model == "embedded" else bench_checkpoint(cfg, cfg.bench_model)
+    bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=n_prompts, grad_accum=1, max_new_tokens=n_new, lr=0.0,
+                                model=model)
     inputs = load_inputs(bench)
     run = setup_run(bench, inputs, device)
-    prompts = data.encode_prompts(run.tokenizer, inputs.train_prompts[:16] * 2, bench.max_prompt_len)
+    prompts = data.encode_prompts(run.tokenizer, (inputs.train_prompts * n_prompts)[:n_prompts] * 2, bench.max_prompt_len)
     t_ours, t_generate, forward_share = time_samplers(run, *(t.to(device) for t in prompts), n_new, cfg.bench_reps)
     step = time_steps(run, inputs, cfg.bench_reps)
-    variance = baseline_variance(cfg, inputs, device, batches=4 * cfg.bench_reps)
+    variance = baseline_variance(cfg, inputs, device, batches=4 * cfg.bench_reps) if cfg.bench_model == "embedded" else None
     result = {
-        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": bench.model,
-        "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 32, "new_tokens": n_new,
+        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": cfg.bench_model,
+        "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 2 * n_prompts, "new_tokens": n_new,
         "sampler_ms": 1000 * t_ours, "generate_ms": 1000 * t_generate,
         "sampler_speedup_vs_generate": t_generate / t_ours, "sampler_forward_share": forward_share,
         "online_step_ms": {k: 1000 * v for k, v in step["ours"].items()},
         "online_step_with_generate_ms": {k: 1000 * v for k, v in step["generate"].items()},
         "online_step_ratio": sum(step["ours"].values()) / sum(step["generate"].values()),
         "online_step_phase_share": {k: v / sum(step["ours"].values()) for k, v in step["ours"].items()},
+        "tokens_per_second": {"generated": 2 * n_prompts * n_new / step["ours"]["generate"],
+                              "trained": step["trained_tokens"] / step["ours"]["policy"]},
         "policy_phase_sail_pr_ms": 1000 * step["ours"]["policy"], "policy_phase_online_dpo_ms": 1000 * step["dpo"]["policy"],
         "extra_terms_overhead": step["ours"]["policy"] / step["dpo"]["policy"] - 1,
-        "gradient_variance": variance,
+        "gradient_variance": variance, "peak_memory_gb": peak_memory(device) / 2 ** 30,
+        "peak_memory_kind": "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS of the process",
     }
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print_benchmark(result, cfg.out_dir)
     return result
+
+
+# --bench_model: (architecture, vocabulary, sizes) of the real checkpoints, for random-weight stand-ins
+BENCH_MODELS = {
+    "gpt2": ("gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
+    "gpt2-medium": ("gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024)),
+    "pythia-160m": ("gpt_neox", 50304, dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                            intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25)),
+    "pythia-410m": ("gpt_neox", 50304, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                            intermediate_size=4096, max_position_embeddings=2048, rotary_pct=0.25)),
+}
+
+
+def bench_checkpoint(cfg, name):
+    """A checkpoint of the real configuration `name` with random weights, written once to
+    --cache_dir with save_pretrained (so the benchmark loads it with from_pretrained, as a real
+    one): the embedded task's tokenizer, its vocabulary filled up to the model's with placeholder
+    tokens, so that every sampled id decodes."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+    path = os.path.join(cfg.cache_dir, f"bench-{name}-random")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    check_writable_dir(cfg.cache_dir, "--cache_dir")
+    arch, vocab, sizes = BENCH_MODELS[name]
+    task = data.make_task(cfg.task_seed)
+    tokenizer = data.build_tokenizer([p + y for p, y in task.sft[:2000]])
+    tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab)])
+    ends = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(vocab_size=vocab, **ends, **sizes) if arch == "gpt2" else GPTNeoXConfig(vocab_size=vocab, **ends, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path + ".tmp")
+    tokenizer.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def peak_memory(device):
+    """Bytes: the peak allocated on a CUDA device, or this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
 
 
 def fixed_length_sample(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):
@@ -1548,14 +1605,18 @@ def time_steps(run, inputs, reps):
                               response_coefs=torch.zeros_like(run.response_coefs))
     plan = {"ours": (run, fixed_length_sample), "generate": (run, fixed_length_generate), "dpo": (dpo, fixed_length_sample)}
     states = {k: State.new(run.cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in plan}
-    times = {k: [] for k in plan}
+    times, trained = {k: [] for k in plan}, []
     for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
         for name, (r, sampler) in plan.items():
             r.sampler = sampler
             row = alignment_step(r, states[name], rep + 1)[0]
             if rep:
                 times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
-    return {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
+                if name == "ours":
+                    trained.append(row["trained_tokens"])
+    out = {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
+    out["trained_tokens"] = median(trained)
+    return out
 
 
 def baseline_variance(cfg, inputs, device, batches, train_steps=50):
@@ -1591,14 +1652,17 @@ def print_benchmark(r, out_dir):
           f"speed-up {r['sampler_speedup_vs_generate']:.2f}x | time inside the model's forward {100 * r['sampler_forward_share']:.0f}%")
     print(f"the loop's sail-pr step: with sail.sample {sum(r['online_step_ms'].values()):.1f} ms | with model.generate "
           f"{sum(r['online_step_with_generate_ms'].values()):.1f} ms | ratio {r['online_step_ratio']:.2f}")
-    print("  phase shares (ours):   " + " | ".join(f"{k} {100 * v:.0f}%" for k, v in r["online_step_phase_share"].items()))
+    print("  phases (ours):   " + " | ".join(f"{k} {r['online_step_ms'][k]:.1f} ms ({100 * v:.0f}%)"
+                                          for k, v in r["online_step_phase_share"].items()))
+    print(f"  tokens per second: generated {r['tokens_per_second']['generated']:.0f} | trained {r['tokens_per_second']['trained']:.0f}")
     print(f"policy phase, same pairs: sail-pr {r['policy_phase_sail_pr_ms']:.2f} ms | online-dpo {r['policy_phase_online_dpo_ms']:.2f} ms | "
           f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
-    v = r["gradient_variance"]
+    v = r["gradient_variance"] or {}
     for at in sorted({k.split("_")[0] for k in v}):
         print(f"gradient variance (trace), sail-pr at {at}: " + " | ".join(
             f"--baseline {k.split('_', 1)[1]} {v[k]['variance']:.3g}" for k in v if k.startswith(at + "_"))
             + f" | squared norm of the mean gradient {v[at + '_none']['mean_norm_sq']:.3g}")
+    print(f"peak memory: {r['peak_memory_gb']:.2f} GB ({r['peak_memory_kind']})")
     print(f"benchmark: {out_dir}/bench.json")
 
 
