@@ -234,7 +234,7 @@ def check_config(cfg):
             problems.append(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
     if cfg.method == "mix" and cfg.r + cfg.p + cfg.g > 1 + 1e-9:
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
-    if cfg.grad_accum > cfg.batch_size >= 2:
+    if cfg.grad_accum > cfg.batch_size:
         problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
     unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS and m.removesuffix("-official") not in OFFICIAL]
     if unknown:
@@ -418,6 +418,12 @@ def self_labels(run, state, pairs, labels, delta):
         labels.y1_wins[mine] = reward.self_label(delta[:B][mine] - delta[B:][mine], run.cfg.beta, state.label_gen)
 
 
+def margin(labels, delta):
+    """h = Delta(y_w) - Delta(y_l) (B,) of every pair, from the rows' Delta (2B,) and the labels."""
+    chosen, rejected = order_pairs(labels.y1_wins.to(delta.device), delta)  # (B,) each
+    return chosen - rejected
+
+
 def response_baselines(run, pairs, labels, delta):
     """Each pair's response-term baseline b (B,), or None: the mean cost valid * -l of the *other*
     pairs of the step that carry the response term (--baseline loo), or of every other pair
@@ -425,9 +431,7 @@ def response_baselines(run, pairs, labels, delta):
     cfg = run.cfg
     if cfg.baseline == "none" or cfg.method in EXPLORE or cfg.response_term == "official":
         return None
-    chosen, rejected = order_pairs(labels.y1_wins.to(run.device), delta)  # (B,) each
-    h = chosen - rejected  # (B,) Delta(y_w) - Delta(y_l)
-    cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * h), 0.0)  # (B,) valid * -l
+    cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * margin(labels, delta)), 0.0)  # (B,) valid * -l
     route = torch.from_numpy(pairs.route).to(run.device)
     return leave_one_out_mean(cost, None if cfg.baseline == "loo-all" else run.response_coefs[route] > 0)
 
@@ -436,6 +440,8 @@ def rows_of(pairs, idx):
     """The batch rows of the pairs idx (m,) in the layout [y1 | y2 | y~], each (2m [+ m], T'),
     without the trailing columns that are padding in every one of them."""
     B = len(pairs.route)
+    if len(idx) == B:  # one micro-batch: the whole batch, as it is
+        return pairs.batch
     rows = torch.cat([idx, B + idx] + ([2 * B + idx] if len(pairs.batch[0]) > 2 * B else []))
     ids, attention, response = (t[rows.to(t.device)] for t in pairs.batch)
     width = int(attention.bool().any(0).nonzero().max()) + 1
@@ -525,8 +531,7 @@ def all_pairs(B, micro, values):
 
 def step_figures(run, pairs, labels, delta):
     """What the log needs of the step, per pair, and the log-ratio of its policy-sampled rows."""
-    chosen, rejected = order_pairs(labels.y1_wins.to(delta.device), delta)  # (B,) each
-    h = chosen - rejected  # (B,) Delta(y_w) - Delta(y_l)
+    h = margin(labels, delta)  # (B,)
     online = torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)  # (2B,) rows sampled from pi_theta
     return {"neg_ell": -F.logsigmoid(run.cfg.beta * h), "h": h, "valid": labels.valid.to(delta.device), "kl": delta[online],
             "scores": labels.scores, "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated,
@@ -564,7 +569,7 @@ def label_totals(run, state):
     """The oracle labels spent so far, the same way for every pair: each online label (a tie too),
     and for each distinct offline pair trained on, the labels its dataset spent on it (the ties
     dropped before it included: data.make_task)."""
-    spent = run.pair_labels[sorted(state.used_pairs)].sum() if state.used_pairs else 0
+    spent = run.pair_labels[list(state.used_pairs)].sum() if state.used_pairs else 0
     n_used = len(state.used_pairs)
     return {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
 
@@ -1630,8 +1635,9 @@ def baseline_variance(cfg, inputs, device, batches, train_steps=50):
     state = State.new(trainer.cfg, trainer, len(inputs.train_prompts), len(inputs.pairs), history=[])
     out = {}
     for at in (0, train_steps):
-        for step in range(len(out) and train_steps):  # the second time: train first, with the run's own settings
-            alignment_step(trainer, state, step + 1)
+        if at:  # the second measurement: train first, with the run's own learning rate and clipping
+            for step in range(train_steps):
+                alignment_step(trainer, state, step + 1)
         weights = trainer.policy.state_dict()
         for name, r in runs.items():
             r.policy.load_state_dict(weights)
