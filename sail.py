@@ -192,7 +192,8 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     """
     B = prompt_ids.shape[0]
     # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
-    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward  # peft: the model inside
+    cache = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
     # Left padding shifts where each prompt starts; position ids must count real tokens only,
     # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)

@@ -14,6 +14,8 @@ import io
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -695,10 +697,8 @@ def test_benchmark_of_a_real_configuration_with_random_weights(tmp_path, cache, 
     """--bench_model builds the named architecture with random weights, saves it with
     save_pretrained and measures it as a real checkpoint; here at a tiny size of the same kind."""
     from transformers import AutoConfig
-    arch, _, _ = train.BENCH_MODELS[name]
-    tiny = (dict(n_embd=32, n_layer=1, n_head=2, n_positions=128) if arch == "gpt2" else
-            dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
-    monkeypatch.setitem(train.BENCH_MODELS, name, (arch, 700, tiny))
+    hub, arch, _, sizes, labels = train.STAND_INS[name]
+    monkeypatch.setitem(train.STAND_INS, name, (hub, arch, 700, {**sizes, **train.TINY[arch]}, labels))
     result = train.cli(["--benchmark", "--bench_model", name, "--bench_reps", "1", "--bench_batch_size", "2", "--bench_new_tokens", "4",
                         "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
     config = AutoConfig.from_pretrained(os.path.join(cache, f"bench-{name}-random"))
@@ -1109,6 +1109,7 @@ def test_every_numeric_option_refuses_values_out_of_range(name, value, message):
     (["--batch_size", "4", "--grad_accum", "6"], "--grad_accum 6 must be <= --batch_size 4"),
     (["--compare_methods", "dpo,ppo"], "--compare_methods: unknown 'ppo'"), (["--label_mode", "soft"], "--label_mode 'soft'"),
     (["--device", "gpu"], "--device 'gpu': choose auto, cpu"), (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--lora_rank", "8", "--offload_reference", "true"], "--offload_reference with --lora_rank: the reference is the policy"),
     (["--steps", "ten"], None),  # argparse's own message: "argument --steps: invalid int value: 'ten'"
 ])
 def test_other_bad_options_are_refused(argv, message, capsys):
@@ -1331,3 +1332,165 @@ def test_online_method_under_two_ranks(tmp_path, checkpoints):
     assert summary["world_size"] == 2 and summary["oracle_queries"] == 16
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "policy", "reward.png", "summary.json"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft): adapters only are trained, the reference is the policy with its adapters off
+
+def lora_run(argv):
+    """A run set up as train.py does it, with LoRA, and its state; nothing trained yet."""
+    cfg = train.parse_args(["--lora_rank", "4", "--batch_size", "4", "--max_new_tokens", "8", *argv])
+    inputs = train.load_inputs(cfg)
+    run = train.setup_run(cfg, inputs, torch.device("cpu"))
+    return run, train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]), inputs
+
+
+def lora_argv(arch, cache, checkpoints):
+    if arch == "embedded":  # GPT-2's Conv1D layers (fan_in_fan_out)
+        return ["--cache_dir", cache, "--sft_steps", "40"]
+    return ["--model", str(checkpoints.root / "neox"), "--prompts", checkpoints.prompts, "--pairs", checkpoints.pairs]
+
+
+@pytest.mark.parametrize("arch", ["embedded", "neox"])
+def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache, checkpoints, arch):
+    run, state, inputs = lora_run(["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5", "--lr", "1e-2",
+                                   *lora_argv(arch, cache, checkpoints)])
+    assert isinstance(run.reference, train.AdaptersOff) and run.reference.policy is run.policy  # no second copy
+    pairs = inputs.pairs[:6]
+    batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
+                                  [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
+    sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
+    sft_logps = train.sequence_logps_of(sft, *batch, OFF)  # (12,)
+    # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
+    assert torch.equal(train.reference_logps(run, batch), sft_logps)
+    assert torch.equal(train.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    frozen = {n: p.detach().clone() for n, p in run.policy.named_parameters() if not p.requires_grad}
+    for step in (1, 2, 3):
+        train.alignment_step(run, state, step)
+    # Gradients reached the adapters, A and B of every target module, and nothing else.
+    grads = {n: p.grad for n, p in run.policy.named_parameters() if p.grad is not None}
+    targets = train.LORA_TARGETS["gpt2" if arch == "embedded" else "gpt_neox"]
+    adapted = {n for n, _ in run.policy.named_modules() if n.rsplit(".", 1)[-1] in targets}  # every target module
+    assert set(grads) == {f"{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]) == sum(g.numel() for g in grads.values())
+    # The frozen weights did not move; the policy did; the reference is still exactly the SFT model.
+    assert all(torch.equal(p, frozen[n]) for n, p in run.policy.named_parameters() if n in frozen)
+    assert not torch.allclose(train.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    assert torch.equal(train.reference_logps(run, batch), sft_logps)
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpoints):
+    grads = []
+    for checkpointing in ("false", "true"):
+        run, state, _ = lora_run(["--method", "dpo", "--gradient_checkpointing", checkpointing,
+                                  *lora_argv("neox", cache, checkpoints)])
+        with torch.no_grad():  # move B off 0, so that A's gradient is not 0 either
+            for n, p in run.policy.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        train.alignment_step(run, state, 1)
+        grads.append(torch.cat([p.grad.flatten() for p in run.policy.parameters() if p.requires_grad]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_a_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, monkeypatch):
+    """A LoRA run that dies after its step-2 checkpoint and is started again ends exactly as one
+    that never stopped; the checkpoint holds the adapters only; policy/ is the merged model, which
+    plain from_pretrained loads, gives the LoRA policy's log-probs and generates."""
+    argv = ["--lora_rank", "4", "--method", "sail-pr", "--steps", "4", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
+            "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "2", *lora_argv("neox", cache, checkpoints)]
+    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "full")]))
+    real_step = train.alignment_step
+
+    def dies_at_step_3(run, state, step):
+        if step == 3:
+            raise KeyboardInterrupt  # after the step-2 checkpoint, before step 3's
+        return real_step(run, state, step)
+
+    monkeypatch.setattr(train, "alignment_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
+    monkeypatch.setattr(train, "alignment_step", real_step)
+    checkpoint = tmp_path / "cut" / "checkpoint"
+    assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert not (checkpoint / "model.safetensors").exists()
+    assert all("lora_" in k for k in weights_file(checkpoint / "adapter_model.safetensors"))
+    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
+    assert_same_metrics(metrics_without_timing(tmp_path / "cut"), metrics_without_timing(tmp_path / "full"))
+    a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "cut" / "policy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The merged policy: the plain model's keys, and the LoRA policy's log-probs (base + adapters).
+    import peft
+    sft, tok = load_model(checkpoints.root / "neox")
+    assert a.keys() == weights(checkpoints.root / "neox").keys()
+    lora = peft.PeftModel.from_pretrained(load_model(checkpoints.root / "neox")[0], tmp_path / "full" / "checkpoint")
+    merged = load_model(tmp_path / "full" / "policy")[0]
+    rows = data.encode_responses(data.prepare_tokenizer(tok), ["Review of the pizza:"] * 2, [" great", " awful"], 16, 8)
+    lora_logps, merged_logps = train.sequence_logps_of(lora, *rows, OFF), train.sequence_logps_of(merged, *rows, OFF)
+    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, train.sequence_logps_of(sft, *rows, OFF))
+    ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
+    assert merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                           pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]
+
+
+def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
+    real = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert "--lora_rank needs the peft library: pip install peft" in refusal(["--lora_rank", "8"])
+
+
+def weights_file(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_lora_under_two_ranks_equals_one_rank(tmp_path, checkpoints):
+    """DDP over a peft model: 2 ranks x 4 pairs give the loss and gradient of 1 rank x 8 pairs."""
+    argv = ["--model", str(checkpoints.root / "gpt2"), "--pairs", checkpoints.pairs, "--prompts", checkpoints.prompts,
+            "--lora_rank", "4", "--lr", "1e-2", "--method", "dpo", "--steps", "2", "--batch_size", "8",
+            "--eval_samples", "1", "--max_new_tokens", "8", "--eval_every", "2"]
+    torchrun(*argv, "--out_dir", str(tmp_path / "two"))
+    train.main(train.parse_args([*argv, "--out_dir", str(tmp_path / "one")]))
+    one, two = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-6)
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-5)
+    sft, a, b = weights(checkpoints.root / "gpt2"), weights(tmp_path / "one" / "policy"), weights(tmp_path / "two" / "policy")
+    update = torch.cat([(a[k] - sft[k]).abs().flatten() for k in a]).mean()
+    noise = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
+    assert update > 1e-5 and noise < 1e-3 * update, (noise, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's recipes, exactly as written, on tiny stand-ins of their models and files
+
+def readme_recipes():
+    """The arguments of each README recipe's `python train.py ...` command."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    blocks = re.findall(r"\*\*Recipe \d.*?```bash\n(.*?)```", text, re.S)
+    return [shlex.split(b.replace("\\\n", " "))[2:] for b in blocks]
+
+
+@pytest.fixture(scope="module")
+def tiny_stand_ins(tmp_path_factory):
+    return train.write_stand_ins(str(tmp_path_factory.mktemp("stand_ins")), tiny=True)
+
+
+def with_option(argv, name, value):
+    return argv[:argv.index(name) + 1] + [value] + argv[argv.index(name) + 2:] if name in argv else argv + [name, value]
+
+
+@pytest.mark.parametrize("recipe,archs", [(0, ("gpt2", "distilbert")), (1, ("gpt_neox", "deberta-v2"))])
+def test_the_readme_recipes_run_as_written_on_tiny_stand_ins(tmp_path, tiny_stand_ins, recipe, archs):
+    """Each recipe's command with the hub ids and files swapped for stand-ins of the same
+    architectures (and one step, one held-out sample each): it trains and saves its policy."""
+    from transformers import AutoConfig
+    argv = [tiny_stand_ins.get(a, a) for a in readme_recipes()[recipe]]
+    assert sum(a in tiny_stand_ins.values() for a in argv) >= 3  # the models and the data files were swapped
+    for name, value in [("--steps", "1"), ("--eval_samples", "1"), ("--out_dir", str(tmp_path / "out"))]:
+        argv = with_option(argv, name, value)
+    summary = train.main(train.parse_args(argv))
+    cfg = train.parse_args(argv)
+    assert (AutoConfig.from_pretrained(cfg.model).model_type, AutoConfig.from_pretrained(cfg.reward_model).model_type) == archs
+    assert summary["oracle_queries"] > 0 and math.isfinite(summary["gold_reward_final"]) and summary["peak_memory_gb"] > 0
+    assert AutoConfig.from_pretrained(tmp_path / "out" / "policy").model_type == archs[0]

@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import importlib.util
 import io
 import json
 import math
@@ -103,6 +104,9 @@ class Config:
     grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches for the forward and backward passes (less memory, the same update)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
     offload_reference: bool = arg(False, "keep the frozen reference model on the CPU (less GPU memory, slower)")
+    lora_rank: int = arg(0, "LoRA (needs peft): train rank-R adapters instead of every weight; the reference is the same model "
+                            "with its adapters off, so no second copy is held (0: full fine-tuning)")
+    lora_alpha: float = arg(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank")
     # generation
     max_new_tokens: int = arg(24, "longest sampled response, in tokens")
     temperature: float = arg(1.0, "sampling temperature (log-probs always use temperature 1; see sail.py)")
@@ -144,6 +148,8 @@ class Config:
                                        "locally (no download): gpt2, gpt2-medium, pythia-160m, pythia-410m")
     bench_batch_size: int = arg(16, "--benchmark: prompts per step (two responses each)")
     bench_new_tokens: int = arg(32, "--benchmark: tokens sampled per response (every row gets exactly this many)")
+    stand_ins: str = arg("", "write random-weight stand-ins of the README recipes' models, at their real sizes, and JSONL files "
+                             "of their data's shapes to this directory, then exit (run a recipe on them: its time and memory)")
 
 
 OFFLINE, DP, PP, PR = range(4)  # the four routes a pair can take
@@ -203,9 +209,9 @@ def config_file_args(path):
 
 # The valid range of every numeric option: (test, what the test says, options).
 RANGES = [
-    (lambda x: x > 0, "> 0", ["beta", "lr", "sft_lr", "temperature"]),
+    (lambda x: x > 0, "> 0", ["beta", "lr", "sft_lr", "temperature", "lora_alpha"]),
     (lambda x: x >= 0, ">= 0", ["rho", "pi", "gamma", "response_scale", "selm_alpha", "xpo_alpha", "weight_decay",
-                                "grad_clip", "seed", "task_seed"]),
+                                "grad_clip", "seed", "task_seed", "lora_rank"]),
     (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
     (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
@@ -236,6 +242,10 @@ def check_config(cfg):
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
     if cfg.grad_accum > cfg.batch_size:
         problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
+    if cfg.lora_rank and cfg.offload_reference:
+        problems.append("--offload_reference with --lora_rank: the reference is the policy with its adapters off, there is no copy to offload")
+    if cfg.lora_rank and importlib.util.find_spec("peft") is None:
+        problems.append("--lora_rank needs the peft library: pip install peft (or --lora_rank 0 for full fine-tuning)")
     unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS and m.removesuffix("-official") not in OFFICIAL]
     if unknown:
         problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
@@ -736,9 +746,11 @@ def show_sample(run, pairs, labels):
 
 
 def write_outputs(run, state, sft_eval, seconds, t_start):
-    """policy/ (from_pretrained-ready), summary.json and reward.png; returns the summary."""
+    """policy/ (from_pretrained-ready), summary.json and reward.png; returns the summary. A LoRA
+    policy is saved merged (W + (alpha / r) B A), a plain model again; the run's last use of it."""
     cfg, final = run.cfg, state.history[-1]
-    run.policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    policy = run.policy.merge_and_unload() if cfg.lora_rank else run.policy
+    policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     run.tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     phases = state.phase_seconds
     summary = {
@@ -753,6 +765,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "phase_share": {k: v / sum(phases.values()) for k, v in phases.items()},
         "tokens_per_second": {"generated": state.token_totals["generated"] / max(phases.get("generate", 0.0), 1e-9),
                               "trained": state.token_totals["trained"] / max(phases["policy"], 1e-9)},
+        "peak_memory_gb": peak_memory(run.device) / 2 ** 30,  # RSS on a CPU, allocated on CUDA; a resumed run's since it resumed
     }
     summary["tie_rate"] = summary["ties"] / summary["oracle_queries"] if summary["oracle_queries"] else None
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
@@ -773,7 +786,7 @@ def print_summary(cfg, summary, sft_eval, final):
     s = summary["seconds_by_phase"]
     ties = f" ({summary['ties']} ties)" if summary["ties"] else ""
     print(f"oracle queries {summary['oracle_queries']}{ties} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
-          f"total {summary['seconds']:.0f}s | outputs in {cfg.out_dir}/")
+          f"total {summary['seconds']:.0f}s | peak memory {summary['peak_memory_gb']:.2f} GB | outputs in {cfg.out_dir}/")
 
 
 # -----------------------------------------------------------------------------
@@ -896,22 +909,29 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     data.prepare_tokenizer(tokenizer)
     disable_dropout(policy)
     # The reference: a frozen copy of the SFT policy, set up here once (eval mode, no gradients; its
-    # forward passes run under torch.no_grad in `reference_logps`).
+    # forward passes run under torch.no_grad in `reference_logps`). With LoRA it is the policy itself
+    # with its adapters switched off: exactly the SFT model, and no second copy in memory.
     ref_device = torch.device("cpu") if cfg.offload_reference else device
-    reference = copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)
-    # SELM trains in iterations: its training reference is the last iterate, so it gets its own copy;
-    # the SFT reference stays the yardstick of KL in evaluation.
+    reference = None if cfg.lora_rank else copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)
     ref_every = cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0)
     policy.to(device).train()
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    if cfg.lora_rank:
+        policy = add_lora(policy, cfg)
+        reference = AdaptersOff(policy)
+    # SELM trains in iterations: its training reference is the last iterate, so it gets its own copy
+    # (with LoRA, a copy of the model with adapters); the SFT reference stays the yardstick of KL.
+    train_reference = reference
+    if ref_every:
+        train_reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.lora_rank else copy.deepcopy(reference)
     gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
     # The exact term is averaged over the step's pairs like the rest of the loss, scaled by
     # --response_scale; the official hook's is summed over each rank's pairs, unscaled (sail_loss).
     response_scale = cfg.batch_size / world if cfg.response_term == "official" else cfg.response_scale
-    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=copy.deepcopy(reference) if ref_every else reference,
-              tokenizer=tokenizer, oracle=oracle,
-              optimizer=torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    trained = [p for p in policy.parameters() if p.requires_grad]  # every weight, or (LoRA) the adapters only
+    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=train_reference, tokenizer=tokenizer, oracle=oracle,
+              optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay),
               train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
               ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
               pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
@@ -919,11 +939,49 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
               label_coefs=torch.tensor([0.0, cfg.rho, cfg.pi, 0.0], device=device),  # per route
               response_coefs=response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma], device=device),
               ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
-    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) | "
-          f"reference on {ref_device} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
+    lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
+    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
+          f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
           f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
     check_lengths(cfg, inputs, policy, tokenizer)
     return run
+
+
+# LoRA's target modules per architecture: every linear map of attention and MLP, as in the LoRA
+# papers' later practice (GPT-2's are Conv1D, weights stored transposed: fan_in_fan_out).
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
+
+
+def add_lora(policy, cfg):
+    """The policy with LoRA adapters (peft): W x + (alpha / r) B A x, B = 0 at the start, so the
+    policy begins exactly at the SFT model. Only A and B require gradients; the rest is frozen."""
+    import peft
+
+    arch = policy.config.model_type
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=LORA_TARGETS.get(arch, "all-linear"), fan_in_fan_out=arch == "gpt2")
+    with torch.random.fork_rng(devices=[]):  # A's random start depends on --seed alone, not on what ran before
+        torch.manual_seed(cfg.seed)
+        model = peft.get_peft_model(policy, config)
+    if cfg.gradient_checkpointing:  # reentrant checkpointing (older transformers) needs inputs that require grad
+        model.enable_input_require_grads()
+    return model
+
+
+class AdaptersOff:
+    """The reference of a LoRA policy: the same model, called with its adapters switched off,
+    which is exactly the SFT model. Forward passes only (under no_grad); every other attribute
+    (training, eval, config, ...) is the policy's."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy(**inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
 
 
 def token_lengths(tokenizer, texts, **kwargs):
@@ -1026,7 +1084,7 @@ def embedded_policy(cfg, task, device):
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
                      "compare", "compare_methods", "compare_seeds", "compare_workers", "benchmark", "bench_reps",
-                     "bench_model", "bench_batch_size", "bench_new_tokens"}
+                     "bench_model", "bench_batch_size", "bench_new_tokens", "stand_ins"}
 
 
 @dataclass
@@ -1068,7 +1126,7 @@ def save_checkpoint(run, state, streams):
     path = os.path.join(run.cfg.out_dir, "checkpoint")
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    run.policy.save_pretrained(tmp)  # safetensors
+    run.policy.save_pretrained(tmp)  # safetensors: every weight, or (LoRA) the adapters only
     if run.ref_every:  # SELM's moving reference
         run.train_reference.save_pretrained(os.path.join(tmp, "reference"))
     torch.save({"optimizer": run.optimizer.state_dict(), "step": state.step, "config": dataclasses.asdict(run.cfg),
@@ -1103,15 +1161,26 @@ def read_checkpoint(cfg, world):
 
 def load_checkpoint(path, saved, run, state):
     """Weights (safetensors), optimiser, every random stream, data positions and counters."""
-    run.policy.load_state_dict(type(run.policy).from_pretrained(path).state_dict())
+    load_weights(run.policy, path)
     if run.ref_every:
-        run.train_reference.load_state_dict(type(run.policy).from_pretrained(os.path.join(path, "reference")).state_dict())
+        load_weights(run.train_reference, os.path.join(path, "reference"))
     run.optimizer.load_state_dict(saved["optimizer"])
     set_rng_states(saved["rng"][run.rank], *state.generators())
     (state.prompt_stream.epoch, state.prompt_stream.pos), (state.pair_stream.epoch, state.pair_stream.pos) = saved["streams"]
     state.step, state.oracle_queries, state.ties, state.history = saved["step"], saved["oracle_queries"], saved["ties"], saved["history"]
     state.phase_seconds, state.token_totals, state.used_pairs = saved["phase_seconds"], saved["token_totals"], set(saved["used_pairs"])
     print(f"resuming from {path} at step {state.step} of {run.cfg.steps}")
+
+
+def load_weights(model, path):
+    """Weights that save_pretrained wrote to `path` into `model`: all of them, or a LoRA model's
+    adapters (its frozen base is the SFT model, loaded already)."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(type(model).from_pretrained(path).state_dict())
 
 
 def refuse_changed_settings(saved, cfg, advice):
@@ -1503,39 +1572,114 @@ def benchmark(cfg):
     return result
 
 
-# --bench_model: (architecture, vocabulary, sizes) of the real checkpoints, for random-weight stand-ins
-BENCH_MODELS = {
-    "gpt2": ("gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
-    "gpt2-medium": ("gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024)),
-    "pythia-160m": ("gpt_neox", 50304, dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                            intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25)),
-    "pythia-410m": ("gpt_neox", 50304, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                            intermediate_size=4096, max_position_embeddings=2048, rotary_pct=0.25)),
+# Stand-ins: the README recipes' models and files at their real sizes, with random weights and
+# text of the right lengths, built here (no download). A random-weight model costs the time and
+# memory of the trained one. name -> (the hub id it stands in for, architecture, vocabulary,
+# sizes, the classifier's labels: None for a causal LM).
+STAND_INS = {
+    "gpt2": ("gpt2", "gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), None),
+    "gpt2-medium": ("gpt2-medium", "gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024), None),
+    "pythia-160m": ("EleutherAI/pythia-160m", "gpt_neox", 50304, dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048,
+        rotary_pct=0.25), None),
+    "pythia-410m": ("EleutherAI/pythia-410m", "gpt_neox", 50304, dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, max_position_embeddings=2048,
+        rotary_pct=0.25), None),
+    "distilbert-imdb": ("lvwerra/distilbert-imdb", "distilbert", 30522, dict(
+        dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512), ["NEGATIVE", "POSITIVE"]),
+    "reward-model-deberta-v3-large-v2": ("OpenAssistant/reward-model-deberta-v3-large-v2", "deberta-v2", 128100, dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, pooler_hidden_size=1024,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+        type_vocab_size=0, layer_norm_eps=1e-7), ["reward"]),
+}
+TINY = {  # the same architectures, a few thousand times smaller (and a vocabulary of 1000), for the tests
+    "gpt2": dict(n_embd=16, n_layer=2, n_head=2), "gpt_neox": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                                    intermediate_size=32),
+    "distilbert": dict(dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+    "deberta-v2": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, pooler_hidden_size=16),
 }
 
 
-def bench_checkpoint(cfg, name):
-    """A checkpoint of the real configuration `name` with random weights, written once to
-    --cache_dir with save_pretrained (so the benchmark loads it with from_pretrained, as a real
-    one): the embedded task's tokenizer, its vocabulary filled up to the model's with placeholder
-    tokens, so that every sampled id decodes."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+def write_stand_in(path, name, tiny=False, task_seed=0):
+    """Save the stand-in `name` to `path` with save_pretrained (loaded back with from_pretrained,
+    as a real checkpoint). A causal LM gets the embedded task's tokenizer, its vocabulary filled up
+    to the model's with placeholder tokens <unusedN>, so that every sampled id decodes; a reward
+    model gets a word-level tokenizer that reads each of those (and each word) as one token, so it
+    sees about as many tokens as the policy wrote."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = os.path.join(cfg.cache_dir, f"bench-{name}-random")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    check_writable_dir(cfg.cache_dir, "--cache_dir")
-    arch, vocab, sizes = BENCH_MODELS[name]
-    task = data.make_task(cfg.task_seed)
-    tokenizer = data.build_tokenizer([p + y for p, y in task.sft[:2000]])
+    _, arch, vocab, sizes, labels = STAND_INS[name]
+    vocab, sizes = (1000, {**sizes, **TINY[arch]}) if tiny else (vocab, sizes)
+    texts = [p + y for p, y in data.make_task(task_seed).sft[:2000]]
+    tokenizer = data.build_tokenizer(texts)
     tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab)])
-    ends = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = GPT2Config(vocab_size=vocab, **ends, **sizes) if arch == "gpt2" else GPTNeoXConfig(vocab_size=vocab, **ends, **sizes)
+    if labels:
+        tokenizer = word_level_tokenizer(sorted({w for x in texts for w in x.split()}), vocab)
+        config = AutoConfig.for_model(arch, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=len(labels),
+                                      id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}, **sizes)
+    else:
+        config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config)
     model.save_pretrained(path + ".tmp")
     tokenizer.save_pretrained(path + ".tmp")
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(path + ".tmp", path)
+    return path
+
+
+def word_level_tokenizer(words, vocab):
+    """[CLS] text [SEP] (text pairs: [CLS] a [SEP] b [SEP]), one token per word or <unusedN>
+    placeholder, [UNK] for those beyond the vocabulary; at most 512 tokens, as BERT's."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "[PAD]", "[CLS]", "[SEP]"]
+    names = (specials + words)[:vocab] + [f"<unused{i}>" for i in range(vocab - len(specials) - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex(r"<unused\d+>"), behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", model_max_length=512)
+
+
+def write_stand_ins(out, tiny=False, task_seed=0):
+    """`--stand_ins DIR`: the README recipes' models (random weights, real sizes) and JSONL files
+    of the shapes of theirs (IMDB prompts of 8 words; HH dialogues of 50-400 words, answers of
+    20-150), from the embedded task's sentences. Returns {hub id or file name: local path}."""
+    check_writable_dir(out, "--stand_ins")
+    rng = random.Random(task_seed)
+    words = " ".join(y for _, y in data.make_task(task_seed).sft).split()
+
+    def text(n):  # n words of the embedded task's text, from a random place
+        i = rng.randrange(len(words) - n)
+        return " ".join(words[i:i + n])
+
+    paths = {}
+    for name in ("gpt2", "pythia-410m", "distilbert-imdb", "reward-model-deberta-v3-large-v2"):
+        paths[STAND_INS[name][0]] = write_stand_in(os.path.join(out, name), name, tiny, task_seed)
+    dialogues = [f"\n\nHuman: {text(rng.randint(50, 400))}\n\nAssistant:" for _ in range(100)]
+    files = {"imdb_prompts.jsonl": [{"prompt": text(8)} for _ in range(200)],
+             "hh_prompts.jsonl": [{"prompt": p} for p in dialogues],
+             "hh_pairs.jsonl": [{"prompt": p, "chosen": " " + text(rng.randint(20, 150)), "rejected": " " + text(rng.randint(20, 150))}
+                                for p in dialogues]}
+    for name, rows in files.items():
+        paths[name] = os.path.join(out, name)
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in rows)
+    print(f"stand-ins in {out}/: " + ", ".join(f"{os.path.basename(p)} (for {k})" for k, p in paths.items()))
+    return paths
+
+
+def bench_checkpoint(cfg, name):
+    """--bench_model's stand-in, written once to --cache_dir."""
+    path = os.path.join(cfg.cache_dir, f"bench-{name}-random")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        check_writable_dir(cfg.cache_dir, "--cache_dir")
+        write_stand_in(path, name, task_seed=cfg.task_seed)
     return path
 
 
@@ -1675,6 +1819,8 @@ def print_benchmark(r, out_dir):
 def cli(argv=None):
     try:
         cfg = parse_args(argv)
+        if cfg.stand_ins:
+            return write_stand_ins(cfg.stand_ins, task_seed=cfg.task_seed)
         return compare(cfg) if cfg.compare else benchmark(cfg) if cfg.benchmark else main(cfg)
     except (data.DataError, reward.ModelError) as e:  # bad input: the message says where and what
         raise SystemExit(f"error: {e}") from None
