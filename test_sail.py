@@ -697,12 +697,12 @@ def test_benchmark_of_a_real_configuration_with_random_weights(tmp_path, cache, 
     """--bench_model builds the named architecture with random weights, saves it with
     save_pretrained and measures it as a real checkpoint; here at a tiny size of the same kind."""
     from transformers import AutoConfig
-    hub, arch, _, sizes, labels = train.STAND_INS[name]
-    monkeypatch.setitem(train.STAND_INS, name, (hub, arch, 700, {**sizes, **train.TINY[arch]}, labels))
+    stand_in = train.STAND_INS[name]
+    monkeypatch.setitem(train.STAND_INS, name, stand_in._replace(vocab=700, sizes={**stand_in.sizes, **train.TINY[stand_in.arch]}))
     result = train.cli(["--benchmark", "--bench_model", name, "--bench_reps", "1", "--bench_batch_size", "2", "--bench_new_tokens", "4",
                         "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
     config = AutoConfig.from_pretrained(os.path.join(cache, f"bench-{name}-random"))
-    assert config.model_type == arch and config.vocab_size == 700
+    assert config.model_type == stand_in.arch and config.vocab_size == 700
     assert (result["model"], result["rows"], result["new_tokens"], result["gradient_variance"]) == (name, 4, 4, None)
     assert result["sampler_ms"] > 0 and result["tokens_per_second"]["generated"] > 0 and result["peak_memory_gb"] > 0
 
@@ -1394,29 +1394,29 @@ def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpo
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
-def test_a_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, monkeypatch):
-    """A LoRA run that dies after its step-2 checkpoint and is started again ends exactly as one
-    that never stopped; the checkpoint holds the adapters only; policy/ is the merged model, which
+@pytest.mark.parametrize("method", ["sail-pr", "selm --ref_update_every 2"])  # selm: and its moving reference
+def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, method):
+    """A LoRA run killed (SIGKILL) between checkpoints and started again ends exactly as one that
+    never stopped; the checkpoint holds the adapters only; policy/ is the merged model, which
     plain from_pretrained loads, gives the LoRA policy's log-probs and generates."""
-    argv = ["--lora_rank", "4", "--method", "sail-pr", "--steps", "4", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
-            "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "2", *lora_argv("neox", cache, checkpoints)]
+    argv = ["--lora_rank", "4", "--method", *method.split(), "--steps", "6", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
+            "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "3", *lora_argv("neox", cache, checkpoints)]
     train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "full")]))
-    real_step = train.alignment_step
-
-    def dies_at_step_3(run, state, step):
-        if step == 3:
-            raise KeyboardInterrupt  # after the step-2 checkpoint, before step 3's
-        return real_step(run, state, step)
-
-    monkeypatch.setattr(train, "alignment_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
-    monkeypatch.setattr(train, "alignment_step", real_step)
-    checkpoint = tmp_path / "cut" / "checkpoint"
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "cut")], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.002)  # after step 3: the last checkpoint is step 2's, three steps and an evaluation are left
+    proc.kill()
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    checkpoint = type(tmp_path)(train.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
     assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
     assert not (checkpoint / "model.safetensors").exists()
     assert all("lora_" in k for k in weights_file(checkpoint / "adapter_model.safetensors"))
-    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
+    if "selm" in method:  # SELM's reference after its update at step 2: the policy's adapters then
+        assert weights_file(checkpoint / "reference" / "adapter_model.safetensors").keys() == \
+            weights_file(checkpoint / "adapter_model.safetensors").keys()
+    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))  # the same command again: it resumes
     assert_same_metrics(metrics_without_timing(tmp_path / "cut"), metrics_without_timing(tmp_path / "full"))
     a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "cut" / "policy")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -1474,6 +1474,23 @@ def readme_recipes():
 @pytest.fixture(scope="module")
 def tiny_stand_ins(tmp_path_factory):
     return train.write_stand_ins(str(tmp_path_factory.mktemp("stand_ins")), tiny=True)
+
+
+def test_the_stand_ins_have_the_published_sizes():
+    """Built on the meta device (no memory): the parameter counts of the checkpoints they stand in for."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    published = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "pythia-160m": 162.32e6, "pythia-410m": 405.33e6,
+                 "distilbert-imdb": 66.96e6, "reward-model-deberta-v3-large-v2": 435.06e6}
+    for name, count in published.items():
+        tokenizer, config = train.stand_in_config(name)
+        with torch.device("meta"):
+            auto = AutoModelForSequenceClassification if train.STAND_INS[name].labels else AutoModelForCausalLM
+            model = auto.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=2e-3), name
+        assert len(tokenizer) == config.vocab_size, name  # every id the model can emit or read decodes
+    reward_tokenizer = train.stand_in_config("distilbert-imdb", tiny=True)[0]
+    ids = reward_tokenizer("<unused5><unused7> the", "review")["input_ids"]  # [CLS] a [SEP] b [SEP]: one token per word
+    assert len(ids) == 3 + 1 + 3 and ids[0] == reward_tokenizer.cls_token_id and reward_tokenizer.unk_token_id not in ids
 
 
 def with_option(argv, name, value):

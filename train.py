@@ -31,7 +31,8 @@ Departures from the paper (see also sail.py):
      prompt that produced them, in one tensor (the official code pairs mismatched lists).
   3. A tied oracle label carries no preference: its l counts as 0 (only the baseline part of its
      response term stays, which keeps the gradient exact); it still counts as a query.
-  4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models.
+  4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models; full
+     fine-tuning is the default, and --lora_rank R trains LoRA adapters (peft) instead.
   5. The response term uses a leave-one-out baseline by default (--baseline none for the plain
      estimator), which lowers its variance without biasing it, and its coefficients are scaled
      by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
@@ -56,6 +57,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -279,7 +281,7 @@ def check_device(name):
 # ALGORITHM: one SAIL step, as small functions in the paper's order. `alignment_step` calls them.
 # They read what they need from `run` (a Run, set up once, below) and `state` (a State: the random
 # streams and counters a checkpoint saves). The names used here: run.policy, the model trained
-# (run.train_policy: the same, or its DDP wrapper); run.reference, its frozen SFT copy
+# (run.train_policy: the same, or its DDP wrapper); run.reference, its frozen SFT copy (LoRA: the policy, adapters off)
 # (run.train_reference: the same, or SELM's moving one); run.sampler, sail.sample; run.amp, bf16
 # autocast on CUDA, else nothing; run.label_coefs / run.response_coefs, each term's coefficient
 # per route, indexed by OFFLINE, DP, PP, PR.
@@ -749,8 +751,9 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
     """policy/ (from_pretrained-ready), summary.json and reward.png; returns the summary. A LoRA
     policy is saved merged (W + (alpha / r) B A), a plain model again; the run's last use of it."""
     cfg, final = run.cfg, state.history[-1]
-    policy = run.policy.merge_and_unload() if cfg.lora_rank else run.policy
-    policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    if cfg.lora_rank:  # merged in place: the adapters, and with them the reference (adapters off), are gone
+        run.policy, run.reference, run.train_reference = run.policy.merge_and_unload(), None, None
+    run.policy.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     run.tokenizer.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     phases = state.phase_seconds
     summary = {
@@ -912,7 +915,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     # forward passes run under torch.no_grad in `reference_logps`). With LoRA it is the policy itself
     # with its adapters switched off: exactly the SFT model, and no second copy in memory.
     ref_device = torch.device("cpu") if cfg.offload_reference else device
-    reference = None if cfg.lora_rank else copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)
+    reference = None if cfg.lora_rank else copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)  # LoRA: set below
     ref_every = cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0)
     policy.to(device).train()
     if cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
@@ -921,7 +924,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
         policy = add_lora(policy, cfg)
         reference = AdaptersOff(policy)
     # SELM trains in iterations: its training reference is the last iterate, so it gets its own copy
-    # (with LoRA, a copy of the model with adapters); the SFT reference stays the yardstick of KL.
+    # (with LoRA too: a whole second model, adapters included); the SFT reference stays the yardstick of KL.
     train_reference = reference
     if ref_every:
         train_reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.lora_rank else copy.deepcopy(reference)
@@ -960,7 +963,8 @@ def add_lora(policy, cfg):
     arch = policy.config.model_type
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                              target_modules=LORA_TARGETS.get(arch, "all-linear"), fan_in_fan_out=arch == "gpt2")
-    with torch.random.fork_rng(devices=[]):  # A's random start depends on --seed alone, not on what ran before
+    cuda = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # A's random start depends on --seed alone, not on what ran before
         torch.manual_seed(cfg.seed)
         model = peft.get_peft_model(policy, config)
     if cfg.gradient_checkpointing:  # reentrant checkpointing (older transformers) needs inputs that require grad
@@ -970,8 +974,10 @@ def add_lora(policy, cfg):
 
 class AdaptersOff:
     """The reference of a LoRA policy: the same model, called with its adapters switched off,
-    which is exactly the SFT model. Forward passes only (under no_grad); every other attribute
-    (training, eval, config, ...) is the policy's."""
+    which is exactly the SFT model. Only calls (forward passes, under no_grad) and what sampling
+    reads (its mode, config and base model) are allowed: anything else, such as .generate, would
+    run with the adapters on, so it raises."""
+    SHARED = {"training", "train", "eval", "config", "get_base_model"}  # the policy's own: the one model's mode
 
     def __init__(self, policy):
         self.policy = policy
@@ -981,6 +987,8 @@ class AdaptersOff:
             return self.policy(**inputs)
 
     def __getattr__(self, name):
+        if name not in AdaptersOff.SHARED:
+            raise AttributeError(f"the LoRA reference has no {name!r}: call it, as a model's forward")
         return getattr(self.policy, name)
 
 
@@ -1126,9 +1134,9 @@ def save_checkpoint(run, state, streams):
     path = os.path.join(run.cfg.out_dir, "checkpoint")
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    run.policy.save_pretrained(tmp)  # safetensors: every weight, or (LoRA) the adapters only
+    save_weights(run.policy, tmp)
     if run.ref_every:  # SELM's moving reference
-        run.train_reference.save_pretrained(os.path.join(tmp, "reference"))
+        save_weights(run.train_reference, os.path.join(tmp, "reference"))
     torch.save({"optimizer": run.optimizer.state_dict(), "step": state.step, "config": dataclasses.asdict(run.cfg),
                 "world_size": run.world, "rng": streams,
                 "streams": [(state.prompt_stream.epoch, state.prompt_stream.pos), (state.pair_stream.epoch, state.pair_stream.pos)],
@@ -1172,13 +1180,20 @@ def load_checkpoint(path, saved, run, state):
     print(f"resuming from {path} at step {state.step} of {run.cfg.steps}")
 
 
+def save_weights(model, path):
+    """save_pretrained (safetensors): every weight, or a LoRA model's adapters only (its frozen base
+    is the SFT model; peft is told not to look the base up on the hub for its embeddings)."""
+    model.save_pretrained(path, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+
+
 def load_weights(model, path):
-    """Weights that save_pretrained wrote to `path` into `model`: all of them, or a LoRA model's
-    adapters (its frozen base is the SFT model, loaded already)."""
+    """What save_weights wrote to `path`, into `model`."""
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
-        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        loaded = set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        if loaded.unexpected_keys:
+            raise SystemExit(f"error: {path}: adapters that this model does not have ({loaded.unexpected_keys[0]}, ...)")
     else:
         model.load_state_dict(type(model).from_pretrained(path).state_dict())
 
@@ -1574,20 +1589,27 @@ def benchmark(cfg):
 
 # Stand-ins: the README recipes' models and files at their real sizes, with random weights and
 # text of the right lengths, built here (no download). A random-weight model costs the time and
-# memory of the trained one. name -> (the hub id it stands in for, architecture, vocabulary,
-# sizes, the classifier's labels: None for a causal LM).
+# memory of the trained one.
+class StandIn(NamedTuple):
+    hub_id: str   # the checkpoint it stands in for
+    arch: str     # its config's model_type
+    vocab: int
+    sizes: dict   # the config's sizes, as published
+    labels: list  # a classifier's outputs (None: a causal LM)
+
+
 STAND_INS = {
-    "gpt2": ("gpt2", "gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), None),
-    "gpt2-medium": ("gpt2-medium", "gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024), None),
-    "pythia-160m": ("EleutherAI/pythia-160m", "gpt_neox", 50304, dict(
+    "gpt2": StandIn("gpt2", "gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), None),
+    "gpt2-medium": StandIn("gpt2-medium", "gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024), None),
+    "pythia-160m": StandIn("EleutherAI/pythia-160m", "gpt_neox", 50304, dict(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048,
         rotary_pct=0.25), None),
-    "pythia-410m": ("EleutherAI/pythia-410m", "gpt_neox", 50304, dict(
+    "pythia-410m": StandIn("EleutherAI/pythia-410m", "gpt_neox", 50304, dict(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, max_position_embeddings=2048,
         rotary_pct=0.25), None),
-    "distilbert-imdb": ("lvwerra/distilbert-imdb", "distilbert", 30522, dict(
+    "distilbert-imdb": StandIn("lvwerra/distilbert-imdb", "distilbert", 30522, dict(
         dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512), ["NEGATIVE", "POSITIVE"]),
-    "reward-model-deberta-v3-large-v2": ("OpenAssistant/reward-model-deberta-v3-large-v2", "deberta-v2", 128100, dict(
+    "reward-model-deberta-v3-large-v2": StandIn("OpenAssistant/reward-model-deberta-v3-large-v2", "deberta-v2", 128100, dict(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, pooler_hidden_size=1024,
         max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
         share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
@@ -1607,26 +1629,34 @@ def write_stand_in(path, name, tiny=False, task_seed=0):
     to the model's with placeholder tokens <unusedN>, so that every sampled id decodes; a reward
     model gets a word-level tokenizer that reads each of those (and each word) as one token, so it
     sees about as many tokens as the policy wrote."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _, arch, vocab, sizes, labels = STAND_INS[name]
-    vocab, sizes = (1000, {**sizes, **TINY[arch]}) if tiny else (vocab, sizes)
-    texts = [p + y for p, y in data.make_task(task_seed).sft[:2000]]
-    tokenizer = data.build_tokenizer(texts)
-    tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab)])
-    if labels:
-        tokenizer = word_level_tokenizer(sorted({w for x in texts for w in x.split()}), vocab)
-        config = AutoConfig.for_model(arch, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=len(labels),
-                                      id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}, **sizes)
-    else:
-        config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
-    torch.manual_seed(0)
-    model = (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config)
+    tokenizer, config = stand_in_config(name, tiny, task_seed)
+    with torch.random.fork_rng(devices=[]):  # the same random weights every time, the caller's stream untouched
+        torch.manual_seed(0)
+        model = (AutoModelForSequenceClassification if STAND_INS[name].labels else AutoModelForCausalLM).from_config(config)
     model.save_pretrained(path + ".tmp")
     tokenizer.save_pretrained(path + ".tmp")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(path + ".tmp", path)
     return path
+
+
+def stand_in_config(name, tiny=False, task_seed=0):
+    """The stand-in's tokenizer and transformers config (tiny: TINY's sizes, a vocabulary of 1000)."""
+    from transformers import AutoConfig
+
+    _, arch, vocab, sizes, labels = STAND_INS[name]
+    vocab, sizes = (1000, {**sizes, **TINY[arch]}) if tiny else (vocab, sizes)
+    texts = [p + y for p, y in data.make_task(task_seed).sft[:2000]]
+    if labels:
+        tokenizer = word_level_tokenizer(sorted({w for x in texts for w in x.split()}), vocab)
+        return tokenizer, AutoConfig.for_model(arch, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=len(labels),
+                                               id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}, **sizes)
+    tokenizer = data.build_tokenizer(texts)
+    tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab)])
+    return tokenizer, AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tokenizer.eos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, **sizes)
 
 
 def word_level_tokenizer(words, vocab):
@@ -1643,7 +1673,7 @@ def word_level_tokenizer(words, vocab):
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=512)
+                                   sep_token="[SEP]", model_max_length=512, model_input_names=["input_ids", "attention_mask"])
 
 
 def write_stand_ins(out, tiny=False, task_seed=0):
@@ -1660,7 +1690,7 @@ def write_stand_ins(out, tiny=False, task_seed=0):
 
     paths = {}
     for name in ("gpt2", "pythia-410m", "distilbert-imdb", "reward-model-deberta-v3-large-v2"):
-        paths[STAND_INS[name][0]] = write_stand_in(os.path.join(out, name), name, tiny, task_seed)
+        paths[STAND_INS[name].hub_id] = write_stand_in(os.path.join(out, name), name, tiny, task_seed)
     dialogues = [f"\n\nHuman: {text(rng.randint(50, 400))}\n\nAssistant:" for _ in range(100)]
     files = {"imdb_prompts.jsonl": [{"prompt": text(8)} for _ in range(200)],
              "hh_prompts.jsonl": [{"prompt": p} for p in dialogues],
@@ -1722,7 +1752,7 @@ def time_samplers(run, prompt_ids, prompt_mask, n_new, reps):
 
     policy, forward_seconds, plain_forward = run.policy, [0.0], run.policy.forward
 
-    @functools.wraps(plain_forward)  # the same signature: sail.sample reads it
+    @functools.wraps(plain_forward)  # the same signature: sail.sample reads it (a plain model's; a peft model's base is read)
     def timed_forward(*args, **kwargs):
         t0 = time.perf_counter()
         out = plain_forward(*args, **kwargs)
