@@ -1298,14 +1298,15 @@ def torchrun(*argv):
     return result
 
 
-def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, checkpoints):
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4", "--lr", "1e-2"]])  # full fine-tuning; DDP over a peft model
+def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, checkpoints, lora):
     """Offline DPO on 2 ranks x 4 pairs is the update of 1 rank x 8 pairs. What is invariant is
     checked, not the weights' largest difference: Adam divides by sqrt(v), so float-rounding noise
     in a near-zero gradient (the sum order differs with the split) moves a few coordinates by up to
     lr either way, by an amount that depends on the machine."""
     argv = ["--model", str(checkpoints.root / "gpt2"), "--pairs", checkpoints.pairs, "--prompts", checkpoints.prompts,
             "--method", "dpo", "--steps", "2", "--batch_size", "8", "--eval_samples", "1", "--max_new_tokens", "8",
-            "--eval_every", "2"]
+            "--eval_every", "2", *lora]
     torchrun(*argv, "--out_dir", str(tmp_path / "two"))
     train.main(train.parse_args([*argv, "--out_dir", str(tmp_path / "one")]))
     one, two = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
@@ -1317,7 +1318,7 @@ def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, check
     sft, a, b = weights(checkpoints.root / "gpt2"), weights(tmp_path / "one" / "policy"), weights(tmp_path / "two" / "policy")
     update = torch.cat([(a[k] - sft[k]).abs().flatten() for k in a]).mean()
     noise = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
-    assert update > 1e-4 and noise < 1e-3 * update, (noise, update)
+    assert update > (1e-5 if lora else 1e-4) and noise < 1e-3 * update, (noise, update)  # LoRA: a low-rank update
 
 
 def test_online_method_under_two_ranks(tmp_path, checkpoints):
@@ -1443,22 +1444,6 @@ def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
 def weights_file(path):
     from safetensors.torch import load_file
     return load_file(path)
-
-
-def test_lora_under_two_ranks_equals_one_rank(tmp_path, checkpoints):
-    """DDP over a peft model: 2 ranks x 4 pairs give the loss and gradient of 1 rank x 8 pairs."""
-    argv = ["--model", str(checkpoints.root / "gpt2"), "--pairs", checkpoints.pairs, "--prompts", checkpoints.prompts,
-            "--lora_rank", "4", "--lr", "1e-2", "--method", "dpo", "--steps", "2", "--batch_size", "8",
-            "--eval_samples", "1", "--max_new_tokens", "8", "--eval_every", "2"]
-    torchrun(*argv, "--out_dir", str(tmp_path / "two"))
-    train.main(train.parse_args([*argv, "--out_dir", str(tmp_path / "one")]))
-    one, two = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
-    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-6)
-    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-5)
-    sft, a, b = weights(checkpoints.root / "gpt2"), weights(tmp_path / "one" / "policy"), weights(tmp_path / "two" / "policy")
-    update = torch.cat([(a[k] - sft[k]).abs().flatten() for k in a]).mean()
-    noise = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
-    assert update > 1e-5 and noise < 1e-3 * update, (noise, update)
 
 
 # ---------------------------------------------------------------------------------------------
