@@ -1,5 +1,5 @@
 """
-test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 2.5 minutes on 2 CPU cores).
+test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 3.5 minutes on 2 CPU cores).
 
   * losses: DPO and SAIL values and gradients computed by hand
   * masks: log-prob masks and sampled-response masks against literal tensors
@@ -756,9 +756,9 @@ def metrics_without_timing(out_dir):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows_of(out_dir)]
 
 
-def weights(path):
+def weights(path, file="model.safetensors"):
     from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
+    return load_file(os.path.join(path, file))
 
 
 # What a resumed run guarantees (the README's "Long runs"): the training itself is bit-identical
@@ -1413,10 +1413,10 @@ def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, c
     checkpoint = type(tmp_path)(train.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
     assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
     assert not (checkpoint / "model.safetensors").exists()
-    assert all("lora_" in k for k in weights_file(checkpoint / "adapter_model.safetensors"))
+    assert all("lora_" in k for k in weights(checkpoint, "adapter_model.safetensors"))
     if "selm" in method:  # SELM's reference after its update at step 2: the policy's adapters then
-        assert weights_file(checkpoint / "reference" / "adapter_model.safetensors").keys() == \
-            weights_file(checkpoint / "adapter_model.safetensors").keys()
+        assert weights(checkpoint / "reference", "adapter_model.safetensors").keys() == \
+            weights(checkpoint, "adapter_model.safetensors").keys()
     train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))  # the same command again: it resumes
     assert_same_metrics(metrics_without_timing(tmp_path / "cut"), metrics_without_timing(tmp_path / "full"))
     a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "cut" / "policy")
@@ -1439,11 +1439,6 @@ def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
     real = train.importlib.util.find_spec
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     assert "--lora_rank needs the peft library: pip install peft" in refusal(["--lora_rank", "8"])
-
-
-def weights_file(path):
-    from safetensors.torch import load_file
-    return load_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
