@@ -1,5 +1,5 @@
 """
-test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 3.5 minutes on 2 CPU cores).
+test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 3 minutes on 2 CPU cores).
 
   * losses: DPO and SAIL values and gradients computed by hand
   * masks: log-prob masks and sampled-response masks against literal tensors
