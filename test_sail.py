@@ -1473,10 +1473,6 @@ def test_the_stand_ins_have_the_published_sizes():
     assert len(ids) == 3 + 1 + 3 and ids[0] == reward_tokenizer.cls_token_id and reward_tokenizer.unk_token_id not in ids
 
 
-def with_option(argv, name, value):
-    return argv[:argv.index(name) + 1] + [value] + argv[argv.index(name) + 2:] if name in argv else argv + [name, value]
-
-
 @pytest.mark.parametrize("recipe,archs", [(0, ("gpt2", "distilbert")), (1, ("gpt_neox", "deberta-v2"))])
 def test_the_readme_recipes_run_as_written_on_tiny_stand_ins(tmp_path, tiny_stand_ins, recipe, archs):
     """Each recipe's command with the hub ids and files swapped for stand-ins of the same
@@ -1484,10 +1480,10 @@ def test_the_readme_recipes_run_as_written_on_tiny_stand_ins(tmp_path, tiny_stan
     from transformers import AutoConfig
     argv = [tiny_stand_ins.get(a, a) for a in readme_recipes()[recipe]]
     assert sum(a in tiny_stand_ins.values() for a in argv) >= 3  # the models and the data files were swapped
-    for name, value in [("--steps", "1"), ("--eval_samples", "1"), ("--out_dir", str(tmp_path / "out"))]:
-        argv = with_option(argv, name, value)
-    summary = train.main(train.parse_args(argv))
-    cfg = train.parse_args(argv)
+    # Flags added after the command override its own (--steps, --out_dir), as on the command line.
+    cfg = train.parse_args(argv + ["--steps", "1", "--eval_samples", "1", "--out_dir", str(tmp_path / "out")])
+    assert (cfg.steps, cfg.eval_samples, cfg.out_dir) == (1, 1, str(tmp_path / "out"))
+    summary = train.main(cfg)
     assert (AutoConfig.from_pretrained(cfg.model).model_type, AutoConfig.from_pretrained(cfg.reward_model).model_type) == archs
     assert summary["oracle_queries"] > 0 and math.isfinite(summary["gold_reward_final"]) and summary["peak_memory_gb"] > 0
     assert AutoConfig.from_pretrained(tmp_path / "out" / "policy").model_type == archs[0]
