@@ -4,6 +4,7 @@ Large Language Models", arXiv 2406.15567), as short pure functions.
 
   sequence_logps  L(y) = log pi(y | x), summed over the response tokens
   dpo_loss        the DPO loss (Rafailov et al. 2023, eq. 7)
+  pair_value      what a pair is worth in J: l = log sigmoid(beta h), or a tie's fair-coin value
   sail_loss       a per-pair surrogate whose expected gradient is minus the gradient of SAIL's
                   single-level objective J(theta) (below) when both extra coefficients are 1, and
                   a weighted sum of its three terms otherwise; DPO when both are 0
@@ -26,6 +27,31 @@ and because the responses (and, when self-labelling, the labels) are drawn from 
 Variants: SAIL-PR (policy responses, oracle labels: response term), SAIL-PP (policy responses,
 self-labels: both terms), SAIL-DP (dataset responses, self-labels: label term).
 
+Ties and the three ways a label is drawn. Bradley-Terry says P(y1 > y2) = sigmoid(r1 - r2), so a
+label is always a coin; the cases differ only in who holds the coin.
+  * sampled oracle labels (train.py --label_mode sampled): z ~ Bernoulli(sigmoid(r1 - r2)), every
+    pair labelled, a tie (r1 = r2) a fair coin;
+  * hard oracle labels (the default): y1 wins iff r1 > r2, the limit of the sampled label as the
+    reward scale grows; a tie is then undefined, and Bradley-Terry's answer is still the fair coin.
+    Its expected value in J, 1/2 [l(h) + l(-h)] (`pair_value`), is used instead of drawing it: the
+    same J with less noise. (The official code keeps y1 as the chosen response of a tie, which is
+    the fair coin in distribution, since y1 and y2 are exchangeable samples: train.py --ties first.)
+  * self-labels (SAIL-DP, SAIL-PP): z ~ Bernoulli(sigmoid(beta h)), the policy's own implicit
+    preference; the only case whose coin depends on theta, hence the label term.
+
+What J rewards (tested in test_sail.py on a tabular policy, by gradient ascent on the enumerated J):
+  * with oracle labels (SAIL-PR), or with offline pairs mixed in (SAIL-DP and SAIL-PP at the
+    paper's routing), mass on the responses the oracle prefers: most of it on the best, not all,
+    since a pair of two equal samples is worth only -log 2, so J keeps some spread;
+  * a purely self-labelled objective (p = 1 or r = 1: no oracle, no offline pair) never sees a
+    reward. Its value per pair, E_z[l] = -H(sigmoid(beta h)), is the negative entropy of the policy's
+    own preference: it rewards being sure of its preferences, whichever they are, so it amplifies
+    what the policy already prefers (the best response or the worst alike);
+  * J is not concave. Sampling the pairs from pi_theta makes a response that the policy almost
+    never says a loser: its implicit reward beta Delta is very low, so each of its rare pairs has l
+    far below 0 even when the oracle prefers it. A policy concentrated on the worst response is
+    therefore a local maximum of pure SAIL-PR's J (the tests show where ascent starts to escape it).
+
 Run the tests: `python -m pytest -q test_sail.py`.
 
 Departures from the paper and the official code:
@@ -33,13 +59,15 @@ Departures from the paper and the official code:
      official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
      batch (the README's "differences", 1). Its expected gradient is checked exactly against
      autograd of J in the tests. The hook's gradient is kept, for comparison, as
-     sail_loss(response_term="official"), tested against the hook itself.
+     sail_loss(response_term="official"), tested against the hook itself, with the two rows that
+     separate its sign from its size ("official-size", "official-sign").
   2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
      as the mean of -l over the *other* pairs of the batch that carry the response term) is
      subtracted in the response term. It leaves the expected gradient unchanged and lowers its
-     variance. The paper has none. A tied hard label keeps the baseline part of its term (its l
-     counts as 0), or the baseline would bias the gradient (sail_loss).
-  3. Log-probs are those of the untempered policy (temperature 1), the distribution that the
+     variance. The paper has none.
+  3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`), in the loss,
+     the response term's weight and the baseline, so the gradient is exact for the Bradley-Terry J.
+  4. Log-probs are those of the untempered policy (temperature 1), the distribution that the
      DPO reward-policy equivalence refers to. With the default sampling temperature 1 the
      response term is then exactly the score-function gradient; with another temperature it is
      an approximation (the paper samples at 0.9).
@@ -68,21 +96,37 @@ def sequence_logps(logits, labels, mask):
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
 
 
+def pair_value(h, beta, valid=None):
+    """The value of each pair in J (B,): l = log sigmoid(beta h) for a preference, and for a tie
+    (valid False: the oracle scored both responses the same) the expectation over Bradley-Terry's
+    fair coin, 1/2 [log sigmoid(beta h) + log sigmoid(-beta h)], which is -log 2 when the two
+    responses are the same text (h = 0) and lower the more the policy separates them.
+
+    Why not 0 for a tie: 0 is the supremum of l, so a policy whose two samples always tie (any
+    deterministic policy) would maximise J whatever its reward (the README's "ties").
+    h: (B,); beta: KL strength; valid: None or (B,) bool."""
+    ell = F.logsigmoid(beta * h)  # (B,) the Bradley-Terry log-likelihood of the label
+    if valid is None:
+        return ell
+    return torch.where(valid, ell, 0.5 * (ell + F.logsigmoid(-beta * h)))  # (B,) a tie: the mean over its two labels
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
              valid=None):
     """DPO loss per pair.
 
     Each *_logps argument: (B,) summed response log-probs (sequence_logps). beta: KL strength.
-    valid: None or (B,) bool, False for a tied label (no preference: its loss is 0).
+    valid: None or (B,) bool, False for a tied label: its loss is minus its pair_value (the fair coin).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
     rewards beta * Delta(y), detached.
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
-    losses = -F.logsigmoid(beta * h)  # DPO eq. 7: -log sigmoid(beta * h)
-    if valid is not None:
-        losses = torch.where(valid, losses, 0.0)  # (B,) a tie carries no preference
+    losses = -pair_value(h, beta, valid)  # DPO eq. 7: -log sigmoid(beta * h)
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
+
+
+RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")
 
 
 def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
@@ -94,32 +138,38 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     Each *_logps argument: (B,) summed response log-probs. beta: KL strength.
     label_coef: float or (B,), weight of the label term (self-labelled pairs: SAIL-PP, SAIL-DP).
     response_coef: float or (B,), weight of the response term (policy-sampled pairs: SAIL-PR, -PP).
-    baseline: None, float or (B,), an estimate of E[-valid * l] independent of each pair's own responses.
-    valid: None or (B,) bool, False for a tied hard label. A tie carries no preference: it is worth 0
-      to J (its l counts as 0), so only the baseline part of its response term remains. Dropping
-      the tied pair instead would bias the gradient by response_coef * b * grad P(tie).
-    response_term: "exact", the score-function term above; or "official", the official code's
-      gradient hook, which adds -response_coef * l / L(y) to the gradient of each response's L(y):
-      the opposite sign, scaled by 1/|L(y)|, no baseline. The hook acts on the gradient whatever the
-      loss's reduction, so it is summed over the batch: a caller that averages the losses over N
-      pairs passes response_coef times N.
+    baseline: None, float or (B,), an estimate of E[-v] (v = pair_value) independent of each pair's
+      own responses; it leaves the expected gradient unchanged.
+    valid: None or (B,) bool, False for a tied hard label: the pair is worth its expectation over
+      Bradley-Terry's fair coin (pair_value) in all three terms, so the gradient stays exact for
+      that J. (A tie has no label drawn from sigmoid(beta h), so it has no label term.)
+    response_term: how the response term is written; per response y of the pair, the gradient it
+      adds to L(y) is
+        "exact"          +coef * (-v - b)           the score-function term (J's gradient)
+        "official"       -coef * (-v) / |L(y)|      the official code's hook: the opposite sign,
+                                                    divided by |L(y)|, no baseline
+        "official-size"  +coef * (-v) / |L(y)|      the exact sign at the official size
+        "official-sign"  -coef * (-v - b)           the official sign at the exact size
+      The hook acts on the gradient whatever the loss's reduction, so it is summed over the batch:
+      a caller that averages the losses over N pairs passes the official sizes' response_coef times N.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
-    ell = F.logsigmoid(beta * h)  # (B,) l = log sigmoid(beta h), the Bradley-Terry log-likelihood
-    if valid is not None:
-        ell = torch.where(valid, ell, 0.0)  # (B,) valid * l: a tie adds nothing to J
-    if response_term == "exact":  # E[l grad(L(y1) + L(y2))]
-        cost = (-ell).detach() - (0.0 if baseline is None else baseline)  # (B,) sg(-l - b)
-        response = cost * (policy_chosen_logps + policy_rejected_logps)  # (B,)
-    elif response_term == "official":  # sg(-l / L(y)) * L(y) has the gradient -l / L(y), the hook's
+    v = pair_value(h, beta, valid)  # (B,) l = log sigmoid(beta h), or a tie's value
+    cost = (-v).detach()  # (B,) sg(-v): the response term's weight, a constant for autograd
+    L_w, L_l = policy_chosen_logps, policy_rejected_logps
+    if response_term in ("exact", "official-sign"):  # E[v grad(L(y1) + L(y2))]: sg(-v - b) * (L(y_w) + L(y_l))
+        response = (cost - (0.0 if baseline is None else baseline)) * (L_w + L_l)  # (B,)
+    elif response_term in ("official", "official-size"):  # sg(-v / |L(y)|) * L(y) per response
         # (a response of probability 1, L = 0, would divide by zero: the clamp keeps it finite)
-        response = sum((-ell).detach() / L.detach().clamp(max=-1e-6) * L for L in (policy_chosen_logps, policy_rejected_logps))
+        response = sum(cost / L.detach().abs().clamp(min=1e-6) * L for L in (L_w, L_l))  # (B,)
     else:
-        raise ValueError(f"response_term must be 'exact' or 'official', got {response_term!r}")
-    losses = (-ell  # E[grad l]: DPO
-              - 0.5 * label_coef * ell ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
-              + response_coef * response)
+        raise ValueError(f"response_term must be one of {', '.join(RESPONSE_TERMS)}, got {response_term!r}")
+    sign = -1.0 if response_term in ("official", "official-sign") else 1.0  # the official hook's sign is flipped
+    label = v if valid is None else torch.where(valid, v, 0.0)  # (B,) a tie has no self-drawn label
+    losses = (-v  # E[grad l]: DPO
+              - 0.5 * label_coef * label ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
+              + sign * response_coef * response)
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data
 import reward
 import train
+import sail
 from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,6 +145,63 @@ def test_the_official_response_term_has_the_gradient_of_the_official_hook():
     plain = theta0.clone().requires_grad_()
     dpo_loss(*logps(plain), ref_w, ref_l, beta)[0].mean().backward()
     assert ((ours.grad - plain.grad) * (exact.grad - plain.grad) < 0).all()
+
+
+@pytest.mark.parametrize("term,sign,per_response", [
+    ("exact", 1, lambda cost, b, L: cost - b), ("official", -1, lambda cost, b, L: cost / abs(L)),
+    ("official-size", 1, lambda cost, b, L: cost / abs(L)), ("official-sign", -1, lambda cost, b, L: cost - b)])
+def test_each_response_terms_gradient_per_pair_by_hand(term, sign, per_response):
+    """What each response term adds to the gradient of L(y_w) and L(y_l) of one pair (PAIR: L(y_w) = -1,
+    L(y_l) = -2, -l = 0.4740769841801067), beyond DPO's: the exact term +c (-l - b); the official hook
+    -c (-l) / |L(y)| (no baseline); official-size its size at the exact sign; official-sign its sign
+    at the exact size."""
+    c, b, cost = 0.3, 0.1, 0.4740769841801067
+    pair = {k: (v.clone().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in PAIR.items()}
+    sail_loss(**pair, response_coef=c, baseline=b, response_term=term)[0].sum().backward()
+    dpo = {k: (v.clone().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in PAIR.items()}
+    dpo_loss(**dpo)[0].sum().backward()
+    for name, L in (("policy_chosen_logps", -1.0), ("policy_rejected_logps", -2.0)):
+        added = pair[name].grad.item() - dpo[name].grad.item()
+        assert added == pytest.approx(sign * c * per_response(cost, b, L), abs=1e-12), name
+
+
+def test_official_ties_keep_the_sample_order_and_get_the_hook():
+    """A tied SAIL-PR pair under --ties first (the -official rows): y1 stays chosen and the pair is a
+    preference, as the official trainer's strict `<` swap leaves it, so the official hook and the DPO
+    term act on (y1, y2); under --ties average it is marked a tie (the fair coin). Either way it is a
+    query and a tie. The gradient of train.pair_losses then equals the official code's hook's."""
+    prompts, texts = ["p0", "p1"], ["a", "b", "c", "d"]  # pair 0: (a, c), a tie; pair 1: (b, d), d better
+    pairs = SimpleNamespace(route=train.np.array([train.PR, train.PR]), prompts=prompts, texts=texts)
+    oracle = lambda p, y: t([1.0, 0.0, 1.0, 2.0])  # noqa: E731  scores of a, b, c, d
+    labels = {}
+    for ties in ("average", "first"):
+        run = SimpleNamespace(cfg=SimpleNamespace(label_mode="hard", ties=ties), oracle=oracle)
+        labels[ties] = train.oracle_labels(run, SimpleNamespace(label_gen=None), pairs)
+        assert (labels[ties].queries, labels[ties].ties) == (2, 1)
+    assert labels["average"].y1_wins.tolist() == [False, False] and labels["average"].valid.tolist() == [False, True]
+    assert labels["first"].y1_wins.tolist() == [True, False] and labels["first"].valid.tolist() == [True, True]
+
+    beta, coef, B = 0.5, 0.3, 2
+    run = SimpleNamespace(cfg=SimpleNamespace(method="sail-pr", beta=beta, response_term="official"), device=torch.device("cpu"),
+                          label_coefs=torch.zeros(4, dtype=torch.float64),
+                          response_coefs=B * coef * t([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    theta0 = t([0.3, -0.8, 1.1, 0.4], dtype=torch.float64)  # rows y1 of both pairs, then y2
+    ref = t([-2.5, -3.0, -2.0, -4.0], dtype=torch.float64)
+
+    def logps(theta):
+        return -F.softplus(theta) - 1.5  # (4,) log-probs < 0, functions of the parameters
+
+    ours = theta0.clone().requires_grad_()
+    train.pair_losses(run, pairs, labels["first"], None, torch.arange(2), logps(ours), ref).mean().backward()
+    hooked = theta0.clone().requires_grad_()
+    L = logps(hooked)
+    L_w, L_l = torch.stack([L[0], L[3]]), torch.stack([L[2], L[1]])  # pair 0: y1 chosen (the tie); pair 1: y2 chosen
+    r_w, r_l = torch.stack([ref[0], ref[3]]), torch.stack([ref[2], ref[1]])
+    ell = F.logsigmoid(beta * ((L_w - r_w) - (L_l - r_l))).detach()
+    for x in (L_w, L_l):
+        x.register_hook(lambda grad, x=x: grad - coef * ell / x.detach())  # the official code's hook
+    dpo_loss(L_w, L_l, r_w, r_l, beta)[0].mean().backward()
+    assert torch.allclose(ours.grad, hooked.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_leave_one_out_mean():
@@ -327,26 +385,35 @@ def tabular(seed=1, K=4):
     return theta, L_ref
 
 
-def test_expected_gradient_is_exact_with_tied_hard_labels():
+def old_pair_value(h, beta, valid=None):
+    """The valuation this project used before: a tie worth 0 = sup l (what the tests below must reject)."""
+    ell = F.logsigmoid(beta * h)
+    return ell if valid is None else torch.where(valid, ell, 0.0)
+
+
+def test_expected_gradient_is_exact_with_tied_hard_labels(monkeypatch):
     """Hard oracle labels with ties (responses 2 and 3 score the same, and y1 = y2 always ties):
-    J = E[valid * l]. With the baseline kept on tied pairs the expected surrogate gradient is
-    -grad J for any baseline; dropping tied pairs from the loss biases it by b * grad P(valid)."""
+    J = E[v], v = l for a preference and 1/2 [l(h) + l(-h)] for a tie (Bradley-Terry's fair coin).
+    The expected surrogate gradient is -grad J for any baseline, and with the official tie handling
+    (y1 chosen) too, by the exchangeability of y1 and y2. It is not the gradient of the old J (a tie
+    worth 0), and the surrogate written with the old valuation is not exact for the fair-coin J."""
     K, beta, b = 4, 0.7, 0.37
     theta, L_ref = tabular()
     r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)  # the oracle's rewards: 2 and 3 tie
 
-    def expectation(L, surrogate, baseline=0.0, drop_ties=False):
+    def expectation(L, surrogate, baseline=0.0, ties="average", value=sail.pair_value):
         pi, total = L.exp(), 0.0
         for i in range(K):
             for j in range(K):
-                w, l = (i, j) if r[i] >= r[j] else (j, i)
-                valid = t([bool(r[i] != r[j])])
+                w, l = (i, j) if r[i] > r[j] or (r[i] == r[j] and ties == "first") else (j, i)
+                valid = t([bool(r[i] != r[j]) or ties == "first"])
                 if surrogate:
                     loss = sail_loss(L[w:w + 1], L[l:l + 1], L_ref[w:w + 1], L_ref[l:l + 1], beta, response_coef=1.0,
                                      baseline=baseline, valid=valid)[0]
-                    total = total + (pi[i] * pi[j]).detach() * (loss * valid if drop_ties else loss).sum()
-                elif valid:
-                    total = total + pi[i] * pi[j] * F.logsigmoid(beta * ((L[w] - L_ref[w]) - (L[l] - L_ref[l])))
+                    total = total + (pi[i] * pi[j]).detach() * loss.sum()
+                else:
+                    h = (L[w:w + 1] - L_ref[w]) - (L[l:l + 1] - L_ref[l])
+                    total = total + pi[i] * pi[j] * value(h, beta, valid).sum()
         return total
 
     def grad(f):
@@ -354,9 +421,116 @@ def test_expected_gradient_is_exact_with_tied_hard_labels():
 
     grad_J = grad(lambda L: expectation(L, False))
     for baseline in (0.0, b):
-        assert torch.allclose(grad(lambda L: expectation(L, True, baseline)), -grad_J, rtol=1e-10, atol=1e-13)
-    biased = grad(lambda L: expectation(L, True, b, drop_ties=True))
-    assert (biased + grad_J).abs().max() > 1e-2 * grad_J.abs().max()  # what the tie case catches
+        for ties in ("average", "first"):
+            assert torch.allclose(grad(lambda L: expectation(L, True, baseline, ties)), -grad_J, rtol=1e-10, atol=1e-13)
+    grad_old_J = grad(lambda L: expectation(L, False, value=old_pair_value))
+    assert (grad_old_J - grad_J).abs().max() > 1e-2 * grad_J.abs().max()  # the two objectives differ
+    monkeypatch.setattr(sail, "pair_value", old_pair_value)  # the surrogate as it was: a tie's l counted as 0
+    old = grad(lambda L: expectation(L, True, b))
+    assert (old + grad_J).abs().max() > 1e-2 * grad_J.abs().max()  # not exact for the Bradley-Terry J
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective is sensible, not only exact: gradient ascent on the enumerated J of a tabular policy
+
+REWARDS = t([0.0, 1.0, 1.0, 3.0], dtype=torch.float64)  # the oracle: response 0 worst, 3 best, 1 and 2 tie
+# (offline, SAIL-DP, SAIL-PP, SAIL-PR) routing of each objective; the paper's routing where offline pairs are mixed in
+ROUTINGS = {"online DPO": (0, 0, 0, 1), "SAIL-PR": (0, 0, 0, 1), "SAIL-PR g=0.3": (0.7, 0, 0, 0.3),
+            "SAIL-PP p=0.3": (0.7, 0, 0.3, 0), "SAIL-DP r=0.4": (0.6, 0.4, 0, 0), "mix r=0.2 p=0.2 g=0.3": (0.3, 0.2, 0.2, 0.3),
+            "SAIL-PP p=1": (0, 0, 1, 0), "SAIL-DP r=1": (0, 1, 0, 0)}
+
+
+def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=REWARDS):
+    """The expected surrogate loss of sail_loss over every pair (y1, y2) of a tabular policy
+    softmax(theta) (N, K) and every label: hard oracle labels from `rewards` (ties included) on
+    SAIL-PR pairs, self-labels z ~ Bernoulli(sigmoid(beta h)) on SAIL-DP and -PP pairs, and the
+    dataset's own on offline pairs (every pair i > j of the oracle, equally likely; SAIL-DP draws
+    its responses from them too). With extra_terms its gradient is -grad J (the exactness tests);
+    without, it is online DPO's expected update (no response term). routing: (N, 4)."""
+    N, K = theta.shape
+    L = torch.log_softmax(theta, -1)  # (N, K)
+    L_ref = torch.full((K,), -math.log(K), dtype=torch.float64)
+    i, j = (x.flatten() for x in torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij"))  # (K^2,) every (y1, y2)
+    dataset = (rewards[i] > rewards[j]).double()
+    dataset = dataset / dataset.sum()  # (K^2,) P(pair) of the offline data
+    on_policy = (L.exp()[:, i] * L.exp()[:, j]).detach()  # (N, K^2) P(y1, y2) under pi_theta, a constant
+    h = (L[:, i] - L_ref[i]) - (L[:, j] - L_ref[j])  # (N, K^2) with y1 as the chosen response
+    coef = 1.0 if extra_terms else 0.0
+
+    def loss(w, l, **kw):  # sail_loss of the pairs (chosen w, rejected l), (N, K^2)
+        return sail_loss(L[:, w], L[:, l], L_ref[w].expand(N, -1), L_ref[l].expand(N, -1), beta, **kw)[0]
+
+    y1_first = torch.sigmoid(beta * h).detach()  # (N, K^2) P(z: y1 chosen) of a self-label
+    self_labelled = y1_first * loss(i, j, label_coef=coef) + (1 - y1_first) * loss(j, i, label_coef=coef)
+    pp = y1_first * loss(i, j, label_coef=coef, response_coef=coef) + (1 - y1_first) * loss(j, i, label_coef=coef, response_coef=coef)
+    wins = rewards[i] >= rewards[j]
+    w, l = torch.where(wins, i, j), torch.where(wins, j, i)
+    pr = loss(w, l, response_coef=coef, valid=(rewards[i] != rewards[j]).expand(N, -1))
+    per_route = torch.stack([(dataset * loss(i, j)).sum(-1), (dataset * self_labelled).sum(-1),
+                             (on_policy * pp).sum(-1), (on_policy * pr).sum(-1)], -1)  # (N, 4)
+    return (routing * per_route).sum()
+
+
+def ascend(starts, routing, steps=600, lr=0.1, **kw):
+    """Gradient ascent on J (descent on the expected surrogate loss), Adam, from each start (N, K)."""
+    theta = starts.clone().requires_grad_()
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        tabular_expected_loss(theta, routing, **kw).backward()
+        optimizer.step()
+    return torch.softmax(theta.detach(), -1)
+
+
+UNIFORM, NEAR_WORST = [0.0, 0, 0, 0], [2.0, 0, 0, 0]  # the second: 71% of the mass on the worst response
+
+
+def sensible_runs(names, starts):
+    rows = [(n, s) for n in names for s in starts]
+    routing = t([ROUTINGS[n] for n, _ in rows], dtype=torch.float64)
+    return rows, routing, t([s for _, s in rows], dtype=torch.float64)
+
+
+def test_sails_objective_puts_most_mass_on_the_best_response_from_any_start(monkeypatch):
+    """SAIL-PR (every pair online) and SAIL-PR, -PP, -DP and the mixture at their paper-style
+    routing with offline pairs mixed in, and online DPO's expected update: from a uniform start and
+    from one concentrated on the worst response, ascent ends with most of the mass on the best.
+    The old valuation of a tie (0 = sup l) fails: pure SAIL-PR collapses onto the worst response,
+    whose pairs then always tie."""
+    names = [n for n in ROUTINGS if not n.endswith("=1")]
+    rows, routing, starts = sensible_runs([n for n in names if n != "online DPO"], (UNIFORM, NEAR_WORST))
+    pi = ascend(starts, routing)
+    dpo_rows, dpo_routing, dpo_starts = sensible_runs(["online DPO"], (UNIFORM, NEAR_WORST))
+    pi_dpo = ascend(dpo_starts, dpo_routing, extra_terms=False)
+    for (name, start), p in list(zip(rows, pi)) + list(zip(dpo_rows, pi_dpo)):
+        assert p[3] > 0.5 and p.argmax() == 3, (name, start, p)
+    # pure SAIL-PR keeps some spread: two equal samples tie, worth -log 2, less than a won pair
+    assert 0.55 < pi[rows.index(("SAIL-PR", UNIFORM))][3] < 0.9
+    monkeypatch.setattr(sail, "pair_value", old_pair_value)
+    _, routing, starts = sensible_runs(["SAIL-PR"], (NEAR_WORST,))
+    assert ascend(starts, routing)[0, 0] > 0.99  # collapsed onto the worst response: J = 0, its maximum, with E[r] = 0
+
+
+def test_a_purely_self_labelled_objective_amplifies_what_the_policy_prefers():
+    """p = 1 or r = 1: no oracle label and no offline pair. J = E[-H(sigmoid(beta h))] rewards sure
+    preferences, whichever way: from a start that prefers the worst response it ends on the worst,
+    and its ascent does not change when the oracle's rewards are reversed (the oracle never enters;
+    for SAIL-DP only the set of dataset pairs does, and it is the same set)."""
+    for name in ("SAIL-PP p=1", "SAIL-DP r=1"):
+        _, routing, starts = sensible_runs([name], (NEAR_WORST,))
+        pi = ascend(starts, routing, steps=300)
+        assert pi[0].argmax() == 0 and pi[0, 0] > 0.5, (name, pi)
+        if name == "SAIL-PP p=1":
+            assert torch.equal(pi, ascend(starts, routing, steps=300, rewards=-REWARDS))
+
+
+def test_pure_sail_pr_has_a_local_maximum_at_the_worst_response_that_online_dpo_escapes():
+    """J is not concave: with 95% of the mass on the worst response, pure SAIL-PR's ascent stays
+    there (each better response is rare, so its implicit reward is low and its pairs are lost),
+    while online DPO's expected update, which has no response term, moves to the best response."""
+    _, routing, starts = sensible_runs(["SAIL-PR"], ([4.0, 0, 0, 0],))
+    assert ascend(starts, routing)[0, 0] > 0.99
+    assert ascend(starts, routing, extra_terms=False)[0, 3] > 0.5
 
 
 @pytest.mark.parametrize("pool", ["loo", "loo-all"])
@@ -392,8 +566,7 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
                                  valid=valid)[0]
                 total = total + q.detach() * loss.mean()
             else:
-                ell = F.logsigmoid(beta * ((w[0] - l[0]) - (w[1] - l[1])))
-                total = total + q * torch.where(valid, ell, 0.0).mean()
+                total = total + q * sail.pair_value((w[0] - l[0]) - (w[1] - l[1]), beta, valid).mean()
         return total
 
     grad_J = torch.autograd.grad(expectation(torch.log_softmax(theta, 0), False), theta)[0]
@@ -636,21 +809,25 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     stats = train.cli(argv)
     root = tmp_path / "compare"
     names = train.Config.compare_methods.split(",")
-    assert set(stats) == set(train.METHODS) | {"sail-pr-official", "sail-pp-official"} == set(names)
-    # 2 steps x 16 pairs: an offline pair carries a dataset (oracle) label, an online SAIL-PR pair an
-    # online one; self-labelled pairs (SAIL-PP, SAIL-DP, and in the mixture) cost none.
-    # Offline pairs (a prefix of one stream for every method) cost the labels their dataset spent on them.
-    offline = sum(data.make_task(0).pairs[i]["labels"] for i in data.Stream(4096, seed=0).next(32))
+    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in train.ROWS if suffix != "-ties-first"}
+    assert set(stats) == set(train.METHODS) | suffixed | {"sail-pr-ties-first"} == set(names)
+    # 2 steps x 16 pairs: an online SAIL-PR pair costs an online label; a dataset pair (offline DPO or
+    # SAIL-DP; a prefix of one stream for every method) the labels its dataset spent on it; SAIL-PP's
+    # self-labelled pairs cost none.
+    offline = sum(data.make_task(0).pairs[i]["labels"] for i in data.Stream(4096, seed=train.stream_seeds(0)["pair"]).next(32))
     for method, (queries, _) in ((m, stats[m]["oracle_queries"]) for m in stats):
-        expected = {"dpo": offline, "online-dpo": 32, "selm": 32, "xpo": 32}
+        expected = {"dpo": offline, "sail-dp": offline, "online-dpo": 32, "selm": 32, "xpo": 32}
         assert queries == expected[method] if method in expected else queries < offline, method
     assert offline > 32
     results = (root / "results.md").read_text()
     assert all(f"| {m} |" in results for m in names) and "generated tok/s" in results and "Δ vs online DPO" in results
     report = json.loads((root / "compare.json").read_text())
     assert len(report["runs"]) == len(names) and all(math.isfinite(r["summary"]["gold_reward_final"]) for r in report["runs"])
-    official = json.loads((root / "sail-pr-official-seed0" / "config.json").read_text())
-    assert (official["method"], official["response_term"]) == ("sail-pr", "official")
+    for row, term, ties in [("sail-pr-official", "official", "first"), ("sail-pp-official-size", "official-size", "first"),
+                            ("sail-pr-official-sign", "official-sign", "first"), ("sail-pr-ties-first", "exact", "first")]:
+        c = json.loads((root / f"{row}-seed0" / "config.json").read_text())
+        assert (c["method"], c["response_term"], c["ties"]) == (row[:7], term, ties)
+    assert report["comparisons"] == []  # one seed: no interval, no test (comparisons are tested by hand)
     for png in train.PLOTS:
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (root / png).stat().st_size > 10_000
     # Started again, it reuses every finished run instead of training it again.
@@ -661,23 +838,38 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
 
 def test_intervals_and_paired_differences_by_hand():
     """The 95% Student-t interval: mean ± t(0.975, n - 1) * s / sqrt(n), s with n - 1; the paired
-    difference is taken seed by seed, so noise that the runs of one seed share cancels."""
+    difference is taken seed by seed, so noise that the runs of one seed share cancels; its t-test's
+    p from the incomplete beta; Holm's correction; bootstrap intervals inside the values' range."""
     mean, half = train.interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12)
     assert train.interval([2.0]) == (2.0, None)
 
     def run(method, seed, reward):
-        return {"method": method, "seed": seed, "summary": {
-            "gold_reward_final": reward, "win_rate_vs_sft": 0.5, "kl": 1.0, "oracle_queries": 10, "tie_rate": 0.2,
-            "seconds_per_step": {"policy": 0.1}, "tokens_per_second": {"generated": 1.0, "trained": 1.0}}}
+        return {"method": method, "seed": seed, "summary": {"gold_reward_final": reward}}
 
     base = [run("online-dpo", s, r) for s, r in enumerate([0.5, 2.5, 2.0])]
     other = [run("x", s, r) for s, r in enumerate([1.0, 2.0, 3.0])]  # differences 0.5, -0.5, 1.0
-    stats = train.method_stats(other, base)
-    assert stats["reward_minus_online_dpo"] == pytest.approx((1 / 3, 4.303 * math.sqrt(7 / 12) / math.sqrt(3)), rel=1e-12)
-    shifted = train.method_stats([run("y", s, r + 0.2) for s, r in enumerate([0.5, 2.5, 2.0])], base)
-    assert shifted["reward_minus_online_dpo"] == pytest.approx((0.2, 0.0), abs=1e-12)  # shared noise cancels
-    assert shifted["gold_reward_final"][1] > 2  # while each method's own interval is wide
+    d, half, p = train.paired_difference(other, base)
+    assert (d, half) == pytest.approx((1 / 3, 4.303 * math.sqrt(7 / 12) / math.sqrt(3)), rel=1e-12)
+    # t = (1/3) / sqrt(7/36) = 0.7559 with 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2), in closed form for df = 2
+    t_stat = (1 / 3) / math.sqrt(7 / 12 / 3)
+    assert p == pytest.approx(1 - t_stat / math.sqrt(2 + t_stat ** 2), rel=1e-10)
+    shifted = train.paired_difference([run("y", s, r + 0.2) for s, r in enumerate([0.5, 2.5, 2.0])], base)
+    assert shifted[:2] == pytest.approx((0.2, 0.0), abs=1e-12) and shifted[2] < 1e-12  # shared noise cancels
+    for t_value, df, two_sided in [(2.776, 4, 0.05), (2.571, 5, 0.05), (4.604, 4, 0.01), (12.706, 1, 0.05)]:  # t tables
+        assert train.incomplete_beta(df / 2, 0.5, df / (df + t_value ** 2)) == pytest.approx(two_sided, abs=2e-4)
+    # Holm: the k-th smallest of m p-values times m - k, kept non-decreasing
+    assert train.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}) == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    # the table's comparisons: each row against online DPO, a suffixed row against its own method's row too
+    runs = base + [run("sail-pr", s, r) for s, r in enumerate([1.0, 2.0, 3.0])] + [run("sail-pr-official", s, r)
+                                                                                 for s, r in enumerate([0.0, 1.5, 1.0])]
+    tests = train.comparisons(runs, ["online-dpo", "sail-pr", "sail-pr-official"])
+    assert set(tests) == {("sail-pr", "online-dpo"), ("sail-pr-official", "online-dpo"), ("sail-pr-official", "sail-pr")}
+    raw = {k: train.paired_difference([r for r in runs if r["method"] == k[0]], [r for r in runs if r["method"] == k[1]])[2]
+           for k in tests}
+    assert {k: v[3] for k, v in tests.items()} == pytest.approx(train.holm(raw)) and tests[("sail-pr", "online-dpo")][2] == p
+    mean, low, high = train.bootstrap([0.1, 0.2, 0.1, 0.3, 9.0])  # skewed, >= 0: a t-interval would cross 0
+    assert mean == pytest.approx(1.94) and 0.1 <= low < mean < high <= 9.0 and train.interval([0.1, 0.2, 0.1, 0.3, 9.0])[1] > mean
 
 
 def test_benchmark_measures_sampler_and_step(tmp_path, cache):
@@ -789,6 +981,20 @@ def test_killed_run_resumes_to_the_same_result(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_random_stream_has_its_own_numbers():
+    """Every stream of a run is seeded from the root --seed through np.random.SeedSequence: no two
+    streams of one run, of two ranks (those drawn per rank) or of seeds 0-4 (--compare's replicates)
+    share a seed, and the first numbers they draw differ (the label stream used to draw the same
+    uniforms as the sampling stream, and seed + 1's sampling stream was seed's evaluation stream)."""
+    seeds = [(s, rank, name, value) for s in range(5) for rank in (0, 1) for name, value in train.stream_seeds(s, rank).items()]
+    shared = {name for name, per_rank in train.STREAMS if not per_rank}
+    distinct = {(s, rank if name not in shared else 0, name): v for s, rank, name, v in seeds}
+    assert len(set(distinct.values())) == len(distinct) == 5 * (len(shared) + 2 * (len(train.STREAMS) - len(shared)))
+    first = [torch.rand(4, generator=torch.Generator().manual_seed(v)) for v in distinct.values()]
+    assert len({tuple(x.tolist()) for x in first}) == len(first)
+    assert train.stream_seeds(3) == train.stream_seeds(3)  # a function of the seed alone: runs are repeatable
+
+
 def test_same_seed_same_run(tmp_path, cache, few_eval_pairs):
     argv = ["--steps", "2", "--method", "mix", "--g", "0.5", "--p", "0.3", "--r", "0.2", "--cache_dir", cache, *FAST,
             "--eval_pairs", few_eval_pairs]
@@ -826,7 +1032,7 @@ def rows_of(out_dir):
 
 def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     """Offline DPO's step 2 from the step-1 policy: loss, accuracy, margin, log-ratio, tokens,
-    gradient norm and label count, from the pairs the documented order gives (Stream, seed 0)."""
+    gradient norm and label count, from the pairs the documented order gives (Stream, the pair stream's seed)."""
     argv = ["--method", "dpo", "--cache_dir", cache, "--out_dir", str(tmp_path / "run"), *SHORT]
     train.main(train.parse_args(argv + ["--steps", "1"]))
     step1 = tmp_path / "step1"
@@ -837,7 +1043,7 @@ def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     task = data.make_task(0)
     policy, tokenizer = load_model(step1)
     reference, _ = load_model(os.path.join(cache, "embedded-sft-task0-steps40"))
-    pairs = [task.pairs[i] for i in data.Stream(len(task.pairs), seed=0).next(8)[4:]]  # step 2's 4 pairs
+    pairs = [task.pairs[i] for i in data.Stream(len(task.pairs), seed=train.stream_seeds(0)["pair"]).next(8)[4:]]  # step 2's 4 pairs
     batch = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
     with torch.no_grad():
@@ -855,40 +1061,46 @@ def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     assert row["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
     assert row["trained_tokens"] == int(batch[1].sum()) and row["generated_tokens"] == 0
     # 8 distinct dataset pairs, each costing the labels its dataset spent on it (the ties dropped before it too)
-    spent = sum(task.pairs[i]["labels"] for i in data.Stream(len(task.pairs), seed=0).next(8))
+    spent = sum(task.pairs[i]["labels"] for i in data.Stream(len(task.pairs), seed=train.stream_seeds(0)["pair"]).next(8))
     assert row["oracle_queries"] == spent and row["ties"] == spent - 8 and row["oracle_reward"] is None
 
 
 def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
-    """Online DPO's step 1 at temperature 0.7: the same samples from the same generator (seed 0),
-    so the same oracle scores, ties, tokens and queries; policy = reference, so h = 0 exactly."""
+    """Online DPO's step 1 at temperature 0.7: the same samples from the same generator (the sampling
+    stream's seed), so the same oracle scores, ties, tokens and queries; policy = reference, so h = 0
+    exactly; the log-ratio of samples at 0.7 is not a KL estimate, so it is logged as log_ratio."""
     out = tmp_path / "run"
     train.main(train.parse_args(["--method", "online-dpo", "--temperature", "0.7", "--steps", "1", "--cache_dir", cache,
                                  "--out_dir", str(out), *SHORT]))
     row = rows_of(out)[0]
     task = data.make_task(0)
     sft, tokenizer = load_model(os.path.join(cache, "embedded-sft-task0-steps40"))
-    prompts = [task.train_prompts[i] for i in data.Stream(len(task.train_prompts), seed=0).next(4)]
+    prompts = [task.train_prompts[i] for i in data.Stream(len(task.train_prompts), seed=train.stream_seeds(0)["prompt"]).next(4)]
     ids, attention, response = sample(sft, *data.encode_prompts(tokenizer, prompts * 2, 32), max_new_tokens=24, temperature=0.7,
-                                      eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(0))
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      generator=torch.Generator().manual_seed(train.stream_seeds(0)["sampling"]))
     scores = reward.GoldReward()(prompts * 2, train.decode(tokenizer, ids, response))  # (8,) y1 rows, then y2 rows
     assert row["oracle_reward"] == pytest.approx(scores.mean().item(), rel=1e-6)
     assert row["ties"] == int((scores[:4] == scores[4:]).sum()) and row["oracle_queries"] == 4
     assert row["tie_rate"] == row["ties"] / 4
     assert row["generated_tokens"] == int(response.sum()) and row["trained_tokens"] == int(attention.sum())
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-6) and row["acc"] == 0.5  # h = 0: a tie of the implicit reward
-    assert row["margin"] == 0 and row["kl"] == 0
+    assert row["margin"] == 0 and row["log_ratio"] == 0 and "kl" not in row
 
 
 def evaluate_by_hand(model, sft, tokenizer, task, temperature, seed, beta):
     """train.py's evaluation from its definition: one response per held-out prompt from a generator
-    seeded seed + 1; the mean gold reward; the mean log-ratio to the SFT model (a KL estimate);
+    seeded with the evaluation stream's seed; the mean gold reward; the mean log-ratio to the SFT
+    model of responses drawn next from the same generator at temperature 1 (a KL estimate);
     the win rate against the SFT model's responses drawn with the same noise (a tie is half a win);
     the implicit-reward accuracy and margin on the held-out pairs."""
     def responses(m):
+        generator = torch.Generator().manual_seed(train.stream_seeds(seed)["eval"])
         batch = sample(m, *data.encode_prompts(tokenizer, task.eval_prompts, 32), max_new_tokens=24, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(seed + 1))
-        return batch, reward.GoldReward()(task.eval_prompts, train.decode(tokenizer, batch[0], batch[2]))
+                       eos_token_id=tokenizer.eos_token_id, generator=generator)
+        at_1 = sample(m, *data.encode_prompts(tokenizer, task.eval_prompts, 32), max_new_tokens=24, temperature=1.0,
+                      eos_token_id=tokenizer.eos_token_id, generator=generator)
+        return at_1, reward.GoldReward()(task.eval_prompts, train.decode(tokenizer, batch[0], batch[2]))
 
     with torch.no_grad():
         batch, rewards = responses(model)
@@ -941,14 +1153,56 @@ def test_the_reference_is_frozen_and_never_trained(tmp_path, cache, no_eval, mon
 
 
 def test_response_coefficients_of_each_term(cache):
-    """Per route (offline, SAIL-DP, SAIL-PP, SAIL-PR): the exact term's coefficients are scaled by
-    --response_scale; the official hook's are summed over the batch, so they carry its size."""
-    common = ["--method", "mix", "--batch_size", "8", "--cache_dir", cache, "--sft_steps", "40"]
-    exact = train.setup_run(train.parse_args(common), train.load_inputs(train.parse_args(common)), torch.device("cpu"))
-    official = train.setup_run(train.parse_args(common + ["--response_term", "official"]), train.load_inputs(train.parse_args(common)),
-                               torch.device("cpu"))
-    assert exact.response_coefs.tolist() == pytest.approx([0, 0, 0.1 * 0.2, 0.1 * 0.3])
-    assert official.response_coefs.tolist() == pytest.approx([0, 0, 8 * 0.2, 8 * 0.3])
+    """Per route (offline, SAIL-DP, SAIL-PP, SAIL-PR), with distinct coefficients: the label term's
+    are (0, rho, pi, 0); the exact term's (0, 0, pi, gamma) times --response_scale, as is the
+    official sign's; the official sizes' are summed over the batch, so they carry its size."""
+    common = ["--method", "mix", "--batch_size", "8", "--cache_dir", cache, "--sft_steps", "40",
+              "--rho", "0.11", "--pi", "0.23", "--gamma", "0.37", "--response_scale", "0.5"]
+    inputs = train.load_inputs(train.parse_args(common))
+    runs = {term: train.setup_run(train.parse_args(common + ["--response_term", term]), inputs, torch.device("cpu"))
+            for term in sail.RESPONSE_TERMS}
+    for term, run in runs.items():
+        assert run.label_coefs.tolist() == pytest.approx([0, 0.11, 0.23, 0])
+        scale = 8 if term in ("official", "official-size") else 0.5
+        assert run.response_coefs.tolist() == pytest.approx([0, 0, scale * 0.23, scale * 0.37]), term
+
+
+def test_each_routes_loss_and_self_labels_by_hand():
+    """train.self_labels and train.pair_losses on a literal batch of four pairs, one per route, with
+    distinct coefficients, against the losses written out by hand: offline -l; SAIL-DP
+    -l - rho l^2 / 2; SAIL-PP -l - pi l^2 / 2 + s pi (-l - b)(L_w + L_l); SAIL-PR
+    -l + s gamma (-l - b)(L_w + L_l), with l = log sigmoid(beta h) of the labelled order."""
+    beta, rho, pi, gamma, s = 0.5, 0.11, 0.23, 0.37, 0.5
+    run = SimpleNamespace(cfg=SimpleNamespace(method="mix", beta=beta, response_term="exact"), device=torch.device("cpu"),
+                          label_coefs=t([0.0, rho, pi, 0.0]), response_coefs=s * t([0.0, 0.0, pi, gamma]))
+    route = train.np.array([train.OFFLINE, train.DP, train.PP, train.PR])
+    pairs = SimpleNamespace(route=route)
+    logps = t([-3.0, -4.0, -5.0, -6.0, -7.0, -2.0, -9.0, -4.5])  # y1 of the 4 pairs, then y2
+    ref = t([-3.5, -3.0, -5.5, -6.5, -6.0, -2.5, -8.0, -5.0])
+    delta = logps - ref  # (8,) y1: 0.5, -1, 0.5, 0.5; y2: -1, 0.5, -1, 0.5
+    # self-labels from a Delta of the rows whose h (y1 - y2) is -100 for the DP pair and +100 for the PP
+    # pair: z is sure (y2 chosen, then y1), and only those two pairs may get one
+    labels = SimpleNamespace(y1_wins=t([True, True, False, True]), valid=t([True, True, True, False]))
+    sure = t([0.0, -100.0, 100.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    train.self_labels(SimpleNamespace(cfg=SimpleNamespace(beta=beta)), SimpleNamespace(label_gen=torch.Generator().manual_seed(0)),
+                      pairs, labels, sure)
+    assert labels.y1_wins.tolist() == [True, False, True, True]  # offline and SAIL-PR untouched; DP: y2, PP: y1
+    b = t([0.0, 0.0, 0.3, 0.2])
+    losses = train.pair_losses(run, pairs, labels, b, torch.arange(4), logps, ref)
+    L = logps.tolist()
+
+    def ell(h):
+        return -math.log1p(math.exp(-beta * h))
+
+    # chosen, rejected per pair: (y1, y2), (y2, y1), (y1, y2), (y1, y2) (the SAIL-PR pair is a tie: the fair coin)
+    h = [delta[0] - delta[4], delta[5] - delta[1], delta[2] - delta[6], delta[3] - delta[7]]
+    h = [float(x) for x in h]
+    tie = 0.5 * (ell(h[3]) + ell(-h[3]))
+    expected = [-ell(h[0]),
+                -ell(h[1]) - 0.5 * rho * ell(h[1]) ** 2,
+                -ell(h[2]) - 0.5 * pi * ell(h[2]) ** 2 + s * pi * (-ell(h[2]) - 0.3) * (L[2] + L[6]),
+                -tie + s * gamma * (-tie - 0.2) * (L[3] + L[7])]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def one_step_gradient(cache, method, grad_accum, monkeypatch):
@@ -980,10 +1234,19 @@ def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, 
 
 @pytest.mark.parametrize("method", ["sail-pp --p 1", "sail-dp --r 1"])
 def test_self_labelled_pairs_cost_no_oracle_query(tmp_path, cache, no_eval, method):
-    """Every pair self-labelled: not one query, not one tie, no oracle score logged (the offline and
-    online oracle-labelled counts are checked in the two recomputed steps above)."""
+    """Every pair self-labelled: not one online query, not one tie, no oracle score logged. SAIL-PP's
+    pairs cost nothing; SAIL-DP's are dataset pairs, each costing the labels its dataset spent on it
+    (its ties dropped included), as an offline pair does (the offline and online oracle-labelled
+    counts are checked in the two recomputed steps above)."""
     train.main(train.parse_args(["--method", *method.split(), "--steps", "2", "--cache_dir", cache, "--out_dir", str(tmp_path), *SHORT]))
-    assert [(r["oracle_queries"], r["ties"], r["oracle_reward"], r["tie_rate"]) for r in rows_of(tmp_path)] == [(0, 0, None, None)] * 2
+    rows = rows_of(tmp_path)
+    assert [(r["oracle_reward"], r["tie_rate"]) for r in rows] == [(None, None)] * 2
+    expected = [(0, 0), (0, 0)]
+    if method.startswith("sail-dp"):
+        stream, pairs = data.Stream(4096, seed=train.stream_seeds(0)["pair"]), data.make_task(0).pairs
+        spent = [sum(pairs[i]["labels"] for i in stream.next(4)) for _ in range(2)]  # steps 1 and 2: 4 new pairs each
+        expected = [(spent[0], spent[0] - 4), (spent[0] + spent[1], spent[0] + spent[1] - 8)]
+    assert [(r["oracle_queries"], r["ties"]) for r in rows] == expected
 
 
 def test_ties_are_counted_left_out_and_scored_rows_only_are_averaged(tmp_path, cache, no_eval, monkeypatch):
@@ -997,7 +1260,8 @@ def test_ties_are_counted_left_out_and_scored_rows_only_are_averaged(tmp_path, c
     # 16 = 4 steps x 4 pairs. An online pair costs one label, a tie; an offline pair the labels its dataset
     # spent on it, all ties but the last: so queries - ties counts the offline pairs.
     n_offline = rows[-1]["oracle_queries"] - rows[-1]["ties"]
-    spent = sum(x["labels"] for x in (data.make_task(0).pairs[i] for i in data.Stream(4096, seed=0).next(n_offline)))
+    spent = sum(x["labels"] for x in (data.make_task(0).pairs[i]
+                                      for i in data.Stream(4096, seed=train.stream_seeds(0)["pair"]).next(n_offline)))
     assert 0 < n_offline < 16 and rows[-1]["oracle_queries"] == (16 - n_offline) + spent
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: only offline pairs, h = 0
 

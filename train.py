@@ -29,14 +29,18 @@ Departures from the paper (see also sail.py):
   2. Each training step draws fresh prompts, so new prompts keep entering the online pool (the
      official code stops after its first generation round), and responses stay attached to the
      prompt that produced them, in one tensor (the official code pairs mismatched lists).
-  3. A tied oracle label carries no preference: its l counts as 0 (only the baseline part of its
-     response term stays, which keeps the gradient exact); it still counts as a query.
+  3. A tied hard oracle label is worth its expectation over Bradley-Terry's fair coin,
+     1/2 [l(h) + l(-h)] (sail.pair_value), in the loss, the response term and the baseline, so the
+     gradient stays exact; it counts as a query. --ties first keeps the official code's handling
+     (y1 chosen: the same coin in distribution, noisier).
   4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models; full
      fine-tuning is the default, and --lora_rank R trains LoRA adapters (peft) instead.
   5. The response term uses a leave-one-out baseline by default (--baseline none for the plain
      estimator), which lowers its variance without biasing it, and its coefficients are scaled
-     by --response_scale (0.1), standing in for the official code's division by |log pi(y)|.
-     --response_term official runs the official code's hook instead (sail.sail_loss).
+     by --response_scale (0.1). The official hook's per-pair size is larger by B / (0.1 |log pi(y)|),
+     about 17 at the defaults (it is summed, not averaged, over the B pairs, and divided by
+     |log pi(y)|, about 10 here). --response_term official runs the official code's hook instead
+     (sail.sail_loss); official-size and official-sign separate its size from its sign.
   6. --grad_accum K cuts the step's pairs into K micro-batches only after they are sampled and
      labelled, so that the baseline, the self-labels and the mean are the whole step's: the
      update is that of one batch (tested), at the cost of one forward pass without a graph.
@@ -68,7 +72,7 @@ from transformers.utils import logging as hf_logging
 
 import data
 import reward
-from sail import leave_one_out_mean, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
+from sail import RESPONSE_TERMS, leave_one_out_mean, pair_value, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
 
 
 # -----------------------------------------------------------------------------
@@ -92,11 +96,15 @@ class Config:
     xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
     ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
     response_term: str = arg("exact", "exact (the score-function gradient, sail.py) | official (the official code's hook: "
-                                      "-coef * l / log pi(y) on each response's gradient, summed, no baseline or --response_scale)")
-    response_scale: float = arg(0.1, "multiplies every response-term coefficient (the official code divides that term by |log pi(y)|, ~10 here)")
+                                      "-coef * l / log pi(y) on each response's gradient, summed, no baseline or --response_scale) | "
+                                      "official-size (the exact sign at the hook's size) | official-sign (the hook's sign at the exact size)")
+    response_scale: float = arg(0.1, "multiplies every exact response-term coefficient (the official hook's term is summed over the batch "
+                                     "and divided by |log pi(y)|: B / (0.1 |log pi(y)|), ~17x this size per pair at the defaults)")
     beta: float = arg(0.1, "KL strength beta of DPO/SAIL")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
-    label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; a tie carries no preference) | sampled (Bernoulli(sigmoid(r1 - r2)))")
+    label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; for a tie see --ties) | sampled (Bernoulli(sigmoid(r1 - r2)))")
+    ties: str = arg("average", "a tied hard label: average (worth 1/2 [l(h) + l(-h)], its expectation over Bradley-Terry's fair coin) | "
+                               "first (y1 is chosen, as in the official code: the same coin in distribution, noisier)")
     # optimisation
     steps: int = arg(150, "alignment steps (optimiser updates)")
     batch_size: int = arg(16, "preference pairs per step (online pairs: prompts x 2 responses)")
@@ -140,8 +148,10 @@ class Config:
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
     # side by side
     compare: bool = arg(False, "run every --compare_methods method for --compare_seeds seeds; write a table, JSON and plots")
-    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-official,sail-pp,sail-pp-official,sail-dp,mix,selm,xpo",
-                               "methods of --compare, comma-separated; NAME-official: that method with --response_term official")
+    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-ties-first,sail-pr-official-sign,sail-pr-official-size,sail-pr-official,"
+                               "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
+                               "methods of --compare, comma-separated; a method with a response term may take a suffix (ROWS): "
+                               "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first")
     compare_seeds: int = arg(5, "seeds per method in --compare (--seed, --seed + 1, ...)")
     compare_workers: int = arg(2, "runs of --compare at once, in processes sharing the CPU threads (1: one after another, in this process)")
     benchmark: bool = arg(False, "measure the sampler and an online step against transformers' generate; write bench.json")
@@ -166,7 +176,23 @@ METHODS = {  # method -> probabilities of (offline DPO, SAIL-DP, SAIL-PP, SAIL-P
     "xpo": lambda c: (0, 0, 0, 1),  # online DPO + a bonus on a sample of the reference
 }
 EXPLORE = {"selm", "xpo"}  # methods that also need a response of the reference per prompt
-OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official
+OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official etc.
+ROWS = {  # --compare's row suffixes: what each changes from the method's own row, one thing or a named few
+    "-official": dict(response_term="official", ties="first"),  # the official code: the hook (its sign, its size), its ties
+    "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
+    "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
+    "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
+}
+
+
+def compare_row(name):
+    """A --compare row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
+    if name in METHODS:
+        return name, {}
+    for suffix in sorted(ROWS, key=len, reverse=True):
+        if name.endswith(suffix) and name.removesuffix(suffix) in OFFICIAL:
+            return name.removesuffix(suffix), ROWS[suffix]
+    return None
 
 
 def parse_args(argv=None):
@@ -222,8 +248,8 @@ RANGES = [
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "bench_model": ("embedded", "gpt2", "gpt2-medium", "pythia-160m", "pythia-410m"), "baseline": ("loo", "loo-all", "none"), "response_term": ("exact", "official"),
-           "label_mode": ("hard", "sampled"), "resume": ("auto", "no")}
+CHOICES = {"method": METHODS, "bench_model": ("embedded", "gpt2", "gpt2-medium", "pythia-160m", "pythia-410m"), "baseline": ("loo", "loo-all", "none"), "response_term": RESPONSE_TERMS,
+           "label_mode": ("hard", "sampled"), "ties": ("average", "first"), "resume": ("auto", "no")}
 
 
 def check_config(cfg):
@@ -248,10 +274,10 @@ def check_config(cfg):
         problems.append("--offload_reference with --lora_rank: the reference is the policy with its adapters off, there is no copy to offload")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         problems.append("--lora_rank needs the peft library: pip install peft (or --lora_rank 0 for full fine-tuning)")
-    unknown = [m for m in cfg.compare_methods.split(",") if m not in METHODS and m.removesuffix("-official") not in OFFICIAL]
+    unknown = [m for m in cfg.compare_methods.split(",") if compare_row(m) is None]
     if unknown:
         problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
-                        + ", ".join(f"{m}-official" for m in OFFICIAL))
+                        f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}")
     device_problem = check_device(cfg.device)
     if device_problem:
         problems.append(device_problem)
@@ -335,7 +361,7 @@ class Labels:
     """Who won each pair: y1 until a label says otherwise (a dataset pair's y1 is its chosen
     response; SAIL-DP and SAIL-PP pairs get theirs from `self_labels`)."""
     y1_wins: torch.Tensor  # (B,) bool
-    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (no preference: worth 0 to J; see sail_loss)
+    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (worth its fair-coin value: sail.pair_value)
     scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
     score_sum: float = 0.0  # checked for NaN / inf
     queries: int = 0
@@ -351,12 +377,9 @@ def draw_routes(run, state, B):
     n_dataset = [int((r <= DP).sum()) for r in routes]  # per rank
     pair_ids = state.pair_stream.next(sum(n_dataset))
     prompt_ids = state.prompt_stream.next(B * run.world - sum(n_dataset))
-    first = 0
-    # An offline pair is trained on its dataset (oracle) label: it goes into the label count
-    # (label_totals) once, however often it is drawn again.
-    for r, n in zip(routes, n_dataset):
-        state.used_pairs.update(pair_ids[first:first + int((r == OFFLINE).sum())])
-        first += n
+    # A dataset pair (offline DPO or SAIL-DP) was labelled, and its ties dropped, when the dataset was
+    # made: it goes into the label count (label_totals) once, however often it is drawn again.
+    state.used_pairs.update(pair_ids)
     a, b = sum(n_dataset[:run.rank]), sum(B - n for n in n_dataset[:run.rank])  # ddp: where this rank's share starts
     return routes[run.rank], pair_ids[a:a + n_dataset[run.rank]], prompt_ids[b:b + B - n_dataset[run.rank]]
 
@@ -417,6 +440,8 @@ def oracle_labels(run, state, pairs):
         labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], run.cfg.label_mode,
                                                                             state.label_gen)
         labels.queries, labels.ties = len(idx), int((~labels.valid[idx]).sum())
+        if run.cfg.ties == "first":  # the official trainer swaps only if r1 < r2: a tie keeps y1 as its chosen response
+            labels.y1_wins[idx], labels.valid[idx] = labels.y1_wins[idx] | ~labels.valid[idx], True
     return labels
 
 
@@ -437,13 +462,13 @@ def margin(labels, delta):
 
 
 def response_baselines(run, pairs, labels, delta):
-    """Each pair's response-term baseline b (B,), or None: the mean cost valid * -l of the *other*
-    pairs of the step that carry the response term (--baseline loo), or of every other pair
-    (loo-all). A tie's cost is 0, the value it adds to J. delta: (2B,) of every pair of the step."""
+    """Each pair's response-term baseline b (B,), or None: the mean cost -v (sail.pair_value: -l, or a
+    tie's fair-coin value) of the *other* pairs of the step that carry the response term (--baseline
+    loo), or of every other pair (loo-all). delta: (2B,) of every pair of the step."""
     cfg = run.cfg
-    if cfg.baseline == "none" or cfg.method in EXPLORE or cfg.response_term == "official":
-        return None
-    cost = torch.where(labels.valid.to(run.device), -F.logsigmoid(cfg.beta * margin(labels, delta)), 0.0)  # (B,) valid * -l
+    if cfg.baseline == "none" or cfg.method in EXPLORE or cfg.response_term in ("official", "official-size"):
+        return None  # the official sizes have no baseline
+    cost = -pair_value(margin(labels, delta), cfg.beta, labels.valid.to(run.device))  # (B,) -v
     route = torch.from_numpy(pairs.route).to(run.device)
     return leave_one_out_mean(cost, None if cfg.baseline == "loo-all" else run.response_coefs[route] > 0)
 
@@ -567,9 +592,10 @@ def step_metrics(run, state, step, fig, grad_norm, times):
     for k, v in times.items():
         state.phase_seconds[k] = state.phase_seconds.get(k, 0.0) + v
     return {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1), "margin": margin_sum / max(n_valid, 1),
-            # the mean log-ratio to the loss's reference of the responses sampled this step: a KL estimate
-            # (SELM: to its last iterate; None if the step sampled none)
-            "kl": kl_sum / n_kl if n_kl else None,
+            # the mean log-ratio to the loss's reference of the responses sampled this step (SELM: to its
+            # last iterate; None if the step sampled none): a KL estimate at temperature 1 only, since the
+            # samples must come from the policy itself; at another temperature it is logged as log_ratio
+            ("kl" if run.cfg.temperature == 1 else "log_ratio"): kl_sum / n_kl if n_kl else None,
             "oracle_reward": reward_sum / n_scored if n_scored else None,  # the mean oracle score of the rows it labelled
             "tie_rate": ties / queries if queries else None,  # of this step's oracle labels
             "grad_norm": grad_norm.item(), **label_totals(run, state),
@@ -579,8 +605,8 @@ def step_metrics(run, state, step, fig, grad_norm, times):
 
 def label_totals(run, state):
     """The oracle labels spent so far, the same way for every pair: each online label (a tie too),
-    and for each distinct offline pair trained on, the labels its dataset spent on it (the ties
-    dropped before it included: data.make_task)."""
+    and for each distinct dataset pair trained on (offline DPO or SAIL-DP), the labels its dataset
+    spent on it (the ties dropped before it included: data.make_task)."""
     spent = run.pair_labels[list(state.used_pairs)].sum() if state.used_pairs else 0
     n_used = len(state.used_pairs)
     return {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
@@ -605,7 +631,7 @@ class Clock:
 def main(cfg):
     t_start = time.perf_counter()
     hf_logging.disable_progress_bar()  # our own bars only
-    set_seed(cfg.seed)
+    set_seed(stream_seeds(cfg.seed)["global"])  # Python's, numpy's and torch's global streams
     device, rank, world = setup_device(cfg)  # ddp: joins the process group; plain `python train.py` is rank 0 of 1
     master = rank == 0
 
@@ -682,19 +708,23 @@ def make_eval_set(run, inputs):
 
 @torch.no_grad()
 def evaluate(run, eval_set, sft_rewards):
-    """Held-out figures of the policy: gold reward, KL to the SFT reference, win rate against the
+    """Held-out figures of the policy: gold reward, KL to the SFT reference (from samples at temperature 1), win rate against the
     SFT model's responses (a tie is half a win), and implicit-reward accuracy and margin on the
-    held-out pairs. Samples come from a generator seeded afresh (seed + 1) at every evaluation, the
-    same noise as the SFT baseline's: common random numbers make the comparison less noisy."""
+    held-out pairs. Samples come from a generator seeded afresh (its own stream) at every evaluation,
+    the same noise as the SFT baseline's: common random numbers make the comparison less noisy."""
     cfg, policy = run.cfg, run.policy
     was_training = policy.training
     policy.eval()
-    generator = torch.Generator(eval_set.batch[0].device).manual_seed(cfg.seed + 1)
+    generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(cfg.seed)["eval"])
     with run.amp:
         ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens,
                                           temperature=cfg.temperature, eos_token_id=run.tokenizer.eos_token_id,
                                           generator=generator)
     rewards = run.oracle(eval_set.prompts, decode(run.tokenizer, ids, response))  # (N,)
+    if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself: temperature 1
+        with run.amp:
+            ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                                              eos_token_id=run.tokenizer.eos_token_id, generator=generator)
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
     out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
     if sft_rewards is not None:
@@ -728,7 +758,7 @@ def log_step(metrics_file, row):
     metrics_file.write(json.dumps(row) + "\n")
     metrics_file.flush()
     line = f"step {row['step']} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f}"
-    line += f" | kl {row['kl']:.2f}" if row["kl"] is not None else ""  # steps that sample responses
+    line += f" | kl {row['kl']:.2f}" if row.get("kl") is not None else ""  # steps that sample responses, at temperature 1
     line += f" | reward {row['oracle_reward']:.2f} | ties {row['tie_rate']:.2f}" if row["tie_rate"] is not None else ""
     line += f" | dt {1000 * row['dt']:.0f}ms"
     line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
@@ -797,7 +827,7 @@ def print_summary(cfg, summary, sft_eval, final):
 
 def set_seed(seed):
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)  # numpy's legacy seed takes 32 bits
     torch.manual_seed(seed)
 
 
@@ -931,10 +961,12 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     gamma = 0.0 if cfg.method in ("online-dpo", "selm", "xpo") else cfg.gamma  # plain DPO on their online pairs
     # The exact term is averaged over the step's pairs like the rest of the loss, scaled by
     # --response_scale; the official hook's is summed over each rank's pairs, unscaled (sail_loss).
-    response_scale = cfg.batch_size / world if cfg.response_term == "official" else cfg.response_scale
+    response_scale = cfg.batch_size / world if cfg.response_term in ("official", "official-size") else cfg.response_scale
     trained = [p for p in policy.parameters() if p.requires_grad]  # every weight, or (LoRA) the adapters only
     run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=train_reference, tokenizer=tokenizer, oracle=oracle,
-              optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay),
+              # fused on CUDA: one kernel per step, without the foreach path's temporary copy of the
+              # second moments (+4 bytes per trained parameter at the step)
+              optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"),
               train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
               ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
               pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
@@ -965,7 +997,7 @@ def add_lora(policy, cfg):
                              target_modules=LORA_TARGETS.get(arch, "all-linear"), fan_in_fan_out=arch == "gpt2")
     cuda = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # A's random start depends on --seed alone, not on what ran before
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(stream_seeds(cfg.seed)["lora"])
         model = peft.get_peft_model(policy, config)
     if cfg.gradient_checkpointing:  # reentrant checkpointing (older transformers) needs inputs that require grad
         model.enable_input_require_grads()
@@ -1110,20 +1142,36 @@ class State:
     history: list                   # the evaluations so far, step 0 (SFT) first
     oracle_queries: int = 0         # online oracle labels (ties included)
     ties: int = 0
-    used_pairs: set = field(default_factory=set)  # offline pairs trained on: each cost its dataset's labels (Run.pair_labels)
+    used_pairs: set = field(default_factory=set)  # dataset pairs trained on: each cost its dataset's labels (Run.pair_labels)
     phase_seconds: dict = field(default_factory=dict)
     token_totals: dict = field(default_factory=lambda: {"generated": 0, "trained": 0})
 
     @classmethod
     def new(cls, cfg, run, n_prompts, n_pairs, history):
-        seed = cfg.seed + 7919 * run.rank  # ddp: every rank samples and labels with streams of its own
-        return cls(step=0, route_rng=np.random.default_rng([cfg.seed, 0]), prompt_stream=data.Stream(n_prompts, seed=cfg.seed),
-                   pair_stream=data.Stream(n_pairs or 1, seed=cfg.seed), sampling_gen=torch.Generator(run.device).manual_seed(seed),
-                   label_gen=torch.Generator().manual_seed(seed), explore_gen=torch.Generator(run.ref_device).manual_seed(seed + 2),
-                   history=history)
+        seeds = stream_seeds(cfg.seed, run.rank)
+        return cls(step=0, route_rng=np.random.default_rng(seeds["route"]), prompt_stream=data.Stream(n_prompts, seed=seeds["prompt"]),
+                   pair_stream=data.Stream(n_pairs or 1, seed=seeds["pair"]),
+                   sampling_gen=torch.Generator(run.device).manual_seed(seeds["sampling"]),
+                   label_gen=torch.Generator().manual_seed(seeds["label"]),
+                   explore_gen=torch.Generator(run.ref_device).manual_seed(seeds["explore"]), history=history)
 
     def generators(self):
         return self.route_rng, self.sampling_gen, self.label_gen, self.explore_gen
+
+
+# Every random stream of a run, each seeded from one root, --seed: (name, one per rank?). The routes,
+# prompts and pairs are drawn alike on every rank (each keeps its share); ddp: each rank samples
+# and labels with streams of its own.
+STREAMS = [("route", False), ("prompt", False), ("pair", False), ("sampling", True), ("label", True), ("explore", True),
+           ("eval", False), ("lora", False), ("global", False)]
+
+
+def stream_seeds(seed, rank=0):
+    """{stream: its seed}, from np.random.SeedSequence(seed) with the spawn key (stream, rank): no two
+    streams of a run, of two ranks or of two --seed values share their numbers (SeedSequence hashes
+    the whole key, unlike seed + k, where seed + 1's first stream is seed's second)."""
+    return {name: int(np.random.SeedSequence(seed, spawn_key=(k, rank if per_rank else 0)).generate_state(1, np.uint64)[0] >> 1)
+            for k, (name, per_rank) in enumerate(STREAMS)}
 
 
 def save_checkpoint(run, state, streams):
@@ -1348,12 +1396,14 @@ def compare(cfg):
     wall = time.perf_counter() - t0
 
     methods = list(dict.fromkeys(m for m, _ in plan))
-    stats = {m: method_stats([r for r in runs if r["method"] == m], [r for r in runs if r["method"] == "online-dpo"])
-             for m in methods}
+    stats = {m: method_stats([r for r in runs if r["method"] == m]) for m in methods}
+    tests = comparisons(runs, methods)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
     with open(os.path.join(root, "compare.json"), "w") as f:
-        json.dump({"machine": machine, "wall_seconds": wall, "config": dataclasses.asdict(cfg), "stats": stats, "runs": runs}, f, indent=1)
-    lines = results_table(cfg, runs, stats, machine, wall)
+        json.dump({"machine": machine, "wall_seconds": wall, "config": dataclasses.asdict(cfg), "stats": stats,
+                   "comparisons": [{"row": a, "against": b, "difference": v[0], "half_width": v[1], "p": v[2], "p_holm": v[3]}
+                                   for (a, b), v in tests.items()], "runs": runs}, f, indent=1)
+    lines = results_table(cfg, runs, stats, tests, machine, wall)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -1363,10 +1413,9 @@ def compare(cfg):
 
 
 def compare_config(cfg, name, seed, out):
-    """The settings of one --compare run: NAME-official is NAME with the official hook's term."""
-    official = name.endswith("-official")
-    return dataclasses.replace(cfg, method=name.removesuffix("-official"), seed=seed, out_dir=out, compare=False,
-                               response_term="official" if official else cfg.response_term)
+    """The settings of one --compare run: a row's method with its suffix's settings (ROWS)."""
+    method, settings = compare_row(name)
+    return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False, **settings)
 
 
 def finished(c):
@@ -1415,56 +1464,141 @@ def interval(x):
     return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
 
+def bootstrap(x, resamples=10000):
+    """(mean, low, high): the 95% percentile-bootstrap interval of the mean of x, resampling the seeds
+    (a fixed generator: the same table every time). It stays inside the values' range (a KL, a rate),
+    where a t-interval on a few skewed values can cross 0; with 5 seeds it is the narrower of the two."""
+    x = np.asarray(x, dtype=float)
+    means = x[np.random.default_rng(0).integers(0, len(x), (resamples, len(x)))].mean(1)
+    return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def t_test(d):
+    """Two-sided p-value of the paired t-test that the differences d have mean 0 (Student's t with
+    len(d) - 1 degrees of freedom: p = I_{df / (df + t^2)}(df / 2, 1 / 2), the regularised incomplete beta)."""
+    d = np.asarray(d, dtype=float)
+    df, sd = len(d) - 1, d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    t = d.mean() / (sd / math.sqrt(len(d)))
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def incomplete_beta(a, b, x):
+    """I_x(a, b), the regularised incomplete beta function, by its continued fraction (Numerical
+    Recipes' betacf, modified Lentz) where that converges fast, else by I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 / (1 - (a + b) * x / (a + 1) or tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / (1 + num * d or tiny)
+            c = 1 + num / c or tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return f * math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+
+
+def holm(pvalues):
+    """Holm-Bonferroni adjusted p-values ({name: p} -> {name: p adjusted}): the k-th smallest of m is
+    multiplied by m - k (k from 0), made non-decreasing, capped at 1. An adjusted p below 0.05 keeps
+    the family-wise error rate of the whole table at 5%."""
+    out, running = {}, 0.0
+    for k, (name, p) in enumerate(sorted(pvalues.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (len(pvalues) - k) * p))
+        out[name] = running
+    return out
+
+
 FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
            "tie_rate": "tie rate"}
+BOUNDED = ("win_rate_vs_sft", "kl", "tie_rate")  # figures with a range (a rate; a KL >= 0): bootstrap intervals
 
 
-def method_stats(group, baseline):
-    """Mean and 95% interval over seeds of each figure of one method's runs, and its gold reward's
-    difference from the baseline's (online DPO) paired by seed."""
-    out = {k: interval([r["summary"][k] for r in group]) if None not in [r["summary"][k] for r in group] else (None, None)
-           for k in FIGURES}
+def method_stats(group):
+    """Each figure of one method's runs over seeds: the gold reward's mean with its 95% t-interval
+    (mean, half-width); the bounded figures' mean with a bootstrap interval (mean, low, high)."""
+    out = {}
+    for k in FIGURES:
+        values = [r["summary"][k] for r in group]
+        out[k] = (None, None) if None in values else bootstrap(values) if k in BOUNDED else interval(values)
     out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
     for phase in group[0]["summary"]["seconds_per_step"]:
         out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
     for kind in ("generated", "trained"):
         out[f"tokens_per_second_{kind}"] = interval([r["summary"]["tokens_per_second"][kind] for r in group])
-    by_seed = {r["seed"]: r["summary"]["gold_reward_final"] for r in baseline}
-    paired = [r["summary"]["gold_reward_final"] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
-    out["reward_minus_online_dpo"] = interval(paired) if paired else (None, None)
     return out
 
 
-def results_table(cfg, runs, stats, machine, wall):
-    """results.md: the table, what runs of one seed share, and the time per phase."""
-    def pm(v, d=2):  # "mean ± half-width"
-        return "n/a" if v[0] is None else f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
+def paired_difference(group, baseline):
+    """The gold reward of `group` minus that of `baseline`, paired by seed: (mean, half-width of its
+    95% t-interval, two-sided p of the paired t-test), or None if they share fewer than 2 seeds."""
+    by_seed = {r["seed"]: r["summary"]["gold_reward_final"] for r in baseline}
+    d = [r["summary"]["gold_reward_final"] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
+    return (*interval(d), t_test(d)) if len(d) >= 2 else None
 
-    def paired(v):
-        if v[0] is None or v[1] is None:
-            return "n/a" if v[0] is None else f"{v[0]:+.2f}"
-        return f"{v[0]:+.2f} ± {v[1]:.2f}" + (" *" if abs(v[0]) > v[1] else "")
+
+def comparisons(runs, methods):
+    """Every paired comparison of the table, {(row, against): (mean, half-width, p, p Holm)}: each
+    row against online DPO, and each row with a suffix (ROWS) against its method's own row; Holm's
+    correction is over all of them at once."""
+    of = {m: [r for r in runs if r["method"] == m] for m in methods}
+    pairs = [(m, "online-dpo") for m in methods if m != "online-dpo" and "online-dpo" in of]
+    pairs += [(m, compare_row(m)[0]) for m in methods if compare_row(m)[1] and compare_row(m)[0] in of]
+    found = {p: paired_difference(of[p[0]], of[p[1]]) for p in pairs}
+    found = {p: v for p, v in found.items() if v is not None}
+    adjusted = holm({p: v[2] for p, v in found.items()})
+    return {p: (*v, adjusted[p]) for p, v in found.items()}
+
+
+def results_table(cfg, runs, stats, tests, machine, wall):
+    """results.md: the table, the paired comparisons, what runs of one seed share, the time per phase."""
+    def pm(v, d=2):  # "mean ± half-width" or "mean [low, high]"
+        if v[0] is None:
+            return "n/a"
+        if len(v) == 3:
+            return f"{v[0]:.{d}f} [{v[1]:.{d}f}, {v[2]:.{d}f}]"
+        return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
+
+    def diff(v):  # the difference, its interval's ends, its Holm-adjusted p; * where that p < 0.05
+        return (f"{v[0]:+.2f} [{v[0] - v[1]:+.2f}, {v[0] + v[1]:+.2f}], p_Holm {v[3]:.2g}" + (" *" if v[3] < 0.05 else "")
+                if v else "—")
 
     seeds = sorted({r["seed"] for r in runs})
     run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # some runs may be reused: their own time
     lines = [f"{len(runs)} runs: {len(stats)} methods x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} updates x "
              f"{cfg.batch_size} pairs each; {machine}; {cfg.compare_workers} at once; this invocation took {wall / 60:.1f} min, "
-             f"the runs {run_minutes:.1f} min in all. Mean ± half-width of the 95% Student-t interval over seeds; "
-             "Δ: the difference from online DPO's gold reward, paired by seed, with its own interval (* where it excludes 0).", "",
-             f"| method | gold reward (SFT {runs[0]['summary']['gold_reward_sft']:.2f}) | Δ vs online DPO | win rate vs SFT "
-             "| KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|"]
+             f"the runs {run_minutes:.1f} min in all. Gold reward: mean ± half-width of the 95% Student-t interval over seeds. "
+             "Win rate and KL: mean [95% percentile-bootstrap interval over seeds] (it stays in their range). Δ: the difference "
+             "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
+             f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
+             "its interval says how large it may be either way.", "",
+             f"| method | gold reward (SFT {runs[0]['summary']['gold_reward_sft']:.2f}) | Δ vs online DPO | Δ vs its exact row "
+             "| win rate vs SFT | KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for m, st in stats.items():
-        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {'—' if m == 'online-dpo' else paired(st['reward_minus_online_dpo'])} | "
+        own = compare_row(m)[0] if compare_row(m)[1] else None
+        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, 'online-dpo')))} | {diff(tests.get((m, own)))} | "
                      f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
-                     f"{pm((st['tie_rate'][0], None))} | {st['seconds_per_step'][0]:.3f} |")
-    lines += ["", "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
-              "generator (seed + 1: the same sampling noise for every method and for the SFT baseline), and the seeds of the "
-              "routing stream, the prompt and pair orders and the sampling and labelling generators. Methods with the same "
-              "routing probabilities draw the same routes, offline pairs and prompts and their first samples with the same noise "
-              "(sail-pr and its -official row; sail-pp and its -official row; online-dpo, selm and xpo; and with p = g, the "
+                     f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
+                     f"{st['seconds_per_step'][0]:.3f} |")
+    lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in train.py): "
+              "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "
+              "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
+              "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
+              "sign; -official, both: the official code's term and tie handling.", "",
+              "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
+              "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
+              "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "
+              "Methods with the same routing probabilities draw the same routes, offline pairs and prompts and their first "
+              "samples with the same noise (a method and its suffixed rows; online-dpo, selm and xpo; and with p = g, the "
               "defaults, sail-pr and sail-pp split their pairs between offline and online the same way); they part ways as their "
-              "policies do. Oracle labels count every label spent: online ones (ties included) and, for each offline pair "
-              "trained on, the labels its dataset spent on it (ties dropped while building it included).", ""]
+              "policies do. Oracle labels count every label spent: online ones (ties included) and, for each dataset pair "
+              "trained on (offline DPO or SAIL-DP), the labels its dataset spent on it (ties dropped while building it included).", ""]
     phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
     lines += ["Time per step (ms, share of the step) and throughput (runs sharing the CPU as above):", "",
               "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
@@ -1511,7 +1645,7 @@ PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, titl
 
 def plot_compare(runs, root):
     """The gold reward of every method against each x of PLOTS: the mean over seeds, with a band
-    (the KL plot: error bars) for the 95% interval of the reward; official-hook rows dashed."""
+    (the KL plot: error bars) for the 95% interval of the reward; rows with a suffix (ROWS) dashed."""
     plt = pyplot("the plots")
     if plt is None:
         return
@@ -1525,7 +1659,7 @@ def plot_compare(runs, root):
             x, y = ([interval([h[i][k] for h in hist]) for i in range(n)] for k in (key, "eval_reward"))
             xm, ym = np.array([v[0] for v in x]), np.array([v[0] for v in y])
             yerr = np.array([v[1] or 0.0 for v in y])
-            style = dict(color=colors[method], linestyle="--" if method.endswith("-official") else "-", label=method)
+            style = dict(color=colors[method], linestyle="--" if compare_row(method)[1] else "-", label=method)
             if key == "eval_kl":  # the x of each point varies too; its interval is in compare.json's runs
                 ax.errorbar(xm, ym, yerr=yerr, marker="o", markersize=3, capsize=2, elinewidth=0.8, **style)
             else:
