@@ -722,6 +722,7 @@ def evaluate(run, eval_set, sft_rewards):
                                           generator=generator)
     rewards = run.oracle(eval_set.prompts, decode(run.tokenizer, ids, response))  # (N,)
     if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself: temperature 1
+        generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(cfg.seed)["eval_kl"])  # its own noise
         with run.amp:
             ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                               eos_token_id=run.tokenizer.eos_token_id, generator=generator)
@@ -1163,13 +1164,14 @@ class State:
 # prompts and pairs are drawn alike on every rank (each keeps its share); ddp: each rank samples
 # and labels with streams of its own.
 STREAMS = [("route", False), ("prompt", False), ("pair", False), ("sampling", True), ("label", True), ("explore", True),
-           ("eval", False), ("lora", False), ("global", False)]
+           ("eval", False), ("lora", False), ("global", False), ("eval_kl", False)]
 
 
 def stream_seeds(seed, rank=0):
     """{stream: its seed}, from np.random.SeedSequence(seed) with the spawn key (stream, rank): no two
     streams of a run, of two ranks or of two --seed values share their numbers (SeedSequence hashes
-    the whole key, unlike seed + k, where seed + 1's first stream is seed's second)."""
+    the whole key, unlike seed + k, where seed + 1's first stream is seed's second). numpy uses all
+    63 bits; torch's CPU generator keeps the low 32 (tested distinct for --compare's seeds and ranks)."""
     return {name: int(np.random.SeedSequence(seed, spawn_key=(k, rank if per_rank else 0)).generate_state(1, np.uint64)[0] >> 1)
             for k, (name, per_rank) in enumerate(STREAMS)}
 
@@ -1464,13 +1466,15 @@ def interval(x):
     return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
 
-def bootstrap(x, resamples=10000):
-    """(mean, low, high): the 95% percentile-bootstrap interval of the mean of x, resampling the seeds
-    (a fixed generator: the same table every time). It stays inside the values' range (a KL, a rate),
-    where a t-interval on a few skewed values can cross 0; with 5 seeds it is the narrower of the two."""
-    x = np.asarray(x, dtype=float)
-    means = x[np.random.default_rng(0).integers(0, len(x), (resamples, len(x)))].mean(1)
-    return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def clipped_interval(x, low, high):
+    """(mean, low end, high end): the 95% Student-t interval of the mean of x, cut to the figure's
+    range [low, high] (a rate in [0, 1], a KL >= 0), where a t-interval on a few skewed values can
+    reach past it (a KL of 44.4 ± 103.2). A percentile bootstrap would stay in range too, but with 5
+    seeds it covers the mean only ~85% of the time, not 95%."""
+    mean, half = interval(x)
+    if half is None:
+        return mean, None, None
+    return mean, max(low, mean - half), min(high, mean + half)
 
 
 def t_test(d):
@@ -1517,16 +1521,16 @@ def holm(pvalues):
 
 FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
            "tie_rate": "tie rate"}
-BOUNDED = ("win_rate_vs_sft", "kl", "tie_rate")  # figures with a range (a rate; a KL >= 0): bootstrap intervals
+BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "tie_rate": (0.0, 1.0)}  # figures with a range
 
 
 def method_stats(group):
     """Each figure of one method's runs over seeds: the gold reward's mean with its 95% t-interval
-    (mean, half-width); the bounded figures' mean with a bootstrap interval (mean, low, high)."""
+    (mean, half-width); the bounded figures' mean with its t-interval cut to their range (mean, low, high)."""
     out = {}
     for k in FIGURES:
         values = [r["summary"][k] for r in group]
-        out[k] = (None, None) if None in values else bootstrap(values) if k in BOUNDED else interval(values)
+        out[k] = (None, None) if None in values else clipped_interval(values, *BOUNDED[k]) if k in BOUNDED else interval(values)
     out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
     for phase in group[0]["summary"]["seconds_per_step"]:
         out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
@@ -1562,7 +1566,7 @@ def results_table(cfg, runs, stats, tests, machine, wall):
         if v[0] is None:
             return "n/a"
         if len(v) == 3:
-            return f"{v[0]:.{d}f} [{v[1]:.{d}f}, {v[2]:.{d}f}]"
+            return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" [{v[1]:.{d}f}, {v[2]:.{d}f}]")
         return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
 
     def diff(v):  # the difference, its interval's ends, its Holm-adjusted p; * where that p < 0.05
@@ -1574,7 +1578,7 @@ def results_table(cfg, runs, stats, tests, machine, wall):
     lines = [f"{len(runs)} runs: {len(stats)} methods x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} updates x "
              f"{cfg.batch_size} pairs each; {machine}; {cfg.compare_workers} at once; this invocation took {wall / 60:.1f} min, "
              f"the runs {run_minutes:.1f} min in all. Gold reward: mean ± half-width of the 95% Student-t interval over seeds. "
-             "Win rate and KL: mean [95% percentile-bootstrap interval over seeds] (it stays in their range). Δ: the difference "
+             "Win rate and KL: mean [its 95% t-interval cut to the figure's range: [0, 1], >= 0]. Δ: the difference "
              "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
              f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
              "its interval says how large it may be either way.", "",
