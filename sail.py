@@ -46,11 +46,14 @@ What J rewards (tested in test_sail.py on a tabular policy, by gradient ascent o
   * a purely self-labelled objective (p = 1 or r = 1: no oracle, no offline pair) never sees a
     reward. Its value per pair, E_z[l] = -H(sigmoid(beta h)), is the negative entropy of the policy's
     own preference: it rewards being sure of its preferences, whichever they are, so it amplifies
-    what the policy already prefers (the best response or the worst alike);
+    what the policy already prefers (the best response or the worst alike). train.py's default mix
+    (r + p + g = 1: 70% self-labelled, no offline pair) inherits it: from a uniform start its J
+    ends on the best response, from 71% on the worst it ends on the worst;
   * J is not concave. Sampling the pairs from pi_theta makes a response that the policy almost
     never says a loser: its implicit reward beta Delta is very low, so each of its rare pairs has l
     far below 0 even when the oracle prefers it. A policy concentrated on the worst response is
-    therefore a local maximum of pure SAIL-PR's J (the tests show where ascent starts to escape it).
+    therefore a local maximum of pure SAIL-PR's J (in the tests, ascent escapes it from 71% of the
+    mass on the worst response, not from 95%; online DPO's update, with no response term, escapes).
 
 Run the tests: `python -m pytest -q test_sail.py`.
 

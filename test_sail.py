@@ -523,6 +523,9 @@ def test_a_purely_self_labelled_objective_amplifies_what_the_policy_prefers():
         assert pi[0].argmax() == 0 and pi[0, 0] > 0.5, (name, pi)
         if name == "SAIL-PP p=1":
             assert torch.equal(pi, ascend(starts, routing, steps=300, rewards=-REWARDS))
+    # the default mix (r, p, g = 0.4, 0.3, 0.3: no offline pair) follows its start too
+    pi = ascend(torch.tensor([UNIFORM, NEAR_WORST], dtype=torch.float64), torch.tensor([[0, 0.4, 0.3, 0.3]] * 2, dtype=torch.float64))
+    assert pi[0].argmax() == 3 and pi[1].argmax() == 0
 
 
 def test_pure_sail_pr_has_a_local_maximum_at_the_worst_response_that_online_dpo_escapes():
