@@ -1582,7 +1582,7 @@ def results_table(cfg, runs, stats, tests, machine, wall):
              "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
              f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
              "its interval says how large it may be either way.", "",
-             f"| method | gold reward (SFT {runs[0]['summary']['gold_reward_sft']:.2f}) | Δ vs online DPO | Δ vs its exact row "
+             f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its exact row "
              "| win rate vs SFT | KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for m, st in stats.items():
         own = compare_row(m)[0] if compare_row(m)[1] else None
@@ -1654,7 +1654,8 @@ def plot_compare(runs, root):
     if plt is None:
         return
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(methods) <= 10 else plt.get_cmap("tab20").colors
+    colors = dict(zip(methods, palette * 2))
     for name, (key, xlabel, title) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(7, 4.4))
         for method in methods:
