@@ -60,7 +60,7 @@ Run the tests: `python -m pytest -q test_sail.py`.
 Departures from the paper and the official code:
   1. The extra terms are written as a surrogate loss with stop-gradients instead of the
      official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
-     batch (the README's "differences", 1). Its expected gradient is checked exactly against
+     batch (docs/official.md, 1). Its expected gradient is checked exactly against
      autograd of J in the tests. The hook's gradient is kept, for comparison, as
      sail_loss(response_term="official"), tested against the hook itself, with the two rows that
      separate its sign from its size ("official-size", "official-sign").
@@ -106,7 +106,7 @@ def pair_value(h, beta, valid=None):
     responses are the same text (h = 0) and lower the more the policy separates them.
 
     Why not 0 for a tie: 0 is the supremum of l, so a policy whose two samples always tie (any
-    deterministic policy) would maximise J whatever its reward (the README's "ties").
+    deterministic policy) would maximise J whatever its reward (the README's "Ties").
     h: (B,); beta: KL strength; valid: None or (B,) bool."""
     ell = F.logsigmoid(beta * h)  # (B,) the Bradley-Terry log-likelihood of the label
     if valid is None:

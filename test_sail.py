@@ -1,5 +1,5 @@
 """
-test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 3 minutes on 2 CPU cores).
+test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 2 minutes on 2 CPU cores; `python -m pytest -q` runs it with experiments/test_experiments.py).
 
   * losses: DPO and SAIL values and gradients computed by hand
   * masks: log-prob masks and sampled-response masks against literal tensors
@@ -14,8 +14,6 @@ import io
 import json
 import math
 import os
-import re
-import shlex
 import subprocess
 import sys
 import time
@@ -805,106 +803,6 @@ def test_train_py_end_to_end(runs, cache):
     assert policy.generate(t([[1, 2]]), max_new_tokens=3, do_sample=False).shape[1] >= 3
 
 
-def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, few_eval_pairs):
-    """`python train.py --compare`: every method, from one SFT model, resumable; also checks that
-    each --method runs and counts its oracle labels."""
-    argv = ["--compare", "--compare_seeds", "1", "--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", cache, *FAST,
-            "--eval_pairs", few_eval_pairs]
-    stats = train.cli(argv)
-    root = tmp_path / "compare"
-    names = train.Config.compare_methods.split(",")
-    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in train.ROWS if suffix != "-ties-first"}
-    assert set(stats) == set(train.METHODS) | suffixed | {"sail-pr-ties-first"} == set(names)
-    # 2 steps x 16 pairs: an online SAIL-PR pair costs an online label; a dataset pair (offline DPO or
-    # SAIL-DP; a prefix of one stream for every method) the labels its dataset spent on it; SAIL-PP's
-    # self-labelled pairs cost none.
-    offline = sum(data.make_task(0).pairs[i]["labels"] for i in data.Stream(4096, seed=train.stream_seeds(0)["pair"]).next(32))
-    for method, (queries, _) in ((m, stats[m]["oracle_queries"]) for m in stats):
-        expected = {"dpo": offline, "sail-dp": offline, "online-dpo": 32, "selm": 32, "xpo": 32}
-        assert queries == expected[method] if method in expected else queries < offline, method
-    assert offline > 32
-    results = (root / "results.md").read_text()
-    assert all(f"| {m} |" in results for m in names) and "generated tok/s" in results and "Δ vs online DPO" in results
-    report = json.loads((root / "compare.json").read_text())
-    assert len(report["runs"]) == len(names) and all(math.isfinite(r["summary"]["gold_reward_final"]) for r in report["runs"])
-    for row, term, ties in [("sail-pr-official", "official", "first"), ("sail-pp-official-size", "official-size", "first"),
-                            ("sail-pr-official-sign", "official-sign", "first"), ("sail-pr-ties-first", "exact", "first")]:
-        c = json.loads((root / f"{row}-seed0" / "config.json").read_text())
-        assert (c["method"], c["response_term"], c["ties"]) == (row[:7], term, ties)
-    assert report["comparisons"] == []  # one seed: no interval, no test (comparisons are tested by hand)
-    for png in train.PLOTS:
-        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (root / png).stat().st_size > 10_000
-    # Started again, it reuses every finished run instead of training it again.
-    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
-    train.cli(argv)
-    assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
-
-
-def test_intervals_and_paired_differences_by_hand():
-    """The 95% Student-t interval: mean ± t(0.975, n - 1) * s / sqrt(n), s with n - 1; the paired
-    difference is taken seed by seed, so noise that the runs of one seed share cancels; its t-test's
-    p from the incomplete beta; Holm's correction; intervals cut to the figure's range."""
-    mean, half = train.interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12)
-    assert train.interval([2.0]) == (2.0, None)
-
-    def run(method, seed, reward):
-        return {"method": method, "seed": seed, "summary": {"gold_reward_final": reward}}
-
-    base = [run("online-dpo", s, r) for s, r in enumerate([0.5, 2.5, 2.0])]
-    other = [run("x", s, r) for s, r in enumerate([1.0, 2.0, 3.0])]  # differences 0.5, -0.5, 1.0
-    d, half, p = train.paired_difference(other, base)
-    assert (d, half) == pytest.approx((1 / 3, 4.303 * math.sqrt(7 / 12) / math.sqrt(3)), rel=1e-12)
-    # t = (1/3) / sqrt(7/36) = 0.7559 with 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2), in closed form for df = 2
-    t_stat = (1 / 3) / math.sqrt(7 / 12 / 3)
-    assert p == pytest.approx(1 - t_stat / math.sqrt(2 + t_stat ** 2), rel=1e-10)
-    shifted = train.paired_difference([run("y", s, r + 0.2) for s, r in enumerate([0.5, 2.5, 2.0])], base)
-    assert shifted[:2] == pytest.approx((0.2, 0.0), abs=1e-12) and shifted[2] < 1e-12  # shared noise cancels
-    for t_value, df, two_sided in [(2.776, 4, 0.05), (2.571, 5, 0.05), (4.604, 4, 0.01), (12.706, 1, 0.05)]:  # t tables
-        assert train.incomplete_beta(df / 2, 0.5, df / (df + t_value ** 2)) == pytest.approx(two_sided, abs=2e-4)
-    # Holm: the k-th smallest of m p-values times m - k, kept non-decreasing
-    assert train.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}) == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
-    # the table's comparisons: each row against online DPO, a suffixed row against its own method's row too
-    runs = base + [run("sail-pr", s, r) for s, r in enumerate([1.0, 2.0, 3.0])] + [run("sail-pr-official", s, r)
-                                                                                 for s, r in enumerate([0.0, 1.5, 1.0])]
-    tests = train.comparisons(runs, ["online-dpo", "sail-pr", "sail-pr-official"])
-    assert set(tests) == {("sail-pr", "online-dpo"), ("sail-pr-official", "online-dpo"), ("sail-pr-official", "sail-pr")}
-    raw = {k: train.paired_difference([r for r in runs if r["method"] == k[0]], [r for r in runs if r["method"] == k[1]])[2]
-           for k in tests}
-    assert {k: v[3] for k, v in tests.items()} == pytest.approx(train.holm(raw)) and tests[("sail-pr", "online-dpo")][2] == p
-    kl = [0.1, 0.2, 0.1, 0.3, 9.0]  # skewed, >= 0: the t-interval crosses 0, the reported one stops there
-    mean, half = train.interval(kl)
-    assert half > mean and train.clipped_interval(kl, 0.0, math.inf) == pytest.approx((1.94, 0.0, 1.94 + half))
-    assert train.clipped_interval([0.9, 1.0, 0.8], 0.0, 1.0)[2] == 1.0 and train.clipped_interval([0.5], 0, 1) == (0.5, None, None)
-
-
-def test_benchmark_measures_sampler_and_step(tmp_path, cache):
-    result = train.cli(["--benchmark", "--bench_reps", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
-    assert json.loads((tmp_path / "bench.json").read_text()) == result
-    assert result["sampler_ms"] > 0 and result["generate_ms"] > 0 and 0.5 < result["sampler_forward_share"] <= 1
-    assert set(result["online_step_ms"]) == {"generate", "label", "reference", "policy", "optimizer"}  # the loop's own phases
-    assert result["policy_phase_sail_pr_ms"] > 0 and result["policy_phase_online_dpo_ms"] > 0
-    assert abs(sum(result["online_step_phase_share"].values()) - 1) < 1e-9
-    variance = result["gradient_variance"]  # each baseline at the SFT policy and after 50 steps
-    assert set(variance) == {f"step{s}_{b}" for s in (0, 50) for b in ("none", "loo-all", "loo")}
-    assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for v in variance.values())
-
-
-@pytest.mark.parametrize("name", ["gpt2", "pythia-160m"])
-def test_benchmark_of_a_real_configuration_with_random_weights(tmp_path, cache, monkeypatch, name):
-    """--bench_model builds the named architecture with random weights, saves it with
-    save_pretrained and measures it as a real checkpoint; here at a tiny size of the same kind."""
-    from transformers import AutoConfig
-    stand_in = train.STAND_INS[name]
-    monkeypatch.setitem(train.STAND_INS, name, stand_in._replace(vocab=700, sizes={**stand_in.sizes, **train.TINY[stand_in.arch]}))
-    result = train.cli(["--benchmark", "--bench_model", name, "--bench_reps", "1", "--bench_batch_size", "2", "--bench_new_tokens", "4",
-                        "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
-    config = AutoConfig.from_pretrained(os.path.join(cache, f"bench-{name}-random"))
-    assert config.model_type == stand_in.arch and config.vocab_size == 700
-    assert (result["model"], result["rows"], result["new_tokens"], result["gradient_variance"]) == (name, 4, 4, None)
-    assert result["sampler_ms"] > 0 and result["tokens_per_second"]["generated"] > 0 and result["peak_memory_gb"] > 0
-
-
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
@@ -959,7 +857,7 @@ def weights(path, file="model.safetensors"):
     return load_file(os.path.join(path, file))
 
 
-# What a resumed run guarantees (the README's "Long runs"): the training itself is bit-identical
+# What a resumed run guarantees (docs/reliability.md): the training itself is bit-identical
 # (weights, every per-step training figure, the oracle-query and tie counts); so are the
 # evaluation figures that come from sampled text (gold reward, win rate) or from a sign (pair
 # accuracy). The two that are float sums over hundreds of held-out log-probs, eval_kl and
@@ -989,7 +887,7 @@ def test_killed_run_resumes_to_the_same_result(runs):
 
 def test_every_random_stream_has_its_own_numbers():
     """Every stream of a run is seeded from the root --seed through np.random.SeedSequence: no two
-    streams of one run, of two ranks (those drawn per rank) or of seeds 0-4 (--compare's replicates)
+    streams of one run, of two ranks (those drawn per rank) or of seeds 0-4 (experiments.compare's replicates)
     share a seed, and the first numbers they draw differ (the label stream used to draw the same
     uniforms as the sampling stream, and seed + 1's sampling stream was seed's evaluation stream)."""
     seeds = [(s, rank, name, value) for s in range(5) for rank in (0, 1) for name, value in train.stream_seeds(s, rank).items()]
@@ -1377,7 +1275,7 @@ def test_every_numeric_option_refuses_values_out_of_range(name, value, message):
 @pytest.mark.parametrize("argv,message", [
     (["--r", "1.5"], "--r must be between 0 and 1"), (["--holdout", "1"], "--holdout must be strictly between 0 and 1"),
     (["--batch_size", "4", "--grad_accum", "6"], "--grad_accum 6 must be <= --batch_size 4"),
-    (["--compare_methods", "dpo,ppo"], "--compare_methods: unknown 'ppo'"), (["--label_mode", "soft"], "--label_mode 'soft'"),
+    (["--label_mode", "soft"], "--label_mode 'soft'"),
     (["--device", "gpu"], "--device 'gpu': choose auto, cpu"), (["--device", "cuda:99"], "--device cuda:99: "),
     (["--lora_rank", "8", "--offload_reference", "true"], "--offload_reference with --lora_rank: the reference is the policy"),
     (["--steps", "ten"], None),  # argparse's own message: "argument --steps: invalid int value: 'ten'"
@@ -1709,51 +1607,3 @@ def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
     real = train.importlib.util.find_spec
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     assert "--lora_rank needs the peft library: pip install peft" in refusal(["--lora_rank", "8"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The README's recipes, exactly as written, on tiny stand-ins of their models and files
-
-def readme_recipes():
-    """The arguments of each README recipe's `python train.py ...` command."""
-    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    blocks = re.findall(r"\*\*Recipe \d.*?```bash\n(.*?)```", text, re.S)
-    return [shlex.split(b.replace("\\\n", " "))[2:] for b in blocks]
-
-
-@pytest.fixture(scope="module")
-def tiny_stand_ins(tmp_path_factory):
-    return train.write_stand_ins(str(tmp_path_factory.mktemp("stand_ins")), tiny=True)
-
-
-def test_the_stand_ins_have_the_published_sizes():
-    """Built on the meta device (no memory): the parameter counts of the checkpoints they stand in for."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    published = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "pythia-160m": 162.32e6, "pythia-410m": 405.33e6,
-                 "distilbert-imdb": 66.96e6, "reward-model-deberta-v3-large-v2": 435.06e6}
-    for name, count in published.items():
-        tokenizer, config = train.stand_in_config(name)
-        with torch.device("meta"):
-            auto = AutoModelForSequenceClassification if train.STAND_INS[name].labels else AutoModelForCausalLM
-            model = auto.from_config(config)
-        assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=2e-3), name
-        assert len(tokenizer) == config.vocab_size, name  # every id the model can emit or read decodes
-    reward_tokenizer = train.stand_in_config("distilbert-imdb", tiny=True)[0]
-    ids = reward_tokenizer("<unused5><unused7> the", "review")["input_ids"]  # [CLS] a [SEP] b [SEP]: one token per word
-    assert len(ids) == 3 + 1 + 3 and ids[0] == reward_tokenizer.cls_token_id and reward_tokenizer.unk_token_id not in ids
-
-
-@pytest.mark.parametrize("recipe,archs", [(0, ("gpt2", "distilbert")), (1, ("gpt_neox", "deberta-v2"))])
-def test_the_readme_recipes_run_as_written_on_tiny_stand_ins(tmp_path, tiny_stand_ins, recipe, archs):
-    """Each recipe's command with the hub ids and files swapped for stand-ins of the same
-    architectures (and one step, one held-out sample each): it trains and saves its policy."""
-    from transformers import AutoConfig
-    argv = [tiny_stand_ins.get(a, a) for a in readme_recipes()[recipe]]
-    assert sum(a in tiny_stand_ins.values() for a in argv) >= 3  # the models and the data files were swapped
-    # Flags added after the command override its own (--steps, --out_dir), as on the command line.
-    cfg = train.parse_args(argv + ["--steps", "1", "--eval_samples", "1", "--out_dir", str(tmp_path / "out")])
-    assert (cfg.steps, cfg.eval_samples, cfg.out_dir) == (1, 1, str(tmp_path / "out"))
-    summary = train.main(cfg)
-    assert (AutoConfig.from_pretrained(cfg.model).model_type, AutoConfig.from_pretrained(cfg.reward_model).model_type) == archs
-    assert summary["oracle_queries"] > 0 and math.isfinite(summary["gold_reward_final"]) and summary["peak_memory_gb"] > 0
-    assert AutoConfig.from_pretrained(tmp_path / "out" / "policy").model_type == archs[0]

@@ -4,19 +4,19 @@ train.py: online preference alignment with SAIL, read top to bottom.
     python train.py                      # SFT (cached after the first run), SAIL-PR, evaluation
     python train.py --method sail-pp     # or dpo, online-dpo, sail-pr, sail-dp, mix, selm, xpo
     python train.py run.yaml             # the options from a YAML or JSON file (flags after it override it)
-    python train.py --compare            # 10 methods x 5 seeds, 2 at once: results.md, compare.json, 4 plots
-    python train.py --benchmark          # where the step's time goes, against model.generate
     torchrun --nproc_per_node=N -- train.py ...   # data parallel: the same loop on N GPUs (lines marked ddp)
     python train.py --help               # every option with its default
+    (experiments/: python -m experiments.compare, .benchmark, .stand_ins, built on this file)
 
 Reading order: `Config`; the ALGORITHM, one step of SAIL as small functions in the paper's order
-(`alignment_step` calls `build_pairs`: routes, dataset responses or y1, y2 ~ pi_theta;
-`oracle_labels`; `reference_logps`; `self_labels`; `pair_losses`; backward; the optimiser);
-`main`, the run's phases (inputs, policy and reference, the SFT baseline, the loop, the summary);
-evaluation and logging; setup (device, inputs, the SFT model, its frozen reference); checkpoints;
-data-parallel helpers; `compare`; `benchmark`. Every method is a routing of pairs, as in the
-official code: offline DPO pairs from the dataset, SAIL-DP (dataset responses, self-labels),
-SAIL-PP (policy responses, self-labels), SAIL-PR (policy responses, oracle labels).
+(`alignment_step`: `build_pairs`, routes and dataset responses or y1, y2 ~ pi_theta;
+`oracle_labels`; `reference_logps` and `policy_logps`, Delta; `self_labels`; `response_baselines`;
+`backward`, which calls `pair_losses`; `optimizer_step`), then the step's plumbing; `main`, the
+run's phases (inputs, policy and reference, the SFT baseline, the loop, the summary); evaluation
+and logging; setup (device, inputs, the SFT model, its frozen reference); checkpoints;
+data-parallel helpers. Every method is a routing of pairs, as in the official code: offline DPO
+pairs from the dataset, SAIL-DP (dataset responses, self-labels), SAIL-PP (policy responses,
+self-labels), SAIL-PR (policy responses, oracle labels).
 
 Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json, checkpoint/
 (to resume), policy/ (the final policy and tokenizer, `from_pretrained`-ready), reward.png.
@@ -48,10 +48,8 @@ Departures from the paper (see also sail.py):
 import contextlib
 import copy
 import dataclasses
-import functools
 import gc
 import importlib.util
-import io
 import json
 import math
 import os
@@ -61,7 +59,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,22 +143,6 @@ class Config:
     resume: str = arg("auto", "auto: continue from the checkpoint in --out_dir if there is one | no: start over")
     seed: int = arg(0, "seed of the alignment run (routing, prompt order, sampling, labels)")
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
-    # side by side
-    compare: bool = arg(False, "run every --compare_methods method for --compare_seeds seeds; write a table, JSON and plots")
-    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-ties-first,sail-pr-official-sign,sail-pr-official-size,sail-pr-official,"
-                               "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
-                               "methods of --compare, comma-separated; a method with a response term may take a suffix (ROWS): "
-                               "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first")
-    compare_seeds: int = arg(5, "seeds per method in --compare (--seed, --seed + 1, ...)")
-    compare_workers: int = arg(2, "runs of --compare at once, in processes sharing the CPU threads (1: one after another, in this process)")
-    benchmark: bool = arg(False, "measure the sampler and an online step against transformers' generate; write bench.json")
-    bench_reps: int = arg(15, "repetitions of each timing in --benchmark (medians are reported)")
-    bench_model: str = arg("embedded", "--benchmark's model: embedded, or a real configuration with random weights, built "
-                                       "locally (no download): gpt2, gpt2-medium, pythia-160m, pythia-410m")
-    bench_batch_size: int = arg(16, "--benchmark: prompts per step (two responses each)")
-    bench_new_tokens: int = arg(32, "--benchmark: tokens sampled per response (every row gets exactly this many)")
-    stand_ins: str = arg("", "write random-weight stand-ins of the README recipes' models, at their real sizes, and JSONL files "
-                             "of their data's shapes to this directory, then exit (run a recipe on them: its time and memory)")
 
 
 OFFLINE, DP, PP, PR = range(4)  # the four routes a pair can take
@@ -176,44 +157,27 @@ METHODS = {  # method -> probabilities of (offline DPO, SAIL-DP, SAIL-PP, SAIL-P
     "xpo": lambda c: (0, 0, 0, 1),  # online DPO + a bonus on a sample of the reference
 }
 EXPLORE = {"selm", "xpo"}  # methods that also need a response of the reference per prompt
-OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official etc.
-ROWS = {  # --compare's row suffixes: what each changes from the method's own row, one thing or a named few
-    "-official": dict(response_term="official", ties="first"),  # the official code: the hook (its sign, its size), its ties
-    "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
-    "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
-    "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
-}
-
-
-def compare_row(name):
-    """A --compare row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
-    if name in METHODS:
-        return name, {}
-    for suffix in sorted(ROWS, key=len, reverse=True):
-        if name.endswith(suffix) and name.removesuffix(suffix) in OFFICIAL:
-            return name.removesuffix(suffix), ROWS[suffix]
-    return None
-
-
-def parse_args(argv=None):
+def parse_args(argv=None, extra=None, description=None):
     """Config from the command line (every field of Config is a --flag; booleans take `--flag` or
     `--flag false`) or from a config file, as in Hugging Face's example scripts:
     `python train.py run.yaml` (or .json), with any flags after it overriding the file. Then every
-    option is checked; a problem exits with one `error:` line each, before anything is loaded."""
+    option is checked; a problem exits with one `error:` line each, before anything is loaded.
+    extra: another dataclass of options with a problems() method (experiments/); then returns (cfg, extra's)."""
     from transformers import HfArgumentParser
 
+    kinds = (Config,) + ((extra,) if extra else ())
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = config_file_args(argv[0]) + argv[1:]
-    parser = HfArgumentParser(Config, description=__doc__.split("\n\n")[0])
-    (cfg,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    problems = check_config(cfg)
+        argv = config_file_args(argv[0], kinds) + argv[1:]
+    parser = HfArgumentParser(kinds, description=description or __doc__.split("\n\n")[0])
+    cfg, *more = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    problems = check_config(cfg) + [p for x in more for p in x.problems()]
     if problems:  # one line per problem, no traceback, exit status 1
         raise SystemExit("\n".join(f"error: {p}" for p in problems))
-    return cfg
+    return (cfg, *more) if extra else cfg
 
 
-def config_file_args(path):
+def config_file_args(path, kinds=(Config,)):
     """A YAML or JSON file of {option: value} as command-line arguments, so that a file's values
     are typed and checked exactly as flags are (YAML reads 5e-4 as a string, for one)."""
     import yaml
@@ -228,7 +192,7 @@ def config_file_args(path):
                          f"({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise SystemExit(f"error: {path}: expected a mapping of option: value, got {type(values).__name__}")
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = {f.name for kind in kinds for f in dataclasses.fields(kind)}
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise SystemExit(f"error: {path}: unknown option(s) {', '.join(map(repr, unknown))}; `python train.py --help` lists them")
@@ -243,29 +207,35 @@ RANGES = [
     (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
     (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
-                                "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every",
-                                "compare_seeds", "compare_workers", "bench_reps", "bench_batch_size", "bench_new_tokens"]),
+                                "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every"]),
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
-CHOICES = {"method": METHODS, "bench_model": ("embedded", "gpt2", "gpt2-medium", "pythia-160m", "pythia-410m"), "baseline": ("loo", "loo-all", "none"), "response_term": RESPONSE_TERMS,
+CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": RESPONSE_TERMS,
            "label_mode": ("hard", "sampled"), "ties": ("average", "first"), "resume": ("auto", "no")}
+
+
+def check_values(options, ranges, choices):
+    """What is wrong with the options' values: each numeric one against its range, each choice
+    against its list; messages naming the option."""
+    problems = []
+    for test, what, names in ranges:
+        for name in names:
+            value = getattr(options, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name} must be a finite number, got {value}")
+            elif not test(value):
+                problems.append(f"--{name} must be {what}, got {value}")
+    for name, allowed in choices.items():
+        if getattr(options, name) not in allowed:
+            problems.append(f"--{name} {getattr(options, name)!r}: choose one of {', '.join(allowed)}")
+    return problems
 
 
 def check_config(cfg):
     """Every problem with the options, as messages naming the option (empty: all good). Nothing
     here touches the disk, so a refused command changes nothing."""
-    problems = []
-    for test, what, names in RANGES:
-        for name in names:
-            value = getattr(cfg, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{name} must be a finite number, got {value}")
-            elif not test(value):
-                problems.append(f"--{name} must be {what}, got {value}")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            problems.append(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    problems = check_values(cfg, RANGES, CHOICES)
     if cfg.method == "mix" and cfg.r + cfg.p + cfg.g > 1 + 1e-9:
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
     if cfg.grad_accum > cfg.batch_size:
@@ -274,10 +244,6 @@ def check_config(cfg):
         problems.append("--offload_reference with --lora_rank: the reference is the policy with its adapters off, there is no copy to offload")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         problems.append("--lora_rank needs the peft library: pip install peft (or --lora_rank 0 for full fine-tuning)")
-    unknown = [m for m in cfg.compare_methods.split(",") if compare_row(m) is None]
-    if unknown:
-        problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
-                        f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}")
     device_problem = check_device(cfg.device)
     if device_problem:
         problems.append(device_problem)
@@ -508,54 +474,76 @@ def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
 
 
 def alignment_step(run, state, step):
-    """One update (one iteration of the paper's Algorithm 1) for every method: pairs, labels,
-    reference, loss, backward, optimiser. Returns the step's metrics line and its pairs and labels.
-    With --grad_accum K the step's pairs are cut into K micro-batches after they are drawn and
-    labelled, so the update is the same as in one batch (up to float rounding)."""
-    cfg, clock = run.cfg, Clock(run.device)
-    B = cfg.batch_size // run.world  # pairs of this step (ddp: on this rank)
-    run.optimizer.zero_grad(set_to_none=True)
+    """One update, one iteration of the paper's Algorithm 1, for every method: pairs, labels,
+    Delta, self-labels, losses, backward, optimiser. Returns the step's metrics line and its pairs
+    and labels. The plumbing (micro-batches, data parallelism, NaN stops) is in the helpers below."""
+    clock = Clock(run.device)
     # 1. Route each pair; its responses come from the dataset, or fresh: y1, y2 ~ pi_theta.
-    pairs = build_pairs(run, state, B)
+    pairs = build_pairs(run, state, run.cfg.batch_size // run.world)
     clock.lap("generate")
     # 2. The oracle labels the SAIL-PR pairs (SAIL-DP/PP pairs are labelled by the policy in 4).
     labels = oracle_labels(run, state, pairs)
     clock.lap("label")
-    # 3. Reference log-probs of every row, once, without a graph, one micro-batch at a time.
-    micro = torch.arange(B).tensor_split(cfg.grad_accum)  # the pairs of each micro-batch
+    # 3. Delta(y) = L_theta(y) - L_ref(y) of every row: the frozen reference's log-probs, then the policy's.
+    micro = torch.arange(len(pairs.route)).tensor_split(run.cfg.grad_accum)  # the pairs of each micro-batch
     ref = [reference_logps(run, rows_of(pairs, idx), model=run.train_reference) for idx in micro]  # (2m [+ m],) each
     clock.lap("reference")
-    # 4. Self-labels and baselines need Delta of every pair of the step before any loss: with
-    #    several micro-batches, from a first pass without a graph, here; with one, from the loss's
-    #    own forward, in the loop below (k = 0), which saves that pass.
-    if len(micro) > 1:
-        with torch.no_grad():
-            delta = all_pairs(B, micro, [sequence_logps_of(run.policy, *rows_of(pairs, idx), run.amp) - r
-                                         for idx, r in zip(micro, ref)])  # (2B,)
-        self_labels(run, state, pairs, labels, delta)
-        baseline = response_baselines(run, pairs, labels, delta)
-    # 5. Each micro-batch: the policy's log-probs of its rows through one forward, each pair's loss, backward.
+    delta, logps = policy_logps(run, pairs, micro, ref)  # (2B,) detached; the loss's forward, kept if one micro-batch
+    # 4. SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)).
+    self_labels(run, state, pairs, labels, delta)
+    # 5. Each pair's loss (DPO, + the label term, + the response term with its baseline), averaged; backward.
+    baseline = response_baselines(run, pairs, labels, delta)  # (B,) or None
+    backward(run, step, pairs, labels, baseline, micro, ref, logps)
+    clock.lap("policy")
+    # 6. One optimiser step on the accumulated gradient (SELM: a new iteration's reference when due).
+    grad_norm = optimizer_step(run, step)
+    clock.lap("optimizer")
+    return step_metrics(run, state, step, step_figures(run, pairs, labels, delta), grad_norm, clock.times), (pairs, labels)
+
+
+# -----------------------------------------------------------------------------
+# The step's plumbing: micro-batches (--grad_accum), data parallelism (ddp), NaN stops
+
+def policy_logps(run, pairs, micro, ref):
+    """Delta (2B,) of every row, detached, and the policy's log-probs with their graph when the step
+    is one micro-batch (its loss reuses that forward; else None). With several micro-batches Delta
+    comes from a pass without a graph, so that the self-labels and baselines see the whole step,
+    and each micro-batch's loss recomputes its forward (the update is the same: tested)."""
+    B = len(pairs.route)
+    if len(micro) == 1:
+        logps = sequence_logps_of(run.train_policy, *rows_of(pairs, micro[0]), run.amp)  # (2B [+ B],)
+        return (logps[:2 * B] - ref[0][:2 * B]).detach(), logps
+    with torch.no_grad():
+        delta = all_pairs(B, micro, [sequence_logps_of(run.policy, *rows_of(pairs, idx), run.amp) - r
+                                     for idx, r in zip(micro, ref)])  # (2B,)
+    return delta, None
+
+
+def backward(run, step, pairs, labels, baseline, micro, ref, logps=None):
+    """The gradient of the mean loss over the step's pairs (ddp: of all ranks), one micro-batch at a
+    time; a non-finite oracle reward or loss stops the run before the update."""
+    run.optimizer.zero_grad(set_to_none=True)
     for k, idx in enumerate(micro):
         with ddp_no_sync(run, last=k == len(micro) - 1):  # ddp: average the gradients after the last micro-batch
-            logps = sequence_logps_of(run.train_policy, *rows_of(pairs, idx), run.amp)  # (2m [+ m],)
-            if len(micro) == 1:
-                delta = (logps[:2 * B] - ref[0][:2 * B]).detach()  # (2B,) Delta(y) = L_theta(y) - L_ref(y)
-                self_labels(run, state, pairs, labels, delta)
-                baseline = response_baselines(run, pairs, labels, delta)
+            if logps is None or k > 0:
+                logps = sequence_logps_of(run.train_policy, *rows_of(pairs, idx), run.amp)  # (2m [+ m],)
             losses = pair_losses(run, pairs, labels, baseline, idx, logps, ref[k])  # (m,)
-            loss = losses.sum() * run.world / cfg.batch_size  # the mean over the step's pairs (ddp: of all ranks)
-            stop_if_not_finite(step, {"an oracle reward": labels.score_sum, "the loss": loss.item()}, cfg.out_dir,
+            loss = losses.sum() * run.world / run.cfg.batch_size  # the mean over the step's pairs (ddp: of all ranks)
+            stop_if_not_finite(step, {"an oracle reward": labels.score_sum, "the loss": loss.item()}, run.cfg.out_dir,
                                run.world, run.device)
             loss.backward()
-    clock.lap("policy")
-    # 6. One optimiser step on the accumulated gradient.
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, cfg.out_dir, run.world, run.device)
+
+
+def optimizer_step(run, step):
+    """Clip the gradient, stop on a non-finite norm, step; SELM: the policy becomes the next
+    iteration's reference every run.ref_every steps. Returns the norm before clipping."""
+    clip = run.cfg.grad_clip if run.cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), clip)
+    stop_if_not_finite(step, {"the gradient norm": grad_norm.item()}, run.cfg.out_dir, run.world, run.device)
     run.optimizer.step()
-    clock.lap("optimizer")
     if run.ref_every and step % run.ref_every == 0:  # SELM: this policy is the next iteration's reference
         run.train_reference.load_state_dict(run.policy.state_dict())
-    return step_metrics(run, state, step, step_figures(run, pairs, labels, delta), grad_norm, clock.times), (pairs, labels)
+    return grad_norm
 
 
 def all_pairs(B, micro, values):
@@ -928,20 +916,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
                                       dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
-    if cfg.model == "embedded":
-        if world > 1 and rank:  # ddp: rank 0 trains and caches the SFT model first
-            dist.barrier()
-        policy, tokenizer, sft_seconds = embedded_policy(cfg, inputs.task, device)
-        if world > 1 and not rank:
-            dist.barrier()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
-        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
-    if tokenizer.eos_token_id is None:
-        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
-    data.prepare_tokenizer(tokenizer)
-    disable_dropout(policy)
+    policy, tokenizer, sft_seconds = load_policy(cfg, inputs, device, rank, world)
     # The reference: a frozen copy of the SFT policy, set up here once (eval mode, no gradients; its
     # forward passes run under torch.no_grad in `reference_logps`). With LoRA it is the policy itself
     # with its adapters switched off: exactly the SFT model, and no second copy in memory.
@@ -981,6 +956,26 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
           f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
     check_lengths(cfg, inputs, policy, tokenizer)
     return run
+
+
+def load_policy(cfg, inputs, device, rank=0, world=1):
+    """The SFT policy and its tokenizer (the embedded one, trained once and cached, or --model as
+    loaded: then there is no SFT phase), dropout off; and the seconds SFT took."""
+    if cfg.model == "embedded":
+        if world > 1 and rank:  # ddp: rank 0 trains and caches the SFT model first
+            dist.barrier()
+        policy, tokenizer, sft_seconds = embedded_policy(cfg, inputs.task, device)
+        if world > 1 and not rank:
+            dist.barrier()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
+        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
+    data.prepare_tokenizer(tokenizer)
+    disable_dropout(policy)
+    return policy, tokenizer, sft_seconds
 
 
 # LoRA's target modules per architecture: every linear map of attention and MLP, as in the LoRA
@@ -1123,9 +1118,7 @@ def embedded_policy(cfg, task, device):
 # -----------------------------------------------------------------------------
 # Checkpoints: the run's state, saved and loaded in one place
 
-RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir",
-                     "compare", "compare_methods", "compare_seeds", "compare_workers", "benchmark", "bench_reps",
-                     "bench_model", "bench_batch_size", "bench_new_tokens", "stand_ins"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "sample_every", "save_every", "resume", "device", "out_dir"}
 
 
 @dataclass
@@ -1171,7 +1164,7 @@ def stream_seeds(seed, rank=0):
     """{stream: its seed}, from np.random.SeedSequence(seed) with the spawn key (stream, rank): no two
     streams of a run, of two ranks or of two --seed values share their numbers (SeedSequence hashes
     the whole key, unlike seed + k, where seed + 1's first stream is seed's second). numpy uses all
-    63 bits; torch's CPU generator keeps the low 32 (tested distinct for --compare's seeds and ranks)."""
+    63 bits; torch's CPU generator keeps the low 32 (tested distinct for the compared seeds and ranks)."""
     return {name: int(np.random.SeedSequence(seed, spawn_key=(k, rank if per_rank else 0)).generate_state(1, np.uint64)[0] >> 1)
             for k, (name, per_rank) in enumerate(STREAMS)}
 
@@ -1358,261 +1351,6 @@ def finish_ddp(run):
     return True
 
 
-# -----------------------------------------------------------------------------
-# Side by side: every method, several seeds, one table with intervals, four plots
-
-def compare(cfg):
-    """`python train.py --compare`: every method from the same SFT model, with the same number of
-    updates and pairs per update, over several seeds; --compare_workers runs at once. Finished runs
-    are not redone; an interrupted one resumes from its checkpoint. Writes results.md (means with
-    95% intervals over seeds, and each method's difference from online DPO paired by seed),
-    compare.json and the plots."""
-    import platform
-
-    root = os.path.join(cfg.out_dir, "compare")
-    check_writable_dir(root)
-    t0 = time.perf_counter()
-    plan = [(m, cfg.seed + k) for m in cfg.compare_methods.split(",") for k in range(cfg.compare_seeds)]
-    configs = {(m, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-seed{seed}")) for m, seed in plan}
-    # The longest runs first (the exploring methods, then by their share of online pairs), so that
-    # the workers finish together instead of one running the last long run alone.
-    todo = sorted((c for c in configs.values() if not finished(c)),
-                  key=lambda c: (c.method in EXPLORE, sum(METHODS[c.method](c)[PP:])), reverse=True)
-    if cfg.compare_workers == 1 or len(todo) < 2:
-        for c in tqdm(todo, desc="compare", dynamic_ncols=True):
-            compare_run(c)
-    else:  # several processes; the SFT model is cached first, so that no two of them train it
-        if cfg.model == "embedded":
-            with contextlib.redirect_stdout(io.StringIO()):
-                embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, torch.get_num_threads() // cfg.compare_workers)
-        with ProcessPoolExecutor(cfg.compare_workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            for done in tqdm(as_completed([pool.submit(compare_run, c) for c in todo]), total=len(todo), desc="compare",
-                             dynamic_ncols=True):
-                done.result()
-    runs = [read_run(m, seed, configs[m, seed].out_dir) for m, seed in plan]
-    wall = time.perf_counter() - t0
-
-    methods = list(dict.fromkeys(m for m, _ in plan))
-    stats = {m: method_stats([r for r in runs if r["method"] == m]) for m in methods}
-    tests = comparisons(runs, methods)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
-    with open(os.path.join(root, "compare.json"), "w") as f:
-        json.dump({"machine": machine, "wall_seconds": wall, "config": dataclasses.asdict(cfg), "stats": stats,
-                   "comparisons": [{"row": a, "against": b, "difference": v[0], "half_width": v[1], "p": v[2], "p_holm": v[3]}
-                                   for (a, b), v in tests.items()], "runs": runs}, f, indent=1)
-    lines = results_table(cfg, runs, stats, tests, machine, wall)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot_compare(runs, root)
-    print(f"compare: outputs in {root}/")
-    return stats
-
-
-def compare_config(cfg, name, seed, out):
-    """The settings of one --compare run: a row's method with its suffix's settings (ROWS)."""
-    method, settings = compare_row(name)
-    return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, compare=False, **settings)
-
-
-def finished(c):
-    """Has this run finished with these settings? (A run with more --steps resumes and goes on.)"""
-    if not os.path.isfile(os.path.join(c.out_dir, "summary.json")):
-        return False
-    with open(os.path.join(c.out_dir, "config.json")) as f:
-        refuse_changed_settings(json.load(f), c, "delete it or use another --out_dir")
-    with open(os.path.join(c.out_dir, "summary.json")) as f:
-        return json.load(f)["steps"] == c.steps
-
-
-def compare_run(c):
-    """One run of --compare, its output in its own log.txt (in a worker process, or this one)."""
-    os.makedirs(c.out_dir, exist_ok=True)
-    with open(os.path.join(c.out_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        main(c)
-
-
-def read_run(method, seed, out):
-    """A finished run's summary and its evaluations, each with the oracle labels and the training
-    seconds (the steps' own time, without evaluation) spent up to it; the SFT model is step 0."""
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
-    history, seconds = [{"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0, "labels": 0, "seconds": 0.0}], 0.0
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            seconds += row["dt"]
-            if "eval_reward" in row:
-                history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
-                                "labels": row["oracle_queries"], "seconds": seconds})
-    return {"method": method, "seed": seed, "summary": summary, "history": history}
-
-
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
-       2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # Student t, 0.975
-
-
-def interval(x):
-    """(mean, half-width of its two-sided 95% Student-t interval) of the values x; None with one value."""
-    x = np.asarray(x, dtype=float)
-    if len(x) < 2:
-        return float(x.mean()), None
-    df = len(x) - 1
-    t = T95[df - 1] if df <= len(T95) else 1.96 + 2.37 / df  # beyond the table: the first-order expansion
-    return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
-
-
-def clipped_interval(x, low, high):
-    """(mean, low end, high end): the 95% Student-t interval of the mean of x, cut to the figure's
-    range [low, high] (a rate in [0, 1], a KL >= 0), where a t-interval on a few skewed values can
-    reach past it (a KL of 44.4 ± 103.2). A percentile bootstrap would stay in range too, but with 5
-    seeds it covers the mean only ~85% of the time, not 95%."""
-    mean, half = interval(x)
-    if half is None:
-        return mean, None, None
-    return mean, max(low, mean - half), min(high, mean + half)
-
-
-def t_test(d):
-    """Two-sided p-value of the paired t-test that the differences d have mean 0 (Student's t with
-    len(d) - 1 degrees of freedom: p = I_{df / (df + t^2)}(df / 2, 1 / 2), the regularised incomplete beta)."""
-    d = np.asarray(d, dtype=float)
-    df, sd = len(d) - 1, d.std(ddof=1)
-    if sd == 0:
-        return 1.0 if d.mean() == 0 else 0.0
-    t = d.mean() / (sd / math.sqrt(len(d)))
-    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
-
-
-def incomplete_beta(a, b, x):
-    """I_x(a, b), the regularised incomplete beta function, by its continued fraction (Numerical
-    Recipes' betacf, modified Lentz) where that converges fast, else by I_x(a, b) = 1 - I_{1-x}(b, a)."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - incomplete_beta(b, a, 1 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 / (1 - (a + b) * x / (a + 1) or tiny)
-    f = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 / (1 + num * d or tiny)
-            c = 1 + num / c or tiny
-            f *= c * d
-        if abs(c * d - 1) < 1e-15:
-            break
-    return f * math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
-
-
-def holm(pvalues):
-    """Holm-Bonferroni adjusted p-values ({name: p} -> {name: p adjusted}): the k-th smallest of m is
-    multiplied by m - k (k from 0), made non-decreasing, capped at 1. An adjusted p below 0.05 keeps
-    the family-wise error rate of the whole table at 5%."""
-    out, running = {}, 0.0
-    for k, (name, p) in enumerate(sorted(pvalues.items(), key=lambda kv: kv[1])):
-        running = max(running, min(1.0, (len(pvalues) - k) * p))
-        out[name] = running
-    return out
-
-
-FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
-           "tie_rate": "tie rate"}
-BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "tie_rate": (0.0, 1.0)}  # figures with a range
-
-
-def method_stats(group):
-    """Each figure of one method's runs over seeds: the gold reward's mean with its 95% t-interval
-    (mean, half-width); the bounded figures' mean with its t-interval cut to their range (mean, low, high)."""
-    out = {}
-    for k in FIGURES:
-        values = [r["summary"][k] for r in group]
-        out[k] = (None, None) if None in values else clipped_interval(values, *BOUNDED[k]) if k in BOUNDED else interval(values)
-    out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
-    for phase in group[0]["summary"]["seconds_per_step"]:
-        out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
-    for kind in ("generated", "trained"):
-        out[f"tokens_per_second_{kind}"] = interval([r["summary"]["tokens_per_second"][kind] for r in group])
-    return out
-
-
-def paired_difference(group, baseline):
-    """The gold reward of `group` minus that of `baseline`, paired by seed: (mean, half-width of its
-    95% t-interval, two-sided p of the paired t-test), or None if they share fewer than 2 seeds."""
-    by_seed = {r["seed"]: r["summary"]["gold_reward_final"] for r in baseline}
-    d = [r["summary"]["gold_reward_final"] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
-    return (*interval(d), t_test(d)) if len(d) >= 2 else None
-
-
-def comparisons(runs, methods):
-    """Every paired comparison of the table, {(row, against): (mean, half-width, p, p Holm)}: each
-    row against online DPO, and each row with a suffix (ROWS) against its method's own row; Holm's
-    correction is over all of them at once."""
-    of = {m: [r for r in runs if r["method"] == m] for m in methods}
-    pairs = [(m, "online-dpo") for m in methods if m != "online-dpo" and "online-dpo" in of]
-    pairs += [(m, compare_row(m)[0]) for m in methods if compare_row(m)[1] and compare_row(m)[0] in of]
-    found = {p: paired_difference(of[p[0]], of[p[1]]) for p in pairs}
-    found = {p: v for p, v in found.items() if v is not None}
-    adjusted = holm({p: v[2] for p, v in found.items()})
-    return {p: (*v, adjusted[p]) for p, v in found.items()}
-
-
-def results_table(cfg, runs, stats, tests, machine, wall):
-    """results.md: the table, the paired comparisons, what runs of one seed share, the time per phase."""
-    def pm(v, d=2):  # "mean ± half-width" or "mean [low, high]"
-        if v[0] is None:
-            return "n/a"
-        if len(v) == 3:
-            return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" [{v[1]:.{d}f}, {v[2]:.{d}f}]")
-        return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
-
-    def diff(v):  # the difference, its interval's ends, its Holm-adjusted p; * where that p < 0.05
-        return (f"{v[0]:+.2f} [{v[0] - v[1]:+.2f}, {v[0] + v[1]:+.2f}], p_Holm {v[3]:.2g}" + (" *" if v[3] < 0.05 else "")
-                if v else "—")
-
-    seeds = sorted({r["seed"] for r in runs})
-    run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # some runs may be reused: their own time
-    lines = [f"{len(runs)} runs: {len(stats)} methods x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} updates x "
-             f"{cfg.batch_size} pairs each; {machine}; {cfg.compare_workers} at once; this invocation took {wall / 60:.1f} min, "
-             f"the runs {run_minutes:.1f} min in all. Gold reward: mean ± half-width of the 95% Student-t interval over seeds. "
-             "Win rate and KL: mean [its 95% t-interval cut to the figure's range: [0, 1], >= 0]. Δ: the difference "
-             "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
-             f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
-             "its interval says how large it may be either way.", "",
-             f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its exact row "
-             "| win rate vs SFT | KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|"]
-    for m, st in stats.items():
-        own = compare_row(m)[0] if compare_row(m)[1] else None
-        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, 'online-dpo')))} | {diff(tests.get((m, own)))} | "
-                     f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
-                     f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
-                     f"{st['seconds_per_step'][0]:.3f} |")
-    lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in train.py): "
-              "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "
-              "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
-              "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
-              "sign; -official, both: the official code's term and tie handling.", "",
-              "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
-              "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
-              "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "
-              "Methods with the same routing probabilities draw the same routes, offline pairs and prompts and their first "
-              "samples with the same noise (a method and its suffixed rows; online-dpo, selm and xpo; and with p = g, the "
-              "defaults, sail-pr and sail-pp split their pairs between offline and online the same way); they part ways as their "
-              "policies do. Oracle labels count every label spent: online ones (ties included) and, for each dataset pair "
-              "trained on (offline DPO or SAIL-DP), the labels its dataset spent on it (ties dropped while building it included).", ""]
-    phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
-    lines += ["Time per step (ms, share of the step) and throughput (runs sharing the CPU as above):", "",
-              "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
-    for m, st in stats.items():
-        total = sum(st[f"ms_{p}"][0] for p in phases)
-        lines.append(f"| {m} | " + " | ".join(f"{st[f'ms_{p}'][0]:.1f} ({100 * st[f'ms_{p}'][0] / total:.0f}%)" for p in phases)
-                     + f" | {st['tokens_per_second_generated'][0]:.0f} | {st['tokens_per_second_trained'][0]:.0f} |")
-    return lines
-
-
 def pyplot(what):
     """matplotlib's pyplot, headless; or None, with a note: plots are optional."""
     try:
@@ -1639,219 +1377,6 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
-PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, title)
-    "reward_vs_labels.png": ("labels", "oracle labels used (ties and the offline pairs' included)", "Label efficiency"),
-    "reward_vs_seconds.png": ("seconds", "training seconds (the steps, without evaluation)", "Gold reward against wall-clock time"),
-    "reward_vs_kl.png": ("eval_kl", "KL(policy || SFT), sampled estimate", "Reward-KL frontier"),
-    "reward_vs_step.png": ("step", "step", "Gold reward during alignment"),
-}
-
-
-def plot_compare(runs, root):
-    """The gold reward of every method against each x of PLOTS: the mean over seeds, with a band
-    (the KL plot: error bars) for the 95% interval of the reward; rows with a suffix (ROWS) dashed."""
-    plt = pyplot("the plots")
-    if plt is None:
-        return
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(methods) <= 10 else plt.get_cmap("tab20").colors
-    colors = dict(zip(methods, palette * 2))
-    for name, (key, xlabel, title) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(7, 4.4))
-        for method in methods:
-            hist = [r["history"] for r in runs if r["method"] == method]
-            n = min(len(h) for h in hist)  # every seed evaluates at the same steps
-            x, y = ([interval([h[i][k] for h in hist]) for i in range(n)] for k in (key, "eval_reward"))
-            xm, ym = np.array([v[0] for v in x]), np.array([v[0] for v in y])
-            yerr = np.array([v[1] or 0.0 for v in y])
-            style = dict(color=colors[method], linestyle="--" if compare_row(method)[1] else "-", label=method)
-            if key == "eval_kl":  # the x of each point varies too; its interval is in compare.json's runs
-                ax.errorbar(xm, ym, yerr=yerr, marker="o", markersize=3, capsize=2, elinewidth=0.8, **style)
-            else:
-                ax.plot(xm, ym, marker=".", **style)
-                ax.fill_between(xm, ym - yerr, ym + yerr, color=colors[method], alpha=0.12)
-        ax.set(xlabel=xlabel, ylabel="gold reward, held-out prompts", title=f"{title} (mean, 95% interval over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.path.join(root, name), dpi=120)
-        plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: where the time of the loop's own step goes, against transformers' generate
-
-def benchmark(cfg):
-    """`python train.py --benchmark`: --bench_batch_size prompts x 2 responses of exactly
-    --bench_new_tokens new tokens, measured side by side in one process, medians of --bench_reps
-    interleaved repetitions, on the embedded model or a real configuration with random weights
-    (--bench_model: the same time and memory as the trained model). (1) sail.sample against
-    model.generate(do_sample=True, use_cache=True), and the share of sample's time spent inside the
-    model's forward. (2) The loop's own step (`alignment_step`, SAIL-PR with every pair online) with
-    each of the two as its sampler, phase by phase. (3) The cost of SAIL's extra terms: the step's
-    policy phase (forward, loss, backward) of SAIL-PR against online DPO on the same pairs (the
-    learning rate is 0, so both steps see the same model and, from the same seeds, the same pairs).
-    (4) On the embedded model, what the response-term baseline saves (`baseline_variance`).
-    (5) Peak memory: the process's peak RSS on a CPU, peak allocated memory on CUDA."""
-    device, n_new, n_prompts = pick_device(cfg.device), cfg.bench_new_tokens, cfg.bench_batch_size
-    check_writable_dir(cfg.out_dir)  # before any measurement
-    model = cfg.model if cfg.bench_model == "embedded" else bench_checkpoint(cfg, cfg.bench_model)
-    bench = dataclasses.replace(cfg, method="sail-pr", g=1.0, batch_size=n_prompts, grad_accum=1, max_new_tokens=n_new, lr=0.0,
-                                model=model)
-    inputs = load_inputs(bench)
-    run = setup_run(bench, inputs, device)
-    prompts = data.encode_prompts(run.tokenizer, (inputs.train_prompts * n_prompts)[:n_prompts] * 2, bench.max_prompt_len)
-    t_ours, t_generate, forward_share = time_samplers(run, *(t.to(device) for t in prompts), n_new, cfg.bench_reps)
-    step = time_steps(run, inputs, cfg.bench_reps)
-    variance = baseline_variance(cfg, inputs, device, batches=4 * cfg.bench_reps) if cfg.bench_model == "embedded" else None
-    result = {
-        "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": cfg.bench_model,
-        "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 2 * n_prompts, "new_tokens": n_new,
-        "sampler_ms": 1000 * t_ours, "generate_ms": 1000 * t_generate,
-        "sampler_speedup_vs_generate": t_generate / t_ours, "sampler_forward_share": forward_share,
-        "online_step_ms": {k: 1000 * v for k, v in step["ours"].items()},
-        "online_step_with_generate_ms": {k: 1000 * v for k, v in step["generate"].items()},
-        "online_step_ratio": sum(step["ours"].values()) / sum(step["generate"].values()),
-        "online_step_phase_share": {k: v / sum(step["ours"].values()) for k, v in step["ours"].items()},
-        "tokens_per_second": {"generated": 2 * n_prompts * n_new / step["ours"]["generate"],
-                              "trained": step["trained_tokens"] / step["ours"]["policy"]},
-        "policy_phase_sail_pr_ms": 1000 * step["ours"]["policy"], "policy_phase_online_dpo_ms": 1000 * step["dpo"]["policy"],
-        "extra_terms_overhead": step["ours"]["policy"] / step["dpo"]["policy"] - 1,
-        "gradient_variance": variance, "peak_memory_gb": peak_memory(device) / 2 ** 30,
-        "peak_memory_kind": "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS of the process",
-    }
-    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print_benchmark(result, cfg.out_dir)
-    return result
-
-
-# Stand-ins: the README recipes' models and files at their real sizes, with random weights and
-# text of the right lengths, built here (no download). A random-weight model costs the time and
-# memory of the trained one.
-class StandIn(NamedTuple):
-    hub_id: str   # the checkpoint it stands in for
-    arch: str     # its config's model_type
-    vocab: int
-    sizes: dict   # the config's sizes, as published
-    labels: list  # a classifier's outputs (None: a causal LM)
-
-
-STAND_INS = {
-    "gpt2": StandIn("gpt2", "gpt2", 50257, dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), None),
-    "gpt2-medium": StandIn("gpt2-medium", "gpt2", 50257, dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024), None),
-    "pythia-160m": StandIn("EleutherAI/pythia-160m", "gpt_neox", 50304, dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048,
-        rotary_pct=0.25), None),
-    "pythia-410m": StandIn("EleutherAI/pythia-410m", "gpt_neox", 50304, dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, max_position_embeddings=2048,
-        rotary_pct=0.25), None),
-    "distilbert-imdb": StandIn("lvwerra/distilbert-imdb", "distilbert", 30522, dict(
-        dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512), ["NEGATIVE", "POSITIVE"]),
-    "reward-model-deberta-v3-large-v2": StandIn("OpenAssistant/reward-model-deberta-v3-large-v2", "deberta-v2", 128100, dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, pooler_hidden_size=1024,
-        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
-        type_vocab_size=0, layer_norm_eps=1e-7), ["reward"]),
-}
-TINY = {  # the same architectures, a few thousand times smaller (and a vocabulary of 1000), for the tests
-    "gpt2": dict(n_embd=16, n_layer=2, n_head=2), "gpt_neox": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                                    intermediate_size=32),
-    "distilbert": dict(dim=16, n_layers=1, n_heads=2, hidden_dim=32),
-    "deberta-v2": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, pooler_hidden_size=16),
-}
-
-
-def write_stand_in(path, name, tiny=False, task_seed=0):
-    """Save the stand-in `name` to `path` with save_pretrained (loaded back with from_pretrained,
-    as a real checkpoint). A causal LM gets the embedded task's tokenizer, its vocabulary filled up
-    to the model's with placeholder tokens <unusedN>, so that every sampled id decodes; a reward
-    model gets a word-level tokenizer that reads each of those (and each word) as one token, so it
-    sees about as many tokens as the policy wrote."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    tokenizer, config = stand_in_config(name, tiny, task_seed)
-    with torch.random.fork_rng(devices=[]):  # the same random weights every time, the caller's stream untouched
-        torch.manual_seed(0)
-        model = (AutoModelForSequenceClassification if STAND_INS[name].labels else AutoModelForCausalLM).from_config(config)
-    model.save_pretrained(path + ".tmp")
-    tokenizer.save_pretrained(path + ".tmp")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def stand_in_config(name, tiny=False, task_seed=0):
-    """The stand-in's tokenizer and transformers config (tiny: TINY's sizes, a vocabulary of 1000)."""
-    from transformers import AutoConfig
-
-    _, arch, vocab, sizes, labels = STAND_INS[name]
-    vocab, sizes = (1000, {**sizes, **TINY[arch]}) if tiny else (vocab, sizes)
-    texts = [p + y for p, y in data.make_task(task_seed).sft[:2000]]
-    if labels:
-        tokenizer = word_level_tokenizer(sorted({w for x in texts for w in x.split()}), vocab)
-        return tokenizer, AutoConfig.for_model(arch, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=len(labels),
-                                               id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}, **sizes)
-    tokenizer = data.build_tokenizer(texts)
-    tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab)])
-    return tokenizer, AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tokenizer.eos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, **sizes)
-
-
-def word_level_tokenizer(words, vocab):
-    """[CLS] text [SEP] (text pairs: [CLS] a [SEP] b [SEP]), one token per word or <unusedN>
-    placeholder, [UNK] for those beyond the vocabulary; at most 512 tokens, as BERT's."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[UNK]", "[PAD]", "[CLS]", "[SEP]"]
-    names = (specials + words)[:vocab] + [f"<unused{i}>" for i in range(vocab - len(specials) - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Split(Regex(r"<unused\d+>"), behavior="isolated")])
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=512, model_input_names=["input_ids", "attention_mask"])
-
-
-def write_stand_ins(out, tiny=False, task_seed=0):
-    """`--stand_ins DIR`: the README recipes' models (random weights, real sizes) and JSONL files
-    of the shapes of theirs (IMDB prompts of 8 words; HH dialogues of 50-400 words, answers of
-    20-150), from the embedded task's sentences. Returns {hub id or file name: local path}."""
-    check_writable_dir(out, "--stand_ins")
-    rng = random.Random(task_seed)
-    words = " ".join(y for _, y in data.make_task(task_seed).sft).split()
-
-    def text(n):  # n words of the embedded task's text, from a random place
-        i = rng.randrange(len(words) - n)
-        return " ".join(words[i:i + n])
-
-    paths = {}
-    for name in ("gpt2", "pythia-410m", "distilbert-imdb", "reward-model-deberta-v3-large-v2"):
-        paths[STAND_INS[name].hub_id] = write_stand_in(os.path.join(out, name), name, tiny, task_seed)
-    dialogues = [f"\n\nHuman: {text(rng.randint(50, 400))}\n\nAssistant:" for _ in range(100)]
-    files = {"imdb_prompts.jsonl": [{"prompt": text(8)} for _ in range(200)],
-             "hh_prompts.jsonl": [{"prompt": p} for p in dialogues],
-             "hh_pairs.jsonl": [{"prompt": p, "chosen": " " + text(rng.randint(20, 150)), "rejected": " " + text(rng.randint(20, 150))}
-                                for p in dialogues]}
-    for name, rows in files.items():
-        paths[name] = os.path.join(out, name)
-        with open(paths[name], "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in rows)
-    print(f"stand-ins in {out}/: " + ", ".join(f"{os.path.basename(p)} (for {k})" for k, p in paths.items()))
-    return paths
-
-
-def bench_checkpoint(cfg, name):
-    """--bench_model's stand-in, written once to --cache_dir."""
-    path = os.path.join(cfg.cache_dir, f"bench-{name}-random")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        check_writable_dir(cfg.cache_dir, "--cache_dir")
-        write_stand_in(path, name, task_seed=cfg.task_seed)
-    return path
-
-
 def peak_memory(device):
     """Bytes: the peak allocated on a CUDA device, or this process's peak resident set size."""
     if device.type == "cuda":
@@ -1860,138 +1385,13 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
 
 
-def fixed_length_sample(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):
-    """sail.sample with no token ending a row (EOS -1), so every row gets max_new_tokens tokens."""
-    return sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=-1, generator=generator)
-
-
-def fixed_length_generate(model, ids, mask, *, max_new_tokens, temperature, eos_token_id, generator):
-    """model.generate doing the same work as fixed_length_sample, its output in sample's layout."""
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, use_cache=True, pad_token_id=eos_token_id)
-    response = torch.ones_like(out[:, ids.shape[1]:])  # exactly max_new_tokens tokens, none of them EOS
-    return out, torch.cat([mask, response], 1), torch.cat([torch.zeros_like(mask), response], 1)
-
-
-def timed(device, fn):
-    """Seconds that fn() takes (on CUDA, once the GPU has finished)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def time_samplers(run, prompt_ids, prompt_mask, n_new, reps):
-    """(1) Medians of sail.sample's and model.generate's seconds, and of the share of sample's time
-    spent inside the model's forward (timed by wrapping it)."""
-    from statistics import median
-
-    policy, forward_seconds, plain_forward = run.policy, [0.0], run.policy.forward
-
-    @functools.wraps(plain_forward)  # the same signature: sail.sample reads it (a plain model's; a peft model's base is read)
-    def timed_forward(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = plain_forward(*args, **kwargs)
-        forward_seconds[0] += time.perf_counter() - t0
-        return out
-
-    args = dict(max_new_tokens=n_new, temperature=1.0, eos_token_id=run.tokenizer.eos_token_id,
-                generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
-    policy.eval()
-    for sampler in (fixed_length_sample, fixed_length_generate):  # warm-up
-        sampler(policy, prompt_ids, prompt_mask, **args)
-    t_ours, t_generate, shares = [], [], []
-    for _ in tqdm(range(reps), desc="sampler", dynamic_ncols=True, leave=False):
-        forward_seconds[0], policy.forward = 0.0, timed_forward
-        t_ours.append(timed(run.device, lambda: fixed_length_sample(policy, prompt_ids, prompt_mask, **args)))
-        policy.forward = plain_forward
-        shares.append(forward_seconds[0] / t_ours[-1])
-        t_generate.append(timed(run.device, lambda: fixed_length_generate(policy, prompt_ids, prompt_mask, **args)))
-    policy.train()
-    return median(t_ours), median(t_generate), median(shares)
-
-
-def time_steps(run, inputs, reps):
-    """(2) and (3): median seconds per phase of the loop's step, {"ours", "generate", "dpo"} ->
-    {phase: seconds}: with each sampler, and online DPO's step on the same pairs as "ours"."""
-    from statistics import median
-
-    dpo = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, method="online-dpo"),
-                              response_coefs=torch.zeros_like(run.response_coefs))
-    plan = {"ours": (run, fixed_length_sample), "generate": (run, fixed_length_generate), "dpo": (dpo, fixed_length_sample)}
-    states = {k: State.new(run.cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in plan}
-    times, trained = {k: [] for k in plan}, []
-    for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
-        for name, (r, sampler) in plan.items():
-            r.sampler = sampler
-            row = alignment_step(r, states[name], rep + 1)[0]
-            if rep:
-                times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
-                if name == "ours":
-                    trained.append(row["trained_tokens"])
-    out = {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
-    out["trained_tokens"] = median(trained)
-    return out
-
-
-def baseline_variance(cfg, inputs, device, batches, train_steps=50):
-    """(4) The variance of the step's gradient with each --baseline, for the default SAIL-PR (g =
-    0.3: offline and online pairs in one batch), at the SFT policy and after `train_steps` steps:
-    the trace of its covariance over `batches` steps of the same model (learning rate 0), each
-    baseline on the same pairs (the same seeds), and the squared norm of the mean gradient."""
-    base = dataclasses.replace(cfg, method="sail-pr", grad_accum=1, lr=0.0, grad_clip=0.0)
-    runs = {b: setup_run(dataclasses.replace(base, baseline=b), inputs, device) for b in ("none", "loo-all", "loo")}
-    trainer = setup_run(dataclasses.replace(base, lr=cfg.lr, grad_clip=cfg.grad_clip), inputs, device)
-    state = State.new(trainer.cfg, trainer, len(inputs.train_prompts), len(inputs.pairs), history=[])
-    out = {}
-    for at in (0, train_steps):
-        if at:  # the second measurement: train first, with the run's own learning rate and clipping
-            for step in range(train_steps):
-                alignment_step(trainer, state, step + 1)
-        weights = trainer.policy.state_dict()
-        for name, r in runs.items():
-            r.policy.load_state_dict(weights)
-            st = State.new(r.cfg, r, len(inputs.train_prompts), len(inputs.pairs), history=[])
-            grads = []
-            for k in tqdm(range(batches), desc=f"variance, --baseline {name}", dynamic_ncols=True, leave=False):
-                alignment_step(r, st, k + 1)
-                grads.append(torch.cat([p.grad.flatten() for p in r.policy.parameters()]).double())
-            g = torch.stack(grads)  # (batches, parameters)
-            out[f"step{at}_{name}"] = {"variance": (g - g.mean(0)).pow(2).sum(1).mean().item() * batches / (batches - 1),
-                                       "mean_norm_sq": g.mean(0).pow(2).sum().item()}
-    return out
-
-
-def print_benchmark(r, out_dir):
-    print(f"device {r['device']}, {r['cpu_threads']} threads, {r['model']} ({r['parameters'] / 1e6:.2f}M parameters), {r['rows']} rows")
-    print(f"sampler, {r['new_tokens']} new tokens:   sail.sample {r['sampler_ms']:.1f} ms | model.generate {r['generate_ms']:.1f} ms | "
-          f"speed-up {r['sampler_speedup_vs_generate']:.2f}x | time inside the model's forward {100 * r['sampler_forward_share']:.0f}%")
-    print(f"the loop's sail-pr step: with sail.sample {sum(r['online_step_ms'].values()):.1f} ms | with model.generate "
-          f"{sum(r['online_step_with_generate_ms'].values()):.1f} ms | ratio {r['online_step_ratio']:.2f}")
-    print("  phases (ours):   " + " | ".join(f"{k} {r['online_step_ms'][k]:.1f} ms ({100 * v:.0f}%)"
-                                          for k, v in r["online_step_phase_share"].items()))
-    print(f"  tokens per second: generated {r['tokens_per_second']['generated']:.0f} | trained {r['tokens_per_second']['trained']:.0f}")
-    print(f"policy phase, same pairs: sail-pr {r['policy_phase_sail_pr_ms']:.2f} ms | online-dpo {r['policy_phase_online_dpo_ms']:.2f} ms | "
-          f"extra terms {100 * r['extra_terms_overhead']:+.1f}%")
-    v = r["gradient_variance"] or {}
-    for at in sorted({k.split("_")[0] for k in v}):
-        print(f"gradient variance (trace), sail-pr at {at}: " + " | ".join(
-            f"--baseline {k.split('_', 1)[1]} {v[k]['variance']:.3g}" for k in v if k.startswith(at + "_"))
-            + f" | squared norm of the mean gradient {v[at + '_none']['mean_norm_sq']:.3g}")
-    print(f"peak memory: {r['peak_memory_gb']:.2f} GB ({r['peak_memory_kind']})")
-    print(f"benchmark: {out_dir}/bench.json")
-
-
-def cli(argv=None):
+def cli(argv=None, run=main, extra=None, description=None):
+    """Parse, check and run: `python train.py` runs `main`; experiments/ pass their own `run` and
+    options. Bad input exits with one line saying where and what."""
     try:
-        cfg = parse_args(argv)
-        if cfg.stand_ins:
-            return write_stand_ins(cfg.stand_ins, task_seed=cfg.task_seed)
-        return compare(cfg) if cfg.compare else benchmark(cfg) if cfg.benchmark else main(cfg)
-    except (data.DataError, reward.ModelError) as e:  # bad input: the message says where and what
+        parsed = parse_args(argv, extra, description)
+        return run(*parsed) if extra else run(parsed)
+    except (data.DataError, reward.ModelError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -1,0 +1,361 @@
+"""
+experiments/compare.py: every method side by side, over several seeds, from one SFT model.
+
+    python -m experiments.compare                          # 15 rows x 5 seeds, 2 runs at once
+    python -m experiments.compare --compare_methods online-dpo,sail-pr --g 1   # any train.py option too
+
+Each run is `train.main` with the row's settings, in its own out_dir (runs/sail/compare/ROW-seedS);
+finished runs are reused, an interrupted one resumes. Writes results.md (means with 95% intervals
+over seeds; each row's gold reward against online DPO's and a suffixed row's against its own
+method's, paired by seed, with Holm's correction over the table), compare.json and four plots.
+A row is a method (train.METHODS) or one with a response term and a suffix of ROWS, which
+changes one thing, or a named few, from it.
+"""
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import data
+from train import (EXPLORE, METHODS, PP, arg, check_values, check_writable_dir, cli, embedded_policy, main, pick_device,
+                   pyplot, refuse_changed_settings)
+
+OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official etc.
+ROWS = {  # --compare's row suffixes: what each changes from the method's own row, one thing or a named few
+    "-official": dict(response_term="official", ties="first"),  # the official code: the hook (its sign, its size), its ties
+    "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
+    "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
+    "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
+}
+
+
+@dataclass
+class CompareOptions:
+    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-ties-first,sail-pr-official-sign,sail-pr-official-size,sail-pr-official,"
+                               "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
+                               "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
+                               "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first")
+    compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
+    compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
+
+    def problems(self):
+        problems = check_values(self, [(lambda x: x >= 1, ">= 1", ["compare_seeds", "compare_workers"])], {})
+        unknown = [m for m in self.compare_methods.split(",") if compare_row(m) is None]
+        if unknown:
+            problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
+                            f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}")
+        return problems
+
+
+def compare_row(name):
+    """A --compare row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
+    if name in METHODS:
+        return name, {}
+    for suffix in sorted(ROWS, key=len, reverse=True):
+        if name.endswith(suffix) and name.removesuffix(suffix) in OFFICIAL:
+            return name.removesuffix(suffix), ROWS[suffix]
+    return None
+
+
+def compare(cfg, opts):
+    """`python -m experiments.compare`: every method from the same SFT model, with the same number of
+    updates and pairs per update, over several seeds; --compare_workers runs at once. Finished runs
+    are not redone; an interrupted one resumes from its checkpoint. Writes results.md (means with
+    95% intervals over seeds, and each method's difference from online DPO paired by seed),
+    compare.json and the plots."""
+    import platform
+
+    root = os.path.join(cfg.out_dir, "compare")
+    check_writable_dir(root)
+    t0 = time.perf_counter()
+    plan = [(m, cfg.seed + k) for m in opts.compare_methods.split(",") for k in range(opts.compare_seeds)]
+    configs = {(m, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-seed{seed}")) for m, seed in plan}
+    # The longest runs first (the exploring methods, then by their share of online pairs), so that
+    # the workers finish together instead of one running the last long run alone.
+    todo = sorted((c for c in configs.values() if not finished(c)),
+                  key=lambda c: (c.method in EXPLORE, sum(METHODS[c.method](c)[PP:])), reverse=True)
+    if opts.compare_workers == 1 or len(todo) < 2:
+        for c in tqdm(todo, desc="compare", dynamic_ncols=True):
+            compare_run(c)
+    else:  # several processes; the SFT model is cached first, so that no two of them train it
+        if cfg.model == "embedded":
+            with contextlib.redirect_stdout(io.StringIO()):
+                embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, torch.get_num_threads() // opts.compare_workers)
+        with ProcessPoolExecutor(opts.compare_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            for done in tqdm(as_completed([pool.submit(compare_run, c) for c in todo]), total=len(todo), desc="compare",
+                             dynamic_ncols=True):
+                done.result()
+    runs = [read_run(m, seed, configs[m, seed].out_dir) for m, seed in plan]
+    wall = time.perf_counter() - t0
+
+    methods = list(dict.fromkeys(m for m, _ in plan))
+    stats = {m: method_stats([r for r in runs if r["method"] == m]) for m in methods}
+    tests = comparisons(runs, methods)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
+    with open(os.path.join(root, "compare.json"), "w") as f:
+        json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
+                   "stats": stats,
+                   "comparisons": [{"row": a, "against": b, "difference": v[0], "half_width": v[1], "p": v[2], "p_holm": v[3]}
+                                   for (a, b), v in tests.items()], "runs": runs}, f, indent=1)
+    lines = results_table(cfg, opts, runs, stats, tests, machine, wall)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_compare(runs, root)
+    print(f"compare: outputs in {root}/")
+    return stats
+
+
+def compare_config(cfg, name, seed, out):
+    """The settings of one --compare run: a row's method with its suffix's settings (ROWS)."""
+    method, settings = compare_row(name)
+    return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, **settings)
+
+
+def finished(c):
+    """Has this run finished with these settings? (A run with more --steps resumes and goes on.)"""
+    if not os.path.isfile(os.path.join(c.out_dir, "summary.json")):
+        return False
+    with open(os.path.join(c.out_dir, "config.json")) as f:
+        refuse_changed_settings(json.load(f), c, "delete it or use another --out_dir")
+    with open(os.path.join(c.out_dir, "summary.json")) as f:
+        return json.load(f)["steps"] == c.steps
+
+
+def compare_run(c):
+    """One run of --compare, its output in its own log.txt (in a worker process, or this one)."""
+    os.makedirs(c.out_dir, exist_ok=True)
+    with open(os.path.join(c.out_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        main(c)
+
+
+def read_run(method, seed, out):
+    """A finished run's summary and its evaluations, each with the oracle labels and the training
+    seconds (the steps' own time, without evaluation) spent up to it; the SFT model is step 0."""
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    history, seconds = [{"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0, "labels": 0, "seconds": 0.0}], 0.0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            seconds += row["dt"]
+            if "eval_reward" in row:
+                history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
+                                "labels": row["oracle_queries"], "seconds": seconds})
+    return {"method": method, "seed": seed, "summary": summary, "history": history}
+
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+       2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # Student t, 0.975
+
+
+def interval(x):
+    """(mean, half-width of its two-sided 95% Student-t interval) of the values x; None with one value."""
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), None
+    df = len(x) - 1
+    t = T95[df - 1] if df <= len(T95) else 1.96 + 2.37 / df  # beyond the table: the first-order expansion
+    return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def clipped_interval(x, low, high):
+    """(mean, low end, high end): the 95% Student-t interval of the mean of x, cut to the figure's
+    range [low, high] (a rate in [0, 1], a KL >= 0), where a t-interval on a few skewed values can
+    reach past it (a KL of 44.4 ± 103.2). A percentile bootstrap would stay in range too, but with 5
+    seeds it covers the mean only ~85% of the time, not 95%."""
+    mean, half = interval(x)
+    if half is None:
+        return mean, None, None
+    return mean, max(low, mean - half), min(high, mean + half)
+
+
+def t_test(d):
+    """Two-sided p-value of the paired t-test that the differences d have mean 0 (Student's t with
+    len(d) - 1 degrees of freedom: p = I_{df / (df + t^2)}(df / 2, 1 / 2), the regularised incomplete beta)."""
+    d = np.asarray(d, dtype=float)
+    df, sd = len(d) - 1, d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    t = d.mean() / (sd / math.sqrt(len(d)))
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def incomplete_beta(a, b, x):
+    """I_x(a, b), the regularised incomplete beta function, by its continued fraction (Numerical
+    Recipes' betacf, modified Lentz) where that converges fast, else by I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 / (1 - (a + b) * x / (a + 1) or tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / (1 + num * d or tiny)
+            c = 1 + num / c or tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return f * math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+
+
+def holm(pvalues):
+    """Holm-Bonferroni adjusted p-values ({name: p} -> {name: p adjusted}): the k-th smallest of m is
+    multiplied by m - k (k from 0), made non-decreasing, capped at 1. An adjusted p below 0.05 keeps
+    the family-wise error rate of the whole table at 5%."""
+    out, running = {}, 0.0
+    for k, (name, p) in enumerate(sorted(pvalues.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (len(pvalues) - k) * p))
+        out[name] = running
+    return out
+
+
+FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
+           "tie_rate": "tie rate"}
+BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "tie_rate": (0.0, 1.0)}  # figures with a range
+
+
+def method_stats(group):
+    """Each figure of one method's runs over seeds: the gold reward's mean with its 95% t-interval
+    (mean, half-width); the bounded figures' mean with its t-interval cut to their range (mean, low, high)."""
+    out = {}
+    for k in FIGURES:
+        values = [r["summary"][k] for r in group]
+        out[k] = (None, None) if None in values else clipped_interval(values, *BOUNDED[k]) if k in BOUNDED else interval(values)
+    out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
+    for phase in group[0]["summary"]["seconds_per_step"]:
+        out[f"ms_{phase}"] = interval([1000 * r["summary"]["seconds_per_step"][phase] for r in group])
+    for kind in ("generated", "trained"):
+        out[f"tokens_per_second_{kind}"] = interval([r["summary"]["tokens_per_second"][kind] for r in group])
+    return out
+
+
+def paired_difference(group, baseline):
+    """The gold reward of `group` minus that of `baseline`, paired by seed: (mean, half-width of its
+    95% t-interval, two-sided p of the paired t-test), or None if they share fewer than 2 seeds."""
+    by_seed = {r["seed"]: r["summary"]["gold_reward_final"] for r in baseline}
+    d = [r["summary"]["gold_reward_final"] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
+    return (*interval(d), t_test(d)) if len(d) >= 2 else None
+
+
+def comparisons(runs, methods):
+    """Every paired comparison of the table, {(row, against): (mean, half-width, p, p Holm)}: each
+    row against online DPO, and each row with a suffix (ROWS) against its method's own row; Holm's
+    correction is over all of them at once."""
+    of = {m: [r for r in runs if r["method"] == m] for m in methods}
+    pairs = [(m, "online-dpo") for m in methods if m != "online-dpo" and "online-dpo" in of]
+    pairs += [(m, compare_row(m)[0]) for m in methods if compare_row(m)[1] and compare_row(m)[0] in of]
+    found = {p: paired_difference(of[p[0]], of[p[1]]) for p in pairs}
+    found = {p: v for p, v in found.items() if v is not None}
+    adjusted = holm({p: v[2] for p, v in found.items()})
+    return {p: (*v, adjusted[p]) for p, v in found.items()}
+
+
+def results_table(cfg, opts, runs, stats, tests, machine, wall):
+    """results.md: the table, the paired comparisons, what runs of one seed share, the time per phase."""
+    def pm(v, d=2):  # "mean ± half-width" or "mean [low, high]"
+        if v[0] is None:
+            return "n/a"
+        if len(v) == 3:
+            return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" [{v[1]:.{d}f}, {v[2]:.{d}f}]")
+        return f"{v[0]:.{d}f}" + ("" if v[1] is None else f" ± {v[1]:.{d}f}")
+
+    def diff(v):  # the difference, its interval's ends, its Holm-adjusted p; * where that p < 0.05
+        return (f"{v[0]:+.2f} [{v[0] - v[1]:+.2f}, {v[0] + v[1]:+.2f}], p_Holm {v[3]:.2g}" + (" *" if v[3] < 0.05 else "")
+                if v else "—")
+
+    seeds = sorted({r["seed"] for r in runs})
+    run_minutes = sum(r["summary"]["seconds"] for r in runs) / 60  # some runs may be reused: their own time
+    lines = [f"{len(runs)} runs: {len(stats)} methods x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} updates x "
+             f"{cfg.batch_size} pairs each; {machine}; {opts.compare_workers} at once; this invocation took {wall / 60:.1f} min, "
+             f"the runs {run_minutes:.1f} min in all. Gold reward: mean ± half-width of the 95% Student-t interval over seeds. "
+             "Win rate and KL: mean [its 95% t-interval cut to the figure's range: [0, 1], >= 0]. Δ: the difference "
+             "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
+             f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
+             "its interval says how large it may be either way.", "",
+             f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its exact row "
+             "| win rate vs SFT | KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, st in stats.items():
+        own = compare_row(m)[0] if compare_row(m)[1] else None
+        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, 'online-dpo')))} | {diff(tests.get((m, own)))} | "
+                     f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
+                     f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
+                     f"{st['seconds_per_step'][0]:.3f} |")
+    lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in experiments/compare.py): "
+              "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "
+              "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
+              "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
+              "sign; -official, both: the official code's term and tie handling.", "",
+              "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
+              "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
+              "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "
+              "Methods with the same routing probabilities draw the same routes, offline pairs and prompts and their first "
+              "samples with the same noise (a method and its suffixed rows; online-dpo, selm and xpo; and with p = g, the "
+              "defaults, sail-pr and sail-pp split their pairs between offline and online the same way); they part ways as their "
+              "policies do. Oracle labels count every label spent: online ones (ties included) and, for each dataset pair "
+              "trained on (offline DPO or SAIL-DP), the labels its dataset spent on it (ties dropped while building it included).", ""]
+    phases = [k[3:] for k in stats[next(iter(stats))] if k.startswith("ms_")]
+    lines += ["Time per step (ms, share of the step) and throughput (runs sharing the CPU as above):", "",
+              "| method | " + " | ".join(phases) + " | generated tok/s | trained tok/s |", "|---" * (len(phases) + 3) + "|"]
+    for m, st in stats.items():
+        total = sum(st[f"ms_{p}"][0] for p in phases)
+        lines.append(f"| {m} | " + " | ".join(f"{st[f'ms_{p}'][0]:.1f} ({100 * st[f'ms_{p}'][0] / total:.0f}%)" for p in phases)
+                     + f" | {st['tokens_per_second_generated'][0]:.0f} | {st['tokens_per_second_trained'][0]:.0f} |")
+    return lines
+
+
+PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, title)
+    "reward_vs_labels.png": ("labels", "oracle labels used (ties and the offline pairs' included)", "Label efficiency"),
+    "reward_vs_seconds.png": ("seconds", "training seconds (the steps, without evaluation)", "Gold reward against wall-clock time"),
+    "reward_vs_kl.png": ("eval_kl", "KL(policy || SFT), sampled estimate", "Reward-KL frontier"),
+    "reward_vs_step.png": ("step", "step", "Gold reward during alignment"),
+}
+
+
+def plot_compare(runs, root):
+    """The gold reward of every method against each x of PLOTS: the mean over seeds, with a band
+    (the KL plot: error bars) for the 95% interval of the reward; rows with a suffix (ROWS) dashed."""
+    plt = pyplot("the plots")
+    if plt is None:
+        return
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(methods) <= 10 else plt.get_cmap("tab20").colors
+    colors = dict(zip(methods, palette * 2))
+    for name, (key, xlabel, title) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4.4))
+        for method in methods:
+            hist = [r["history"] for r in runs if r["method"] == method]
+            n = min(len(h) for h in hist)  # every seed evaluates at the same steps
+            x, y = ([interval([h[i][k] for h in hist]) for i in range(n)] for k in (key, "eval_reward"))
+            xm, ym = np.array([v[0] for v in x]), np.array([v[0] for v in y])
+            yerr = np.array([v[1] or 0.0 for v in y])
+            style = dict(color=colors[method], linestyle="--" if compare_row(method)[1] else "-", label=method)
+            if key == "eval_kl":  # the x of each point varies too; its interval is in compare.json's runs
+                ax.errorbar(xm, ym, yerr=yerr, marker="o", markersize=3, capsize=2, elinewidth=0.8, **style)
+            else:
+                ax.plot(xm, ym, marker=".", **style)
+                ax.fill_between(xm, ym - yerr, ym + yerr, color=colors[method], alpha=0.12)
+        ax.set(xlabel=xlabel, ylabel="gold reward, held-out prompts", title=f"{title} (mean, 95% interval over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(root, name), dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli(run=compare, extra=CompareOptions, description="every method side by side over several seeds (experiments/compare.py)")
