@@ -484,7 +484,7 @@ def alignment_step(run, state, step):
     # 2. The oracle labels the SAIL-PR pairs (SAIL-DP/PP pairs are labelled by the policy in 4).
     labels = oracle_labels(run, state, pairs)
     clock.lap("label")
-    # 3. Delta(y) = L_theta(y) - L_ref(y) of every row: the frozen reference's log-probs, then the policy's.
+    # 3. Delta(y) = L_theta(y) - L_ref(y) of every row: the loss's reference (the frozen SFT model; SELM: its last iterate), then the policy.
     micro = torch.arange(len(pairs.route)).tensor_split(run.cfg.grad_accum)  # the pairs of each micro-batch
     ref = [reference_logps(run, rows_of(pairs, idx), model=run.train_reference) for idx in micro]  # (2m [+ m],) each
     clock.lap("reference")
