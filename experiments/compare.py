@@ -28,8 +28,8 @@ import data
 from train import (EXPLORE, METHODS, PP, arg, check_values, check_writable_dir, cli, embedded_policy, main, pick_device,
                    pyplot, refuse_changed_settings)
 
-OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: --compare can add NAME-official etc.
-ROWS = {  # --compare's row suffixes: what each changes from the method's own row, one thing or a named few
+OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: a compared row can add a suffix
+ROWS = {  # the compared rows' suffixes: what each changes from the method's own row, one thing or a named few
     "-official": dict(response_term="official", ties="first"),  # the official code: the hook (its sign, its size), its ties
     "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
     "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
@@ -56,7 +56,7 @@ class CompareOptions:
 
 
 def compare_row(name):
-    """A --compare row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
+    """A compared row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
     if name in METHODS:
         return name, {}
     for suffix in sorted(ROWS, key=len, reverse=True):
@@ -120,7 +120,7 @@ def compare(cfg, opts):
 
 
 def compare_config(cfg, name, seed, out):
-    """The settings of one --compare run: a row's method with its suffix's settings (ROWS)."""
+    """The settings of one compared run: a row's method with its suffix's settings (ROWS)."""
     method, settings = compare_row(name)
     return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, **settings)
 
@@ -136,7 +136,7 @@ def finished(c):
 
 
 def compare_run(c):
-    """One run of --compare, its output in its own log.txt (in a worker process, or this one)."""
+    """One compared run, its output in its own log.txt (in a worker process, or this one)."""
     os.makedirs(c.out_dir, exist_ok=True)
     with open(os.path.join(c.out_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         main(c)

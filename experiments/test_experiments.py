@@ -1,6 +1,6 @@
 """
 experiments/test_experiments.py: the tests of experiments/ (run with every other test by the
-README's `python -m pytest -q`): --compare's table, statistics and plots; the benchmark; the
+README's `python -m pytest -q`): the comparison's table, statistics and plots; the benchmark; the
 stand-ins' sizes; the recipes of docs/scaling.md run as written on tiny stand-ins.
 """
 import json
