@@ -19,9 +19,10 @@ Departures from the paper:
   1. The paper's oracles are 7B reward models (beaver-7b, Eurus-RM-7b). The default task uses a
      programmatic gold reward so that the whole loop runs on a laptop in minutes and so that
      the evaluation reward is exact, not another model's opinion.
-  2. Ties (equal rewards) carry no preference. With hard labels `bradley_terry_label` marks them
-     invalid; in the loss their l counts as 0 (`sail.sail_loss(valid=...)`), and they still
-     count as oracle queries.
+  2. Hard labels leave a tie (equal rewards) undefined; under Bradley-Terry it is a fair coin.
+     `bradley_terry_label` marks it invalid and the loss values it at the coin's expectation
+     (`sail.pair_value`), or, with ties="first", keeps y1 as the chosen response, as the official
+     trainer does (the same coin in distribution). Either way it counts as an oracle query.
 """
 import os
 import re
@@ -174,15 +175,18 @@ class HFRewardModel:
 # ---------------------------------------------------------------------------------------------
 # Turning scores into pairwise labels.
 
-def bradley_terry_label(r1, r2, mode="hard", generator=None):
+def bradley_terry_label(r1, r2, mode="hard", generator=None, ties="average"):
     """Label pairs (y1, y2) from their rewards r1, r2, each (B,).
 
     Returns (y1_wins, valid), both (B,) bool. Bradley-Terry: P(y1 > y2) = sigmoid(r1 - r2).
-    mode="hard":    y1 wins iff r1 > r2; ties are marked invalid (they carry no preference).
-    mode="sampled": y1 wins with probability sigmoid(r1 - r2); every pair is valid.
+    mode="hard":    y1 wins iff r1 > r2. A tie (r1 = r2) is Bradley-Terry's fair coin: with
+                    ties="average" it is marked invalid (the loss takes the coin's expectation,
+                    sail.pair_value); with ties="first" y1 is chosen and the pair is valid, as the
+                    official trainer leaves it (it swaps only if r1 < r2).
+    mode="sampled": y1 wins with probability sigmoid(r1 - r2) (a tie: the coin, drawn); every pair is valid.
     """
     if mode == "hard":
-        return r1 > r2, r1 != r2
+        return (r1 >= r2, torch.ones_like(r1, dtype=torch.bool)) if ties == "first" else (r1 > r2, r1 != r2)
     if mode == "sampled":
         y1_wins = torch.bernoulli(torch.sigmoid(r1 - r2), generator=generator).bool()
         return y1_wins, torch.ones_like(y1_wins)

@@ -582,6 +582,8 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
 def test_bradley_terry_hard_labels_and_ties():
     y1_wins, valid = reward.bradley_terry_label(t([2.0, 0.0, 1.0]), t([1.0, 3.0, 1.0]))
     assert y1_wins.tolist() == [True, False, False] and valid.tolist() == [True, True, False]  # tie is invalid
+    y1_wins, valid = reward.bradley_terry_label(t([2.0, 0.0, 1.0]), t([1.0, 3.0, 1.0]), ties="first")
+    assert y1_wins.tolist() == [True, False, True] and valid.tolist() == [True, True, True]  # the official order: y1 chosen
 
 
 def test_sampled_labels_follow_their_probabilities():

@@ -403,11 +403,11 @@ def oracle_labels(run, state, pairs):
     if len(idx):
         r = run.oracle([pairs.prompts[i] for i in idx] * 2, [pairs.texts[i] for i in idx] + [pairs.texts[B + i] for i in idx])
         labels.scores[idx], labels.scores[B + idx], labels.score_sum = r[:len(idx)], r[len(idx):], r.sum().item()
-        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r[:len(idx)], r[len(idx):], run.cfg.label_mode,
-                                                                            state.label_gen)
-        labels.queries, labels.ties = len(idx), int((~labels.valid[idx]).sum())
-        if run.cfg.ties == "first":  # the official trainer swaps only if r1 < r2: a tie keeps y1 as its chosen response
-            labels.y1_wins[idx], labels.valid[idx] = labels.y1_wins[idx] | ~labels.valid[idx], True
+        r1, r2 = r[:len(idx)], r[len(idx):]
+        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, run.cfg.label_mode, state.label_gen,
+                                                                            run.cfg.ties)
+        labels.queries = len(idx)
+        labels.ties = int((r1 == r2).sum()) if run.cfg.label_mode == "hard" else 0  # sampled: every pair gets a label
     return labels
 
 
@@ -762,7 +762,7 @@ def show_sample(run, pairs, labels):
     w, l = (i, B + i) if bool(labels.y1_wins[i]) else (B + i, i)
     shown = run.oracle([pairs.prompts[i]] * 2, [pairs.texts[w], pairs.texts[l]])
     how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][pairs.route[i]]
-    tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: no preference'}]\n"
+    tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: the fair coin'}]\n"
                f"  chosen   {pairs.texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {pairs.texts[l]!r}  (reward {shown[1]:.2f})")
 
 
