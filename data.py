@@ -1,5 +1,6 @@
 """
-data.py: prompts, preference pairs, tokenisation and batching, and the embedded default task.
+data.py: prompts, preference pairs, tokenisation and batching, and the embedded default task
+with its SFT model.
 
 The embedded task ("write a short review") is built from a seed in about a second, with no
 download: a corpus of (prompt, review) texts for supervised fine-tuning (SFT), training prompts,
@@ -8,7 +9,9 @@ for one prompt, labelled by the gold reward of `reward.py`. A tied candidate pai
 them) is dropped, and the label it cost is charged to the next pair kept (its "labels" field), so
 offline pairs are counted in oracle labels the way online pairs are. Reviews are mixed on purpose
 (positive, negative, neutral, off-topic, repetitive), so the SFT model samples good and bad
-responses and leaves headroom for alignment.
+responses and leaves headroom for alignment. `embedded_policy` gives the policy every embedded
+run starts from: a tiny GPT-2 with a BPE tokenizer trained on the task, fine-tuned on its corpus
+once (about a minute on a CPU) and cached in --cache_dir.
 
 Real data comes from JSONL files in the common format: `{"prompt": ...}` per line for prompts and
 `{"prompt": ..., "chosen": ..., "rejected": ...}` for pairs (`load_prompts`, `load_pairs`). A
@@ -26,14 +29,19 @@ Departures from the paper:
 """
 import functools
 import json
+import math
 import os
 import random
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from reward import ASPECTS, CATEGORY_OF, NEGATIVE, POSITIVE, gold_reward, subject_of
+from reward import ASPECTS, CATEGORY_OF, NEGATIVE, POSITIVE, gold_reward, load_pretrained, subject_of
+from sail import disable_dropout, sequence_logps_of
 
 # ---------------------------------------------------------------------------------------------
 # The embedded default task
@@ -118,6 +126,63 @@ def build_tokenizer(texts, vocab_size=512):
 
 
 # ---------------------------------------------------------------------------------------------
+# The embedded task's SFT model: the policy every embedded run starts from (trained once, cached)
+
+EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response tokens
+
+
+def embedded_policy(cfg, task, device):
+    """(model, tokenizer, seconds SFT took): the embedded SFT model, loaded from --cache_dir, or a
+    tiny GPT-2 built, fine-tuned on task.sft and saved there. cfg: the run's Config (its sft_*,
+    task_seed, cache_dir, max_prompt_len and max_new_tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        print(f"sft: loading the cached SFT model from {path}")
+        what = "--cache_dir holds a broken SFT model (delete it to train it again):"
+        return load_pretrained(AutoModelForCausalLM, path, what), load_pretrained(AutoTokenizer, path, what), 0.0
+    check_writable_dir(cfg.cache_dir, "--cache_dir")  # before the SFT run, not after it
+    check_context(cfg, EMBEDDED_POSITIONS)
+    if cfg.sft_batch_size > len(task.sft):
+        raise SystemExit(f"error: --sft_batch_size {cfg.sft_batch_size} is larger than the SFT corpus ({len(task.sft)} texts)")
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer([p + y for p, y in task.sft])
+    tokenizer.model_max_length = EMBEDDED_POSITIONS
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=EMBEDDED_POSITIONS, n_embd=128, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.task_seed)
+    model = GPT2LMHeadModel(config).to(device)
+    disable_dropout(model)
+    supervised_finetune(model, prepare_tokenizer(tokenizer), task, cfg, device)
+    os.makedirs(path + ".tmp", exist_ok=True)
+    model.save_pretrained(path + ".tmp")
+    tokenizer.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a half-written cache is never mistaken for a finished one
+    print(f"sft: trained and saved to {path} in {time.perf_counter() - t0:.1f}s")
+    return model.cpu(), tokenizer, time.perf_counter() - t0
+
+
+def supervised_finetune(model, tokenizer, task, cfg, device):
+    """Maximum likelihood of the task's reviews given their prompts (the SFT phase): AdamW, cosine decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
+    rng = random.Random(cfg.task_seed)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
+    for _ in bar:
+        prompts, responses = zip(*rng.sample(task.sft, cfg.sft_batch_size))
+        batch = [t.to(device) for t in encode_responses(tokenizer, prompts, responses, cfg.max_prompt_len, cfg.max_new_tokens)]
+        logps = sequence_logps_of(model, *batch, amp=torch.autocast(device.type, enabled=False))  # (B,)
+        loss = -logps.sum() / batch[2].sum()  # mean negative log-likelihood per response token
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(nll=f"{loss.item():.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenisation and batching
 
 def prepare_tokenizer(tokenizer):
@@ -188,6 +253,37 @@ class Stream:
         return out
 
 
+def decode(tokenizer, ids, response_mask):
+    """Response texts of a batch, without the prompt, EOS or padding."""
+    return tokenizer.batch_decode(torch.where(response_mask.bool(), ids, tokenizer.eos_token_id), skip_special_tokens=True)
+
+
+def check_context(cfg, positions):
+    """A prompt and its response must fit the model's positions (None: the model has no limit)."""
+    if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
+        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
+                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
+
+
+def check_lengths(cfg, inputs, positions, tokenizer):
+    """Prompt + response must fit the model's `positions`; longer texts are cut, never silently:
+    how many of each kind is printed."""
+    check_context(cfg, positions)
+    pairs = (inputs.pairs or []) + (inputs.eval_pairs or [])
+    prompt = ("--max_prompt_len", cfg.max_prompt_len, "last", 0)
+    for what, texts, (option, limit, kept, eos) in [
+            ("training prompts", inputs.train_prompts, prompt), ("held-out prompts", inputs.eval_prompts, prompt),
+            ("pair prompts", [x["prompt"] for x in pairs], prompt),
+            ("pair responses", [x[k] for x in pairs for k in ("chosen", "rejected")],
+             ("--max_new_tokens (EOS included)", cfg.max_new_tokens, "first", 1))]:  # a response ends with its EOS
+        texts = texts or []
+        unique = list(dict.fromkeys(texts))  # pair files repeat their prompts: each is tokenized once
+        length = dict(zip(unique, map(len, tokenizer(unique, add_special_tokens=not eos)["input_ids"]))) if unique else {}
+        n = sum(length[x] + eos > limit for x in texts)
+        if n:
+            print(f"note: {n} of {len(texts)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
+
+
 # ---------------------------------------------------------------------------------------------
 # JSONL files
 
@@ -253,3 +349,33 @@ def load_prompts(path):
 
 def load_pairs(path):
     return load_jsonl(path, ("prompt", "chosen", "rejected"))
+
+
+def load_inputs(cfg):
+    """Prompts and pairs, for training and held out (task, train_prompts, eval_prompts, pairs,
+    eval_pairs): the embedded task's, or JSONL files (a file without a held-out file gives up a
+    --holdout fraction of its rows to evaluation)."""
+    task = make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
+    x = SimpleNamespace(task=task, train_prompts=task and task.train_prompts, eval_prompts=task and task.eval_prompts,
+                        pairs=task and task.pairs, eval_pairs=task and task.eval_pairs)
+    if cfg.prompts:
+        x.train_prompts, x.eval_prompts = load_split(cfg.prompts, cfg.eval_prompts, load_prompts, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_prompts:
+        x.eval_prompts = load_prompts(cfg.eval_prompts)
+    if cfg.pairs:
+        x.pairs, x.eval_pairs = load_split(cfg.pairs, cfg.eval_pairs, load_pairs, cfg.holdout, cfg.task_seed)
+    elif cfg.eval_pairs:
+        x.eval_pairs = load_pairs(cfg.eval_pairs)
+    return x
+
+
+def check_writable_dir(path, option="--out_dir"):
+    """Fail at once, before any training, if a directory the run writes to cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")  # one per process (ranks check at once)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: {option} {path!r} cannot be written: {e.strerror or e}") from None

@@ -75,6 +75,7 @@ Departures from the paper and the official code:
      response term is then exactly the score-function gradient; with another temperature it is
      an approximation (the paper samples at 0.9).
 """
+import contextlib
 import inspect
 
 import torch
@@ -97,6 +98,24 @@ def sequence_logps(logits, labels, mask):
     # torch.where rather than multiplying by the mask, so a non-finite value at a masked position
     # can never leak into the sum or its gradient.
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
+
+
+def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
+    """`sequence_logps` of one batch (ids, attention_mask, response_mask: each (B, T)) through
+    `model`, one forward pass; amp: an autocast context, or none. Position ids count real tokens
+    only, so left padding never shifts a prompt. Returns (B,)."""
+    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    with amp:
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
+    return sequence_logps(logits, ids, response_mask)  # (B,)
+
+
+def disable_dropout(model):
+    """Dropout off: with it, the policy's and the reference's log-probs of the same text would
+    disagree at initialisation and h would be noisy; DPO implementations switch it off."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def pair_value(h, beta, valid=None):

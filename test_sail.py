@@ -322,8 +322,8 @@ def test_padding_invariance_of_logps_and_sampling(arch):
     attention = t([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0], [1] * 10])
     response = t([[0, 0, 0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        a = train.sequence_logps_of(model, *alone, amp)
-        b = train.sequence_logps_of(model, ids, attention, response, amp)
+        a = sail.sequence_logps_of(model, *alone, amp)
+        b = sail.sequence_logps_of(model, ids, attention, response, amp)
     assert a.item() == pytest.approx(b[0].item(), abs=1e-5)
     # Greedy continuation of a left-padded prompt equals that of the unpadded prompt.
     out_alone = sample(model, t([[3, 4, 5]]), t([[1, 1, 1]]), max_new_tokens=6, temperature=0, eos_token_id=30)
@@ -469,7 +469,7 @@ def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=RE
     return (routing * per_route).sum()
 
 
-def ascend(starts, routing, steps=600, lr=0.1, **kw):
+def ascend(starts, routing, steps=200, lr=0.3, **kw):
     """Gradient ascent on J (descent on the expected surrogate loss), Adam, from each start (N, K)."""
     theta = starts.clone().requires_grad_()
     optimizer = torch.optim.Adam([theta], lr=lr)
@@ -517,10 +517,10 @@ def test_a_purely_self_labelled_objective_amplifies_what_the_policy_prefers():
     for SAIL-DP only the set of dataset pairs does, and it is the same set)."""
     for name in ("SAIL-PP p=1", "SAIL-DP r=1"):
         _, routing, starts = sensible_runs([name], (NEAR_WORST,))
-        pi = ascend(starts, routing, steps=300)
+        pi = ascend(starts, routing, steps=100)
         assert pi[0].argmax() == 0 and pi[0, 0] > 0.5, (name, pi)
         if name == "SAIL-PP p=1":
-            assert torch.equal(pi, ascend(starts, routing, steps=300, rewards=-REWARDS))
+            assert torch.equal(pi, ascend(starts, routing, steps=100, rewards=-REWARDS))
     # the default mix (r, p, g = 0.4, 0.3, 0.3: no offline pair) follows its start too
     pi = ascend(torch.tensor([UNIFORM, NEAR_WORST], dtype=torch.float64), torch.tensor([[0, 0.4, 0.3, 0.3]] * 2, dtype=torch.float64))
     assert pi[0].argmax() == 3 and pi[1].argmax() == 0
@@ -750,10 +750,11 @@ FAST = ["--sft_steps", "40", "--eval_samples", "1", "--eval_every", "2", "--samp
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A cache holding the embedded SFT model (40 steps), built once: every run below loads it the
+    """A cache holding the embedded SFT model (40 steps of 16 texts), built once: every run below loads it the
     same way, whichever test runs first."""
     path = str(tmp_path_factory.mktemp("cache"))
-    train.embedded_policy(train.parse_args(["--sft_steps", "40", "--cache_dir", path]), data.make_task(0), torch.device("cpu"))
+    data.embedded_policy(train.parse_args(["--sft_steps", "40", "--sft_batch_size", "16", "--cache_dir", path]), data.make_task(0),
+                         torch.device("cpu"))
     return path
 
 
@@ -837,6 +838,7 @@ def test_a_config_file_gives_the_options_and_flags_after_it_override(tmp_path):
     (["--method", "ppo"], "--method 'ppo'"), (["--beta", "0"], "--beta must be > 0"),
     (["--method", "mix", "--r", "0.5", "--p", "0.5", "--g", "0.5"], "--r + --p + --g must be <= 1"),
     (["--rho", "-1"], "--rho must be >= 0"),
+    (["--model", "some/model", "--prompts", "p.jsonl", "--method", "sail-dp"], "--method sail-dp trains on offline pairs: give --pairs"),
 ])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SystemExit) as refused:
@@ -929,7 +931,7 @@ def load_model(path):
     """A saved policy as train.py sets it up: dropout off, the tokenizer padding on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    train.disable_dropout(model)
+    sail.disable_dropout(model)
     return model, data.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
@@ -954,8 +956,8 @@ def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     batch = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
     with torch.no_grad():
-        ref = train.sequence_logps_of(reference, *batch, OFF)  # (8,) chosen rows, then rejected rows
-    logps = train.sequence_logps_of(policy.train(), *batch, OFF)  # (8,)
+        ref = sail.sequence_logps_of(reference, *batch, OFF)  # (8,) chosen rows, then rejected rows
+    logps = sail.sequence_logps_of(policy.train(), *batch, OFF)  # (8,)
     delta = (logps - ref).detach()  # (8,)
     h = delta[:4] - delta[4:]  # (4,)
     loss = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.1)[0].mean()
@@ -986,7 +988,7 @@ def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
     ids, attention, response = sample(sft, *data.encode_prompts(tokenizer, prompts * 2, 32), max_new_tokens=24, temperature=0.7,
                                       eos_token_id=tokenizer.eos_token_id,
                                       generator=torch.Generator().manual_seed(train.stream_seeds(0)["sampling"]))
-    scores = reward.GoldReward()(prompts * 2, train.decode(tokenizer, ids, response))  # (8,) y1 rows, then y2 rows
+    scores = reward.GoldReward()(prompts * 2, data.decode(tokenizer, ids, response))  # (8,) y1 rows, then y2 rows
     assert row["oracle_reward"] == pytest.approx(scores.mean().item(), rel=1e-6)
     assert row["ties"] == int((scores[:4] == scores[4:]).sum()) and row["oracle_queries"] == 4
     assert row["tie_rate"] == row["ties"] / 4
@@ -995,44 +997,46 @@ def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
     assert row["margin"] == 0 and row["log_ratio"] == 0 and "kl" not in row
 
 
-def evaluate_by_hand(model, sft, tokenizer, task, temperature, seed, beta):
+def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, beta):
     """train.py's evaluation from its definition: one response per held-out prompt from a generator
     seeded with the evaluation stream's seed; the mean gold reward; the mean log-ratio to the SFT
     model of responses drawn at temperature 1 from the evaluation's KL stream (a KL estimate);
     the win rate against the SFT model's responses drawn with the same noise (a tie is half a win);
     the implicit-reward accuracy and margin on the held-out pairs."""
     def responses(m):
-        batch = sample(m, *data.encode_prompts(tokenizer, task.eval_prompts, 32), max_new_tokens=24, temperature=temperature,
+        batch = sample(m, *data.encode_prompts(tokenizer, prompts, 32), max_new_tokens=24, temperature=temperature,
                        eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(train.stream_seeds(seed)["eval"]))
-        at_1 = sample(m, *data.encode_prompts(tokenizer, task.eval_prompts, 32), max_new_tokens=24, temperature=1.0,
+        at_1 = sample(m, *data.encode_prompts(tokenizer, prompts, 32), max_new_tokens=24, temperature=1.0,
                       eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(train.stream_seeds(seed)["eval_kl"]))
-        return at_1, reward.GoldReward()(task.eval_prompts, train.decode(tokenizer, batch[0], batch[2]))
+        return at_1, reward.GoldReward()(prompts, data.decode(tokenizer, batch[0], batch[2]))
 
     with torch.no_grad():
         batch, rewards = responses(model)
         _, sft_rewards = responses(sft)
-        kl = train.sequence_logps_of(model, *batch, OFF) - train.sequence_logps_of(sft, *batch, OFF)
-        pairs = data.encode_responses(tokenizer, [x["prompt"] for x in task.eval_pairs] * 2,
-                                      [x["chosen"] for x in task.eval_pairs] + [x["rejected"] for x in task.eval_pairs], 32, 24)
-        delta = train.sequence_logps_of(model, *pairs, OFF) - train.sequence_logps_of(sft, *pairs, OFF)
-    h = delta[:len(task.eval_pairs)] - delta[len(task.eval_pairs):]
+        kl = sail.sequence_logps_of(model, *batch, OFF) - sail.sequence_logps_of(sft, *batch, OFF)
+        rows = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
+                                     [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
+        delta = sail.sequence_logps_of(model, *rows, OFF) - sail.sequence_logps_of(sft, *rows, OFF)
+    h = delta[:len(pairs)] - delta[len(pairs):]
     return {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item(),
             "eval_win": ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item(),
             "eval_acc": ((h > 0).float() + 0.5 * (h == 0).float()).mean().item(), "eval_margin": (beta * h).mean().item()}
 
 
-def test_evaluation_and_summary_recomputed_by_hand(tmp_path, cache):
-    out = tmp_path / "run"
+def test_evaluation_and_summary_recomputed_by_hand(tmp_path, cache, few_eval_pairs):
+    out, task = tmp_path / "run", data.make_task(0)
+    prompts, pairs = task.eval_prompts[:16], task.eval_pairs[:16]  # few_eval_pairs holds these 16 pairs
+    eval_prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": x} for x in prompts])
     train.main(train.parse_args(["--method", "sail-pr", "--g", "1", "--steps", "2", "--temperature", "0.8", "--beta", "0.2",
-                                 "--cache_dir", cache, "--out_dir", str(out), *SHORT]))
-    task = data.make_task(0)
+                                 "--eval_prompts", eval_prompts, "--eval_pairs", few_eval_pairs, "--cache_dir", cache,
+                                 "--out_dir", str(out), *SHORT]))
     sft, tokenizer = load_model(os.path.join(cache, "embedded-sft-task0-steps40"))
     policy, _ = load_model(out / "policy")
-    expected = evaluate_by_hand(policy, sft, tokenizer, task, 0.8, 0, 0.2)
+    expected = evaluate_by_hand(policy, sft, tokenizer, prompts, pairs, 0.8, 0, 0.2)
     row, summary = rows_of(out)[-1], json.loads((out / "summary.json").read_text())
     assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert expected["eval_win"] not in (0.0, 1.0) and 0 < expected["eval_acc"] < 1  # not a degenerate check
-    assert summary["gold_reward_sft"] == pytest.approx(evaluate_by_hand(sft, sft, tokenizer, task, 0.8, 0, 0.2)["eval_reward"])
+    assert summary["gold_reward_sft"] == pytest.approx(evaluate_by_hand(sft, sft, tokenizer, prompts, pairs, 0.8, 0, 0.2)["eval_reward"])
     assert (summary["gold_reward_final"], summary["win_rate_vs_sft"], summary["kl"], summary["margin_final"],
             summary["pair_accuracy_final"]) == (row["eval_reward"], row["eval_win"], row["eval_kl"], row["eval_margin"], row["eval_acc"])
     assert summary["oracle_queries"] == row["oracle_queries"] == 8 and summary["ties"] == row["ties"]
@@ -1064,7 +1068,7 @@ def test_response_coefficients_of_each_term(cache):
     official sign's; the official sizes' are summed over the batch, so they carry its size."""
     common = ["--method", "mix", "--batch_size", "8", "--cache_dir", cache, "--sft_steps", "40",
               "--rho", "0.11", "--pi", "0.23", "--gamma", "0.37", "--response_scale", "0.5"]
-    inputs = train.load_inputs(train.parse_args(common))
+    inputs = data.load_inputs(train.parse_args(common))
     runs = {term: train.setup_run(train.parse_args(common + ["--response_term", term]), inputs, torch.device("cpu"))
             for term in sail.RESPONSE_TERMS}
     for term, run in runs.items():
@@ -1115,7 +1119,7 @@ def one_step_gradient(cache, method, grad_accum, monkeypatch):
     """The gradient of step 1 from a perturbed SFT policy (so h != 0), with the given micro-batches."""
     cfg = train.parse_args(["--method", *method.split(), "--batch_size", "8", "--grad_accum", str(grad_accum), "--grad_clip", "0",
                             "--cache_dir", cache, "--sft_steps", "40"])
-    inputs = train.load_inputs(cfg)
+    inputs = data.load_inputs(cfg)
     run = train.setup_run(cfg, inputs, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -1468,15 +1472,14 @@ def torchrun(*argv):
     return result
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4", "--lr", "1e-2"]])  # full fine-tuning; DDP over a peft model
-def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, checkpoints, lora):
+def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, checkpoints):
     """Offline DPO on 2 ranks x 4 pairs is the update of 1 rank x 8 pairs. What is invariant is
     checked, not the weights' largest difference: Adam divides by sqrt(v), so float-rounding noise
     in a near-zero gradient (the sum order differs with the split) moves a few coordinates by up to
     lr either way, by an amount that depends on the machine."""
     argv = ["--model", str(checkpoints.root / "gpt2"), "--pairs", checkpoints.pairs, "--prompts", checkpoints.prompts,
             "--method", "dpo", "--steps", "2", "--batch_size", "8", "--eval_samples", "1", "--max_new_tokens", "8",
-            "--eval_every", "2", *lora]
+            "--eval_every", "2"]
     torchrun(*argv, "--out_dir", str(tmp_path / "two"))
     train.main(train.parse_args([*argv, "--out_dir", str(tmp_path / "one")]))
     one, two = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
@@ -1488,21 +1491,26 @@ def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, check
     sft, a, b = weights(checkpoints.root / "gpt2"), weights(tmp_path / "one" / "policy"), weights(tmp_path / "two" / "policy")
     update = torch.cat([(a[k] - sft[k]).abs().flatten() for k in a]).mean()
     noise = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
-    assert update > (1e-5 if lora else 1e-4) and noise < 1e-3 * update, (noise, update)  # LoRA: a low-rank update
+    assert update > 1e-4 and noise < 1e-3 * update, (noise, update)
 
 
-def test_online_method_under_two_ranks(tmp_path, checkpoints):
+def test_an_online_method_with_lora_under_two_ranks(tmp_path, checkpoints):
+    """SAIL-PR on 2 ranks, DDP over a peft model: each rank samples and labels its own 4 pairs of
+    a step; one process prints (rank 0); the oracle queries are summed over ranks (2 steps x 8
+    pairs); the run itself checks at its end that both ranks hold the same weights, adapters
+    included (finish_ddp), and the adapters trained."""
     out = tmp_path / "out"
     result = torchrun("--model", str(checkpoints.root / "gpt2"), "--prompts", checkpoints.prompts, "--method", "sail-pr", "--g", "1",
-                      "--steps", "2", "--batch_size", "8", "--eval_samples", "1", "--max_new_tokens", "8", "--sample_every", "1",
-                      "--out_dir", str(out))
-    # One process printed (rank 0), the run checked at its end that both ranks hold the same weights,
-    # and the oracle queries are summed over ranks: 2 steps x 8 pairs, 4 on each rank.
+                      "--lora_rank", "4", "--lr", "1e-2", "--steps", "2", "--batch_size", "8", "--eval_samples", "1",
+                      "--max_new_tokens", "8", "--sample_every", "1", "--out_dir", str(out))
     assert result.stdout.count("step 2 | loss") == 1 and result.stdout.count("prompt ") == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["oracle_queries"] == 16
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "policy", "reward.png", "summary.json"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert all("lora_" in k for k in weights(out / "checkpoint", "adapter_model.safetensors"))
+    sft, merged = weights(checkpoints.root / "gpt2"), weights(out / "policy")  # saved merged: W + (alpha / r) B A
+    assert merged.keys() == sft.keys() and any(not torch.equal(merged[k], sft[k]) for k in sft)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1511,7 +1519,7 @@ def test_online_method_under_two_ranks(tmp_path, checkpoints):
 def lora_run(argv):
     """A run set up as train.py does it, with LoRA, and its state; nothing trained yet."""
     cfg = train.parse_args(["--lora_rank", "4", "--batch_size", "4", "--max_new_tokens", "8", *argv])
-    inputs = train.load_inputs(cfg)
+    inputs = data.load_inputs(cfg)
     run = train.setup_run(cfg, inputs, torch.device("cpu"))
     return run, train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]), inputs
 
@@ -1531,10 +1539,10 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
     sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
-    sft_logps = train.sequence_logps_of(sft, *batch, OFF)  # (12,)
+    sft_logps = sail.sequence_logps_of(sft, *batch, OFF)  # (12,)
     # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
-    assert torch.equal(train.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    assert torch.equal(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
     frozen = {n: p.detach().clone() for n, p in run.policy.named_parameters() if not p.requires_grad}
     for step in (1, 2, 3):
         train.alignment_step(run, state, step)
@@ -1547,7 +1555,7 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     assert sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]) == sum(g.numel() for g in grads.values())
     # The frozen weights did not move; the policy did; the reference is still exactly the SFT model.
     assert all(torch.equal(p, frozen[n]) for n, p in run.policy.named_parameters() if n in frozen)
-    assert not torch.allclose(train.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    assert not torch.allclose(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
 
 
@@ -1566,20 +1574,25 @@ def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpo
 
 
 @pytest.mark.parametrize("method", ["sail-pr", "selm --ref_update_every 2"])  # selm: and its moving reference
-def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, method):
-    """A LoRA run killed (SIGKILL) between checkpoints and started again ends exactly as one that
-    never stopped; the checkpoint holds the adapters only; policy/ is the merged model, which
-    plain from_pretrained loads, gives the LoRA policy's log-probs and generates."""
+def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, method, monkeypatch):
+    """A LoRA run stopped between checkpoints (after step 3, in this process; the end-to-end test
+    kills `python train.py` with SIGKILL) and started again ends exactly as one that never
+    stopped; the checkpoint holds the adapters only; policy/ is the merged model, which plain
+    from_pretrained loads, gives the LoRA policy's log-probs and generates."""
     argv = ["--lora_rank", "4", "--method", *method.split(), "--steps", "6", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
             "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "3", *lora_argv("neox", cache, checkpoints)]
     train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "full")]))
-    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "cut")], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.002)  # after step 3: the last checkpoint is step 2's, three steps and an evaluation are left
-    proc.kill()
-    assert proc.wait() == -9, "the run finished before it could be killed"
+    log_step = train.log_step
+
+    def killed_after_step_3(metrics_file, row):  # the process dies there: the last checkpoint is step 2's
+        log_step(metrics_file, row)
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "log_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
+    monkeypatch.undo()
     checkpoint = type(tmp_path)(train.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
     assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
     assert not (checkpoint / "model.safetensors").exists()
@@ -1598,8 +1611,8 @@ def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, c
     lora = peft.PeftModel.from_pretrained(load_model(checkpoints.root / "neox")[0], tmp_path / "full" / "checkpoint")
     merged = load_model(tmp_path / "full" / "policy")[0]
     rows = data.encode_responses(data.prepare_tokenizer(tok), ["Review of the pizza:"] * 2, [" great", " awful"], 16, 8)
-    lora_logps, merged_logps = train.sequence_logps_of(lora, *rows, OFF), train.sequence_logps_of(merged, *rows, OFF)
-    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, train.sequence_logps_of(sft, *rows, OFF))
+    lora_logps, merged_logps = sail.sequence_logps_of(lora, *rows, OFF), sail.sequence_logps_of(merged, *rows, OFF)
+    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, sail.sequence_logps_of(sft, *rows, OFF))
     ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
     assert merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                            pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]

@@ -69,7 +69,9 @@ from transformers.utils import logging as hf_logging
 
 import data
 import reward
-from sail import RESPONSE_TERMS, leave_one_out_mean, pair_value, sail_loss, sample, selm_loss, sequence_logps, xpo_loss
+from data import check_writable_dir, decode
+from sail import (RESPONSE_TERMS, disable_dropout, leave_one_out_mean, pair_value, sail_loss, sample, selm_loss,
+                  sequence_logps_of, xpo_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -240,6 +242,9 @@ def check_config(cfg):
         problems.append(f"--r + --p + --g must be <= 1, got {cfg.r + cfg.p + cfg.g:g}")
     if cfg.grad_accum > cfg.batch_size:
         problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
+    probs = METHODS[cfg.method](cfg) if cfg.method in METHODS else (0, 0, 0, 0)
+    if (probs[OFFLINE] or probs[DP]) and not cfg.pairs and cfg.model != "embedded" and cfg.prompts:  # no embedded task, no pair file
+        problems.append(f"--method {cfg.method} trains on offline pairs: give --pairs")
     if cfg.lora_rank and cfg.offload_reference:
         problems.append("--offload_reference with --lora_rank: the reference is the policy with its adapters off, there is no copy to offload")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
@@ -278,25 +283,11 @@ def check_device(name):
 # autocast on CUDA, else nothing; run.label_coefs / run.response_coefs, each term's coefficient
 # per route, indexed by OFFLINE, DP, PP, PR.
 
-def sequence_logps_of(model, ids, attention_mask, response_mask, amp):
-    """Summed response log-probs (B,) of one batch through `model` (one forward pass)."""
-    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) count real tokens only
-    with amp:
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
-    return sequence_logps(logits, ids, response_mask)  # (B,)
-
-
 @torch.no_grad()  # reference log-probs never need a graph
 def reference_logps(run, batch, model=None):
     """Log-probs (B,) under the frozen reference (or `model`, SELM's training reference)."""
     batch = tuple(t.to(run.ref_device) for t in batch)
     return sequence_logps_of(run.reference if model is None else model, *batch, run.ref_amp).to(run.device)
-
-
-def decode(tokenizer, ids, response_mask):
-    """Response texts of a batch, without the prompt, EOS or padding."""
-    return tokenizer.batch_decode(torch.where(response_mask.bool(), ids, tokenizer.eos_token_id),
-                                  skip_special_tokens=True)
 
 
 def order_pairs(y1_wins, x):
@@ -624,7 +615,7 @@ def main(cfg):
     master = rank == 0
 
     # Inputs first: a bad file, directory or checkpoint fails before any minute of training is spent.
-    inputs = load_inputs(cfg)
+    inputs = data.load_inputs(cfg)
     check_writable_dir(cfg.out_dir)
     saved = read_checkpoint(cfg, world)  # resuming: None, or (path, its state) with this run's settings
 
@@ -855,26 +846,6 @@ def setup_device(cfg):
     return device, rank, world
 
 
-def load_inputs(cfg):
-    """Prompts and pairs, for training and held out: the embedded task's, or JSONL files (a file
-    without a held-out file gives up a --holdout fraction of its rows to evaluation)."""
-    task = data.make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
-    x = SimpleNamespace(task=task, train_prompts=task and task.train_prompts, eval_prompts=task and task.eval_prompts,
-                        pairs=task and task.pairs, eval_pairs=task and task.eval_pairs)
-    if cfg.prompts:
-        x.train_prompts, x.eval_prompts = data.load_split(cfg.prompts, cfg.eval_prompts, data.load_prompts, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_prompts:
-        x.eval_prompts = data.load_prompts(cfg.eval_prompts)
-    if cfg.pairs:
-        x.pairs, x.eval_pairs = data.load_split(cfg.pairs, cfg.eval_pairs, data.load_pairs, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_pairs:
-        x.eval_pairs = data.load_pairs(cfg.eval_pairs)
-    probs = METHODS[cfg.method](cfg)
-    if (probs[OFFLINE] or probs[DP]) and not x.pairs:
-        raise SystemExit(f"error: --method {cfg.method} trains on offline pairs: give --pairs")
-    return x
-
-
 @dataclass
 class Run:
     """What the step needs, set up once (`setup_run`). The step changes only the weights (and
@@ -954,7 +925,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
           f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
           f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
-    check_lengths(cfg, inputs, policy, tokenizer)
+    data.check_lengths(cfg, inputs, getattr(policy.config, "max_position_embeddings", None), tokenizer)
     return run
 
 
@@ -964,7 +935,7 @@ def load_policy(cfg, inputs, device, rank=0, world=1):
     if cfg.model == "embedded":
         if world > 1 and rank:  # ddp: rank 0 trains and caches the SFT model first
             dist.barrier()
-        policy, tokenizer, sft_seconds = embedded_policy(cfg, inputs.task, device)
+        policy, tokenizer, sft_seconds = data.embedded_policy(cfg, inputs.task, device)
         if world > 1 and not rank:
             dist.barrier()
     else:
@@ -1018,101 +989,6 @@ class AdaptersOff:
         if name not in AdaptersOff.SHARED:
             raise AttributeError(f"the LoRA reference has no {name!r}: call it, as a model's forward")
         return getattr(self.policy, name)
-
-
-def token_lengths(tokenizer, texts, **kwargs):
-    """The token count of each text; each distinct text is tokenized once (pair files repeat prompts)."""
-    unique = list(dict.fromkeys(texts))
-    count = dict(zip(unique, map(len, tokenizer(unique, **kwargs)["input_ids"]))) if unique else {}
-    return [count[x] for x in texts]
-
-
-def report_truncation(what, lengths, limit, option, kept):
-    """Never truncate silently: count the texts longer than `limit` tokens and say so."""
-    n = sum(length > limit for length in lengths)
-    if n:
-        print(f"note: {n} of {len(lengths)} {what} are longer than {option} {limit} tokens and keep their {kept} {limit}")
-    return n
-
-
-def check_context(cfg, positions):
-    """A prompt and its response must fit the model's positions (None: the model has no limit)."""
-    if positions and cfg.max_prompt_len + cfg.max_new_tokens > positions:
-        raise SystemExit(f"error: --max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = "
-                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens, more than the model's {positions} positions")
-
-
-def check_lengths(cfg, inputs, policy, tokenizer):
-    """Prompt + response must fit the model's positions; longer texts are cut, and said so."""
-    check_context(cfg, getattr(policy.config, "max_position_embeddings", None))
-    all_pairs = (inputs.pairs or []) + (inputs.eval_pairs or [])
-    for what, prompts in [("training prompts", inputs.train_prompts), ("held-out prompts", inputs.eval_prompts),
-                          ("pair prompts", [x["prompt"] for x in all_pairs])]:
-        report_truncation(what, token_lengths(tokenizer, prompts or []), cfg.max_prompt_len, "--max_prompt_len", "last")
-    responses = [x[k] for x in all_pairs for k in ("chosen", "rejected")]
-    report_truncation("pair responses", [n + 1 for n in token_lengths(tokenizer, responses, add_special_tokens=False)],  # + EOS
-                      cfg.max_new_tokens, "--max_new_tokens (EOS included)", "first")
-
-
-def disable_dropout(model):
-    # Dropout would make the policy's and the reference's log-probs of the same text disagree
-    # at initialisation, and adds noise to h; DPO implementations switch it off.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def supervised_finetune(model, tokenizer, task, cfg, device):
-    """Maximum likelihood of the task's reviews given their prompts (the SFT phase)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
-    rng = random.Random(cfg.task_seed)
-    model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
-    for _ in bar:
-        prompts, responses = zip(*rng.sample(task.sft, cfg.sft_batch_size))
-        batch = [t.to(device) for t in data.encode_responses(tokenizer, prompts, responses, cfg.max_prompt_len,
-                                                              cfg.max_new_tokens)]
-        logps = sequence_logps_of(model, *batch, amp=torch.autocast(device.type, enabled=False))  # (B,)
-        loss = -logps.sum() / batch[2].sum()  # mean negative log-likelihood per response token
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(nll=f"{loss.item():.3f}")
-
-
-EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response tokens
-
-
-def embedded_policy(cfg, task, device):
-    """The embedded SFT model: load it from the cache, or build, fine-tune and save it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    path = os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        print(f"sft: loading the cached SFT model from {path}")
-        what = "--cache_dir holds a broken SFT model (delete it to train it again):"
-        return reward.load_pretrained(AutoModelForCausalLM, path, what), reward.load_pretrained(AutoTokenizer, path, what), 0.0
-    check_writable_dir(cfg.cache_dir, "--cache_dir")  # before the SFT run, not after it
-    check_context(cfg, EMBEDDED_POSITIONS)  # before SFT trains, not after
-    if cfg.sft_batch_size > len(task.sft):
-        raise SystemExit(f"error: --sft_batch_size {cfg.sft_batch_size} is larger than the SFT corpus ({len(task.sft)} texts)")
-    t0 = time.perf_counter()
-    tokenizer = data.build_tokenizer([p + y for p, y in task.sft])
-    tokenizer.model_max_length = EMBEDDED_POSITIONS
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=EMBEDDED_POSITIONS, n_embd=128, n_layer=2, n_head=4,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(cfg.task_seed)
-    model = GPT2LMHeadModel(config).to(device)
-    disable_dropout(model)
-    supervised_finetune(model, data.prepare_tokenizer(tokenizer), task, cfg, device)
-    os.makedirs(path + ".tmp", exist_ok=True)
-    model.save_pretrained(path + ".tmp")
-    tokenizer.save_pretrained(path + ".tmp")
-    os.replace(path + ".tmp", path)  # a half-written cache is never mistaken for a finished one
-    print(f"sft: trained and saved to {path} in {time.perf_counter() - t0:.1f}s")
-    return model.cpu(), tokenizer, time.perf_counter() - t0
 
 
 # -----------------------------------------------------------------------------
@@ -1278,18 +1154,6 @@ def set_rng_states(states, *generators):
             g.set_state(state)
         else:
             g.bit_generator.state = state
-
-
-def check_writable_dir(path, option="--out_dir"):
-    """Fail at once, before any training, if a directory the run writes to cannot be written."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")  # one per process (ranks check at once)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: {option} {path!r} cannot be written: {e.strerror or e}") from None
 
 
 def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):

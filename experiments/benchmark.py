@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 import data
 from experiments.stand_ins import STAND_INS, write_stand_in
 from sail import sample
-from train import State, alignment_step, arg, check_values, check_writable_dir, cli, load_inputs, peak_memory, pick_device, setup_run
+from data import check_writable_dir, load_inputs
+from train import State, alignment_step, arg, check_values, cli, peak_memory, pick_device, setup_run
 
 
 @dataclass

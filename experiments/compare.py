@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-from train import (EXPLORE, METHODS, PP, arg, check_values, check_writable_dir, cli, embedded_policy, main, pick_device,
-                   pyplot, refuse_changed_settings)
+from data import check_writable_dir, embedded_policy
+from train import EXPLORE, METHODS, PP, arg, check_values, cli, main, pick_device, pyplot, refuse_changed_settings
 
 OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: a compared row can add a suffix
 ROWS = {  # the compared rows' suffixes: what each changes from the method's own row, one thing or a named few

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 import data
-from train import arg, check_writable_dir, cli
+from data import check_writable_dir
+from train import arg, cli
 
 
 @dataclass
