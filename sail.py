@@ -10,6 +10,8 @@ Large Language Models", arXiv 2406.15567), as short pure functions.
                   a weighted sum of its three terms otherwise; DPO when both are 0
   selm_loss,      two related online methods for comparison: DPO plus an exploration bonus on a
   xpo_loss        response of the reference (SELM, XPO)
+  reverse_kl,     SAIL-RevKL's penalty KL(pi_ref || pi_theta), an unbiased estimate on samples of the
+  revkl_proxy     reference, and the RevKL authors' token proxy as their code computes it
   sample          policy sampling with the model's KV cache, in plain PyTorch
   sample_token    one token per row from softmax(logits / temperature)
 
@@ -74,6 +76,9 @@ Departures from the paper and the official code:
      DPO reward-policy equivalence refers to. With the default sampling temperature 1 the
      response term is then exactly the score-function gradient; with another temperature it is
      an approximation (the paper samples at 0.9).
+  5. SAIL-RevKL's penalty is estimated without bias from one sample of the reference per pair,
+     with the full-vocabulary KL at each position (`reverse_kl`). The authors' code adds a token
+     proxy on the pairs' own responses instead (`revkl_proxy`, kept for comparison, as is).
 """
 import contextlib
 import inspect
@@ -100,14 +105,18 @@ def sequence_logps(logits, labels, mask):
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
 
 
-def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
-    """`sequence_logps` of one batch (ids, attention_mask, response_mask: each (B, T)) through
-    `model`, one forward pass; amp: an autocast context, or none. Position ids count real tokens
-    only, so left padding never shifts a prompt. Returns (B,)."""
+def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext()):
+    """The logits (B, T, V) of one batch (ids, attention_mask: (B, T)) through `model`, one forward
+    pass; amp: an autocast context, or none. Position ids count real tokens only, so left padding
+    never shifts a prompt."""
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     with amp:
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
-    return sequence_logps(logits, ids, response_mask)  # (B,)
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
+
+
+def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
+    """`sequence_logps` of one batch (each (B, T)) through `model`. Returns (B,)."""
+    return sequence_logps(logits_of(model, ids, attention_mask, amp), ids, response_mask)  # (B,)
 
 
 def disable_dropout(model):
@@ -225,6 +234,53 @@ def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
                                                         reference_chosen_logps, reference_rejected_logps, beta, valid)
     return losses + alpha * policy_explore_logps, chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
+
+
+REVKL_ESTIMATES = ("exact", "proxy", "proxy-aligned")
+
+
+def reverse_kl(policy_logits, reference_logits, response_mask):
+    """SAIL-RevKL's penalty (Wu et al. 2026, arXiv 2606.31524): KL(pi_ref || pi_theta) of each row,
+    for rows y ~ pi_ref (sampled at temperature 1), as the sum over its response positions of the
+    full-vocabulary KL between the next-token distributions,
+
+        sum_t KL(pi_ref(. | x, y<t) || pi_theta(. | x, y<t)).
+
+    Its expectation over y ~ pi_ref is the sequence-level KL(pi_ref || pi_theta) (the chain rule of
+    KL: each position's log-ratio averaged over its token given the prefix), and since y's
+    distribution does not depend on theta, its gradient's expectation is that KL's gradient,
+    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both, with less variance than the
+    one-token-per-position estimate log pi_ref(y) - log pi_theta(y). (On samples of the policy it
+    would estimate neither: the prefixes must come from pi_ref.)
+    policy_logits, reference_logits: (B, T, V) on the rows; response_mask: (B, T), as in
+    sequence_logps (position t predicts token t + 1). Returns (B,)."""
+    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
+    log_p = policy_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
+    log_r = reference_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
+    kl = (log_r.exp() * (log_r - log_p)).sum(-1)  # (B, T-1) KL of each next-token distribution
+    return torch.where(response_mask[:, 1:].bool(), kl, 0.0).sum(-1)  # (B,)
+
+
+def revkl_proxy(policy_logits, reference_logits, ids, response_mask, aligned=False):
+    """The SAIL-RevKL authors' token-level proxy, as their code computes it (`_token_kl_ref_pi` in
+    xudongwu-0/SAIL, cdpo/cdpo_trainer.py): the mean over every response token of the batch
+    (pooled over rows, not per sequence) of log pi_ref(y_t) - log pi_theta(y_t), on whatever
+    responses the batch holds (their code: chosen, rejected, or the mean of the two).
+    Their code scores token t with the logits *at* position t, which predict token t + 1 (their
+    log-prob helper shifts; this one does not): aligned=True shifts, as sequence_logps does.
+    Aligned or not, it is not KL(pi_ref || pi_theta) or its gradient: aligned, its expectation on
+    responses of the policy is about minus the per-token KL(pi_theta || pi_ref), and its gradient,
+    -mean_t grad log pi_theta(y_t), is maximum likelihood of the batch's responses (about zero in
+    expectation on the policy's own samples); misaligned, it raises the probability of each
+    response token's repeating itself.
+    policy_logits, reference_logits: (B, T, V); ids, response_mask: (B, T). Returns a scalar."""
+    if aligned:
+        policy_logits, reference_logits, ids, response_mask = policy_logits[:, :-1], reference_logits[:, :-1], ids[:, 1:], response_mask[:, 1:]
+    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
+    log_p, log_r = (x.to(float_type).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+                    for x in (policy_logits, reference_logits))
+    mask = response_mask.bool()
+    return torch.where(mask, log_r - log_p, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def _implicit_rewards(pc, pr, rc, rr, beta):

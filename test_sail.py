@@ -9,6 +9,7 @@ test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (ab
   * end to end: `python train.py` for a few steps changes the policy and writes a full summary
 """
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -438,13 +439,15 @@ ROUTINGS = {"online DPO": (0, 0, 0, 1), "SAIL-PR": (0, 0, 0, 1), "SAIL-PR g=0.3"
             "SAIL-PP p=1": (0, 0, 1, 0), "SAIL-DP r=1": (0, 1, 0, 0)}
 
 
-def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=REWARDS):
+def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=REWARDS, revkl=0.0):
     """The expected surrogate loss of sail_loss over every pair (y1, y2) of a tabular policy
     softmax(theta) (N, K) and every label: hard oracle labels from `rewards` (ties included) on
     SAIL-PR pairs, self-labels z ~ Bernoulli(sigmoid(beta h)) on SAIL-DP and -PP pairs, and the
     dataset's own on offline pairs (every pair i > j of the oracle, equally likely; SAIL-DP draws
     its responses from them too). With extra_terms its gradient is -grad J (the exactness tests);
-    without, it is online DPO's expected update (no response term). routing: (N, 4)."""
+    without, it is online DPO's expected update (no response term). routing: (N, 4). revkl: the
+    coefficient of SAIL-RevKL's penalty, sail.reverse_kl of the one-token responses: exactly
+    KL(pi_ref || pi_theta) here, pi_ref uniform."""
     N, K = theta.shape
     L = torch.log_softmax(theta, -1)  # (N, K)
     L_ref = torch.full((K,), -math.log(K), dtype=torch.float64)
@@ -466,7 +469,8 @@ def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=RE
     pr = loss(w, l, response_coef=coef, valid=(rewards[i] != rewards[j]).expand(N, -1))
     per_route = torch.stack([(dataset * loss(i, j)).sum(-1), (dataset * self_labelled).sum(-1),
                              (on_policy * pp).sum(-1), (on_policy * pr).sum(-1)], -1)  # (N, 4)
-    return (routing * per_route).sum()
+    penalty = sail.reverse_kl(torch.stack([theta, theta], 1), torch.zeros(N, 2, K, dtype=theta.dtype), t([[0, 1]] * N))  # (N,)
+    return (routing * per_route).sum() + revkl * penalty.sum()
 
 
 def ascend(starts, routing, steps=200, lr=0.3, **kw):
@@ -533,6 +537,77 @@ def test_pure_sail_pr_has_a_local_maximum_at_the_worst_response_that_online_dpo_
     _, routing, starts = sensible_runs(["SAIL-PR"], ([4.0, 0, 0, 0],))
     assert ascend(starts, routing)[0, 0] > 0.99
     assert ascend(starts, routing, extra_terms=False)[0, 3] > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# SAIL-RevKL: KL(pi_ref || pi_theta), exact on a tabular policy of two-token responses; the authors' proxy by hand
+
+def two_token_logits(first, second):
+    """Logits (K^2, 3, K) of every response y = (a, b) of a tabular two-token policy, laid out as a
+    batch: ids [0, a, b], position 0 predicts a (logits `first` (K,)), position 1 predicts b given a
+    (`second` (K, K)); position 2 is never read. Returns (logits, ids, response_mask)."""
+    K = len(first)
+    a, b = (x.flatten() for x in torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij"))
+    logits = torch.stack([first.expand(K * K, K), second[a], torch.zeros(K * K, K, dtype=first.dtype)], 1)
+    return logits, torch.stack([torch.zeros_like(a), a, b], 1), t([[0, 1, 1]] * (K * K))
+
+
+def test_reverse_kl_is_unbiased_for_the_kl_and_its_gradient_on_samples_of_the_reference():
+    """E_{y ~ pi_ref}[sail.reverse_kl] is the enumerated sequence-level KL(pi_ref || pi_theta), and
+    so is the gradient's expectation (float64); each sample's estimate varies less than the plain
+    log-ratio's. On samples of the policy its expectation is another quantity."""
+    K, g = 3, torch.Generator().manual_seed(3)
+    theta = [torch.randn(K, generator=g, dtype=torch.float64).requires_grad_(), torch.randn(K, K, generator=g, dtype=torch.float64).requires_grad_()]
+    phi = [torch.randn(K, generator=g, dtype=torch.float64), torch.randn(K, K, generator=g, dtype=torch.float64)]
+    policy, ids, mask = two_token_logits(*theta)
+    reference, _, _ = two_token_logits(*phi)
+    log_pi, log_ref = sequence_logps(policy, ids, mask), sequence_logps(reference, ids, mask)  # (K^2,) every y
+    kl = (log_ref.exp() * (log_ref - log_pi)).sum()  # enumerated KL(pi_ref || pi_theta)
+    estimate = sail.reverse_kl(policy, reference, mask)  # (K^2,) per response
+    expected = (log_ref.exp() * estimate).sum()  # y ~ pi_ref
+    assert expected.item() == pytest.approx(kl.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(expected, theta, retain_graph=True), torch.autograd.grad(kl, theta, retain_graph=True)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    weights = log_ref.exp().detach()
+    variance = [(weights * (x.detach() - kl.detach()) ** 2).sum() for x in (estimate, log_ref - log_pi)]
+    assert variance[0] < variance[1]
+    on_policy = (log_pi.exp() * estimate).sum()  # prefixes from pi_theta: not this KL
+    assert abs(on_policy.item() - kl.item()) > 1e-2
+    assert sail.reverse_kl(reference, reference, mask).abs().max() < 1e-12  # pi_theta = pi_ref: 0
+
+
+def test_revkl_proxy_by_hand():
+    """The authors' proxy: log pi_ref(y_t) - log pi_theta(y_t) averaged over every response token
+    of the batch (pooled), scoring token t with the logits at position t, as their code does;
+    aligned, with the logits at t - 1, which predict it. Two tokens, log-probabilities of log 1/2,
+    log 1/4 and log 3/4 (logits [0, 0], [0, log 3], [log 3, 0])."""
+    l3 = math.log(3)
+    policy = t([[[0.0, 0.0], [l3, 0.0], [0.0, l3]], [[0.0, 0.0], [l3, 0.0], [0.0, l3]]])  # (2, 3, 2)
+    reference = t([[[l3, 0.0], [0.0, 0.0], [0.0, 0.0]], [[l3, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    ids, response = t([[0, 1, 0], [0, 0, 1]]), t([[0, 1, 1], [0, 0, 1]])
+    # row 1: token 1 at position 1: log 1/2 - log 1/4 = log 2; token 0 at position 2: log 1/2 - log 1/4 = log 2
+    # row 2: token 1 at position 2: log 1/2 - log 3/4 = log 2/3; pooled over the 3 tokens
+    assert sail.revkl_proxy(policy, reference, ids, response).item() == pytest.approx((2 * math.log(2) + math.log(2 / 3)) / 3)
+    # aligned, row 1: token 1 from position 0: log 1/4 - log 1/2; token 0 from position 1: log 1/2 - log 3/4
+    # row 2: token 1 from position 1: log 1/2 - log 1/4
+    aligned = (math.log(1 / 2) + math.log(2 / 3) + math.log(2)) / 3
+    assert sail.revkl_proxy(policy, reference, ids, response, aligned=True).item() == pytest.approx(aligned)
+    assert sail.revkl_proxy(policy, policy, ids, response).item() == 0.0
+
+
+def test_sails_objective_with_the_revkl_penalty_ends_on_the_best_response_and_escapes_the_local_maximum():
+    """SAIL-RevKL on the tabular policy (pi_ref uniform): at coefficient 0.1 every routing above
+    still ends with most of the mass on the best response from both starts, and pure SAIL-PR now
+    leaves the local maximum at the worst response (95% of the mass) that it keeps without the
+    penalty; at 10 the penalty dominates and the policy stays near pi_ref."""
+    names = [n for n in ROUTINGS if not n.endswith("=1")]
+    rows, routing, starts = sensible_runs([n for n in names if n != "online DPO"], (UNIFORM, NEAR_WORST))
+    for (name, start), p in zip(rows, ascend(starts, routing, revkl=0.1)):
+        assert p[3] > 0.5 and p.argmax() == 3, (name, start, p)
+    _, routing, starts = sensible_runs(["SAIL-PR"], ([4.0, 0, 0, 0],))
+    assert ascend(starts, routing, revkl=0.1)[0, 3] > 0.5
+    _, routing, starts = sensible_runs(names, (NEAR_WORST,))
+    assert (ascend(starts, routing, revkl=10.0) - 0.25).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("pool", ["loo", "loo-all"])
@@ -924,7 +999,7 @@ SHORT = ["--batch_size", "4", "--eval_samples", "1", "--eval_every", "100", "--s
 @pytest.fixture
 def no_eval(monkeypatch):
     """For tests of the training step: skip the held-out evaluation (a second each run)."""
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({"eval_reward": 0.0, "eval_kl": 0.0, "eval_win": 0.5}, None))
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({"eval_reward": 0.0, "eval_kl": 0.0, "eval_revkl": 0.0, "eval_win": 0.5}, None))
 
 
 def load_model(path):
@@ -1115,22 +1190,30 @@ def test_each_routes_loss_and_self_labels_by_hand():
     assert losses.tolist() == pytest.approx(expected, abs=1e-6)
 
 
-def one_step_gradient(cache, method, grad_accum, monkeypatch):
-    """The gradient of step 1 from a perturbed SFT policy (so h != 0), with the given micro-batches."""
-    cfg = train.parse_args(["--method", *method.split(), "--batch_size", "8", "--grad_accum", str(grad_accum), "--grad_clip", "0",
-                            "--cache_dir", cache, "--sft_steps", "40"])
+def perturbed_run(cache, argv):
+    """A run set up as train.py does it (batch 8, no clipping) from a perturbed SFT policy (so h != 0), and its state."""
+    cfg = train.parse_args(["--batch_size", "8", "--grad_clip", "0", "--cache_dir", cache, "--sft_steps", "40", *argv])
     inputs = data.load_inputs(cfg)
     run = train.setup_run(cfg, inputs, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in run.policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    state = train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs), history=[])
+    return run, train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs), history=[])
+
+
+def gradient(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def one_step_gradient(cache, method, grad_accum, monkeypatch):
+    """The gradient of step 1 from a perturbed SFT policy, with the given micro-batches."""
+    run, state = perturbed_run(cache, ["--method", *method.split(), "--grad_accum", str(grad_accum)])
     row, (pairs, labels) = train.alignment_step(run, state, 1)
-    return row, torch.cat([p.grad.flatten() for p in run.policy.parameters()]), labels
+    return row, gradient(run.policy), labels
 
 
-@pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "selm"])
+@pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "selm", "sail-pr --revkl 0.5"])
 def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, capsys):
     """--grad_accum 4 cuts the same 8 pairs (same samples, labels, self-labels, ties, baselines) into
     micro-batches of 2: the gradient and every logged figure equal those of one batch of 8."""
@@ -1140,6 +1223,41 @@ def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, 
     assert torch.allclose(grad1, grad4, rtol=1e-4, atol=1e-7) and grad1.abs().max() > 0
     figures = [k for k in row1 if not k.startswith(("dt", "t_"))]
     assert {k: row4[k] for k in figures} == pytest.approx({k: row1[k] for k in figures}, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("estimate", ["exact", "proxy", "proxy-aligned"])
+def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate):
+    """--revkl c changes nothing else in a step (the same pairs, labels and losses: the reference's
+    samples have a stream of their own) and adds c times the gradient of the mean penalty over the
+    step's pairs, recomputed here: exact, sail.reverse_kl on one sample of the reference per pair;
+    proxy, the mean of sail.revkl_proxy on the chosen rows and on the rejected rows (--revkl_on both)."""
+    c, argv = 0.5, ["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5"]
+    run, state = perturbed_run(cache, argv)
+    row_off = train.alignment_step(run, state, 1)[0]
+    grad_off = gradient(run.policy)
+    run, state = perturbed_run(cache, argv + ["--revkl", str(c), "--revkl_estimate", estimate])
+    before = copy.deepcopy(run.policy)
+    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    assert {k: row[k] for k in row_off if k not in ("revkl", "grad_norm") and not k.startswith(("dt", "t_", "generated"))} == \
+        {k: row_off[k] for k in row_off if k not in ("grad_norm",) and not k.startswith(("dt", "t_", "generated"))}
+    if estimate == "exact":
+        ids, attention, response = pairs.ref_samples  # (8, T) one y ~ pi_ref per pair
+        assert (pairs.generated > row_off["generated_tokens"]) and response.sum() > 0
+        with torch.no_grad():
+            reference = sail.logits_of(run.reference, ids, attention)
+        penalty = sail.reverse_kl(sail.logits_of(before, ids, attention), reference, response).mean()
+    else:
+        ids, attention, response = pairs.batch  # (16, T): y1 rows, then y2 rows
+        with torch.no_grad():
+            reference = sail.logits_of(run.reference, ids, attention)
+        policy = sail.logits_of(before, ids, attention)
+        chosen = torch.cat([labels.y1_wins, ~labels.y1_wins])  # (16,)
+        penalty = sum(sail.revkl_proxy(policy, reference, ids, response * rows[:, None], estimate == "proxy-aligned")
+                      for rows in (chosen, ~chosen)) / 2
+    (c * penalty).backward()
+    assert row["revkl"] == pytest.approx(penalty.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(gradient(run.policy), grad_off + gradient(before), rtol=1e-4, atol=1e-7)
+    assert gradient(before).abs().max() > 1e-4  # the penalty does move the policy
 
 
 @pytest.mark.parametrize("method", ["sail-pp --p 1", "sail-dp --r 1"])

@@ -70,8 +70,8 @@ from transformers.utils import logging as hf_logging
 import data
 import reward
 from data import check_writable_dir, decode
-from sail import (RESPONSE_TERMS, disable_dropout, leave_one_out_mean, pair_value, sail_loss, sample, selm_loss,
-                  sequence_logps_of, xpo_loss)
+from sail import (RESPONSE_TERMS, REVKL_ESTIMATES, disable_dropout, leave_one_out_mean, logits_of, pair_value, reverse_kl,
+                  revkl_proxy, sail_loss, sample, selm_loss, sequence_logps_of, xpo_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -104,6 +104,12 @@ class Config:
     label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; for a tie see --ties) | sampled (Bernoulli(sigmoid(r1 - r2)))")
     ties: str = arg("average", "a tied hard label: average (worth 1/2 [l(h) + l(-h)], its expectation over Bradley-Terry's fair coin) | "
                                "first (y1 is chosen, as in the official code: the same coin in distribution, noisier)")
+    revkl: float = arg(0.0, "SAIL-RevKL: coefficient of the penalty KL(pi_ref || pi_theta) added to every pair's loss, with every "
+                            "method (0: off; the RevKL authors use 1e-3)")
+    revkl_estimate: str = arg("exact", "exact (sail.reverse_kl on one sample of the reference per pair at temperature 1: unbiased) | "
+                                       "proxy (the RevKL authors' token proxy on the pairs' own responses, as their code computes "
+                                       "it: sail.revkl_proxy) | proxy-aligned (the same with its logits aligned to the tokens)")
+    revkl_on: str = arg("both", "the proxy's responses: chosen | rejected | both (the mean of the two), as in the authors' code")
     # optimisation
     steps: int = arg(150, "alignment steps (optimiser updates)")
     batch_size: int = arg(16, "preference pairs per step (online pairs: prompts x 2 responses)")
@@ -204,7 +210,7 @@ def config_file_args(path, kinds=(Config,)):
 # The valid range of every numeric option: (test, what the test says, options).
 RANGES = [
     (lambda x: x > 0, "> 0", ["beta", "lr", "sft_lr", "temperature", "lora_alpha"]),
-    (lambda x: x >= 0, ">= 0", ["rho", "pi", "gamma", "response_scale", "selm_alpha", "xpo_alpha", "weight_decay",
+    (lambda x: x >= 0, ">= 0", ["rho", "pi", "gamma", "revkl", "response_scale", "selm_alpha", "xpo_alpha", "weight_decay",
                                 "grad_clip", "seed", "task_seed", "lora_rank"]),
     (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
@@ -214,7 +220,8 @@ RANGES = [
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
 ]
 CHOICES = {"method": METHODS, "baseline": ("loo", "loo-all", "none"), "response_term": RESPONSE_TERMS,
-           "label_mode": ("hard", "sampled"), "ties": ("average", "first"), "resume": ("auto", "no")}
+           "label_mode": ("hard", "sampled"), "ties": ("average", "first"), "resume": ("auto", "no"),
+           "revkl_estimate": REVKL_ESTIMATES, "revkl_on": ("chosen", "rejected", "both")}
 
 
 def check_values(options, ranges, choices):
@@ -311,6 +318,7 @@ class Pairs:
     texts: list        # (2B,) y1 of every pair, then y2 (a dataset pair: y1 its chosen, y2 its rejected)
     batch: tuple       # (ids, attention_mask, response_mask), each (2B [+ B], T)
     generated: int     # tokens sampled for it
+    ref_samples: tuple = None  # --revkl exact: (ids, attention_mask, response_mask) of one y ~ pi_ref per pair, each (B, T')
 
 
 @dataclass
@@ -382,8 +390,14 @@ def build_pairs(run, state, B):
                              state.explore_gen, run.ref_amp)
         explore.append(tuple(t.to(device) for t in y))
         generated += int(y[2].sum())
+    ref_samples = None
+    if cfg.revkl and cfg.revkl_estimate == "exact":  # SAIL-RevKL: one y ~ pi_ref per pair, at temperature 1
+        p_ids, p_mask = (t.to(run.ref_device) for t in data.encode_prompts(tok, prompts, cfg.max_prompt_len))
+        y = sample_responses(run, run.reference, p_ids, p_mask, 1.0, state.revkl_gen, run.ref_amp)
+        ref_samples = tuple(t.to(device) for t in y)
+        generated += int(y[2].sum())
     batch = data.pad_cat(y1 + y2 + explore, tok.pad_token_id)  # (2B [+ B], T)
-    return Pairs(route, prompts, texts, batch, generated)
+    return Pairs(route, prompts, texts, batch, generated, ref_samples)
 
 
 def oracle_labels(run, state, pairs):
@@ -464,6 +478,27 @@ def pair_losses(run, pairs, labels, baseline, idx, logps, ref):
                      response_term=cfg.response_term)[0]
 
 
+def revkl_penalty(run, pairs, labels, idx):
+    """SAIL-RevKL's penalty of each pair idx (m,) of a micro-batch, before --revkl scales it: exact,
+    KL(pi_ref || pi_theta) on the pair's sample of the reference (sail.reverse_kl); proxy, the
+    authors' token proxy on the micro-batch's chosen and/or rejected responses (sail.revkl_proxy),
+    one value shared by its pairs. The reference is the frozen SFT model (SELM's moving one too)."""
+    cfg, m = run.cfg, len(idx)
+    if cfg.revkl_estimate == "exact":
+        ids, attention, response = (t[idx.to(t.device)] for t in pairs.ref_samples)  # (m, T') each
+    else:
+        ids, attention, response = (t[:2 * m] for t in rows_of(pairs, idx))  # (2m, T') y1 rows, then y2 rows
+    policy = logits_of(run.train_policy, ids, attention, run.amp)  # (rows, T', V)
+    with torch.no_grad():
+        reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
+    if cfg.revkl_estimate == "exact":
+        return reverse_kl(policy, reference, response)  # (m,)
+    chosen = torch.cat([labels.y1_wins[idx], ~labels.y1_wins[idx]]).to(run.device)  # (2m,) rows that won their pair
+    parts = [rows for name, rows in (("chosen", chosen), ("rejected", ~chosen)) if cfg.revkl_on in (name, "both")]
+    aligned = cfg.revkl_estimate == "proxy-aligned"
+    return (sum(revkl_proxy(policy, reference, ids, response * rows[:, None], aligned) for rows in parts) / len(parts)).expand(m)
+
+
 def alignment_step(run, state, step):
     """One update, one iteration of the paper's Algorithm 1, for every method: pairs, labels,
     Delta, self-labels, losses, backward, optimiser. Returns the step's metrics line and its pairs
@@ -482,14 +517,14 @@ def alignment_step(run, state, step):
     delta, logps = policy_logps(run, pairs, micro, ref)  # (2B,) detached; the loss's forward, kept if one micro-batch
     # 4. SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)).
     self_labels(run, state, pairs, labels, delta)
-    # 5. Each pair's loss (DPO, + the label term, + the response term with its baseline), averaged; backward.
+    # 5. Each pair's loss (DPO, + the label term, + the response term with its baseline; + SAIL-RevKL's penalty), averaged; backward.
     baseline = response_baselines(run, pairs, labels, delta)  # (B,) or None
-    backward(run, step, pairs, labels, baseline, micro, ref, logps)
+    penalty = backward(run, step, pairs, labels, baseline, micro, ref, logps)  # (B,) or None
     clock.lap("policy")
     # 6. One optimiser step on the accumulated gradient (SELM: a new iteration's reference when due).
     grad_norm = optimizer_step(run, step)
     clock.lap("optimizer")
-    return step_metrics(run, state, step, step_figures(run, pairs, labels, delta), grad_norm, clock.times), (pairs, labels)
+    return step_metrics(run, state, step, step_figures(run, pairs, labels, delta, penalty), grad_norm, clock.times), (pairs, labels)
 
 
 # -----------------------------------------------------------------------------
@@ -512,10 +547,14 @@ def policy_logps(run, pairs, micro, ref):
 
 def backward(run, step, pairs, labels, baseline, micro, ref, logps=None):
     """The gradient of the mean loss over the step's pairs (ddp: of all ranks), one micro-batch at a
-    time; a non-finite oracle reward or loss stops the run before the update."""
+    time; a non-finite oracle reward or loss stops the run before the update. --revkl: each
+    micro-batch's penalty has a forward and backward pass of its own (DDP allows one forward per
+    backward); returns its values (B,), else None."""
     run.optimizer.zero_grad(set_to_none=True)
+    penalties = []
     for k, idx in enumerate(micro):
-        with ddp_no_sync(run, last=k == len(micro) - 1):  # ddp: average the gradients after the last micro-batch
+        last = k == len(micro) - 1
+        with ddp_no_sync(run, last=last and not run.cfg.revkl):  # ddp: average the gradients after the last backward
             if logps is None or k > 0:
                 logps = sequence_logps_of(run.train_policy, *rows_of(pairs, idx), run.amp)  # (2m [+ m],)
             losses = pair_losses(run, pairs, labels, baseline, idx, logps, ref[k])  # (m,)
@@ -523,6 +562,14 @@ def backward(run, step, pairs, labels, baseline, micro, ref, logps=None):
             stop_if_not_finite(step, {"an oracle reward": labels.score_sum, "the loss": loss.item()}, run.cfg.out_dir,
                                run.world, run.device)
             loss.backward()
+        if run.cfg.revkl:
+            with ddp_no_sync(run, last=last):
+                penalty = revkl_penalty(run, pairs, labels, idx)  # (m,)
+                loss = run.cfg.revkl * penalty.sum() * run.world / run.cfg.batch_size
+                stop_if_not_finite(step, {"the RevKL penalty": loss.item()}, run.cfg.out_dir, run.world, run.device)
+                loss.backward()
+            penalties.append(penalty.detach())
+    return torch.cat(penalties) if penalties else None
 
 
 def optimizer_step(run, step):
@@ -545,13 +592,13 @@ def all_pairs(B, micro, values):
     return out
 
 
-def step_figures(run, pairs, labels, delta):
+def step_figures(run, pairs, labels, delta, penalty):
     """What the log needs of the step, per pair, and the log-ratio of its policy-sampled rows."""
     h = margin(labels, delta)  # (B,)
     online = torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)  # (2B,) rows sampled from pi_theta
     return {"neg_ell": -F.logsigmoid(run.cfg.beta * h), "h": h, "valid": labels.valid.to(delta.device), "kl": delta[online],
             "scores": labels.scores, "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated,
-            "trained": int(pairs.batch[1].sum())}
+            "trained": int(pairs.batch[1].sum()), "revkl": penalty}
 
 
 def step_metrics(run, state, step, fig, grad_norm, times):
@@ -570,6 +617,10 @@ def step_metrics(run, state, step, fig, grad_norm, times):
         state.token_totals[k] += int(v)
     for k, v in times.items():
         state.phase_seconds[k] = state.phase_seconds.get(k, 0.0) + v
+    revkl = {}
+    if fig["revkl"] is not None:  # SAIL-RevKL's penalty before --revkl scales it, the mean over the step's pairs
+        total, n = all_ranks_sum(torch.tensor([fig["revkl"].sum(), len(fig["revkl"])], dtype=torch.float64, device=run.device), run.world)
+        revkl = {"revkl": (total / n).item()}
     return {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1), "margin": margin_sum / max(n_valid, 1),
             # the mean log-ratio to the loss's reference of the responses sampled this step (SELM: to its
             # last iterate; None if the step sampled none): a KL estimate at temperature 1 only, since the
@@ -577,7 +628,7 @@ def step_metrics(run, state, step, fig, grad_norm, times):
             ("kl" if run.cfg.temperature == 1 else "log_ratio"): kl_sum / n_kl if n_kl else None,
             "oracle_reward": reward_sum / n_scored if n_scored else None,  # the mean oracle score of the rows it labelled
             "tie_rate": ties / queries if queries else None,  # of this step's oracle labels
-            "grad_norm": grad_norm.item(), **label_totals(run, state),
+            "grad_norm": grad_norm.item(), **revkl, **label_totals(run, state),
             "generated_tokens": int(generated), "trained_tokens": int(trained),
             "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
 
@@ -682,14 +733,17 @@ def make_eval_set(run, inputs):
             run.tokenizer, [x["prompt"] for x in pairs] * 2, [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs],
             cfg.max_prompt_len, cfg.max_new_tokens))
         pair_batch += (reference_logps(run, pair_batch),)
-    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch)
+    # Responses of the reference at temperature 1, for KL(pi_ref || pi_theta) (the frozen reference: drawn once)
+    generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
+    ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator, run.ref_amp)
+    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples))
 
 
 @torch.no_grad()
 def evaluate(run, eval_set, sft_rewards):
     """Held-out figures of the policy: gold reward, KL to the SFT reference (from samples at temperature 1), win rate against the
-    SFT model's responses (a tie is half a win), and implicit-reward accuracy and margin on the
-    held-out pairs. Samples come from a generator seeded afresh (its own stream) at every evaluation,
+    SFT model's responses (a tie is half a win), KL(reference || policy) (on the reference's samples), and implicit-reward
+    accuracy and margin on the held-out pairs. Samples come from a generator seeded afresh (its own stream) at every evaluation,
     the same noise as the SFT baseline's: common random numbers make the comparison less noisy."""
     cfg, policy = run.cfg, run.policy
     was_training = policy.training
@@ -706,7 +760,7 @@ def evaluate(run, eval_set, sft_rewards):
             ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                               eos_token_id=run.tokenizer.eos_token_id, generator=generator)
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
-    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item()}
+    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item(), "eval_revkl": eval_reverse_kl(run, eval_set.ref_samples)}
     if sft_rewards is not None:
         out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
     if eval_set.pair_batch is not None:
@@ -715,6 +769,19 @@ def evaluate(run, eval_set, sft_rewards):
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
     policy.train(was_training)
     return out, rewards
+
+
+def eval_reverse_kl(run, rows, chunk=32):
+    """KL(pi_ref || pi_theta) on held-out prompts: sail.reverse_kl on responses of the reference
+    (rows: (ids, attention_mask, response_mask), each (N, T)), averaged; `chunk` rows at a time,
+    since it needs the full logits of both models."""
+    kl = []
+    for i in range(0, len(rows[0]), chunk):
+        ids, attention, response = (t[i:i + chunk] for t in rows)
+        policy = logits_of(run.policy, ids, attention, run.amp)  # (chunk, T, V)
+        reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
+        kl.append(reverse_kl(policy, reference, response))
+    return torch.cat(kl).mean().item()
 
 
 def open_metrics(cfg, step):
@@ -740,6 +807,7 @@ def log_step(metrics_file, row):
     line = f"step {row['step']} | loss {row['loss']:.3f} | acc {row['acc']:.2f} | margin {row['margin']:.2f}"
     line += f" | kl {row['kl']:.2f}" if row.get("kl") is not None else ""  # steps that sample responses, at temperature 1
     line += f" | reward {row['oracle_reward']:.2f} | ties {row['tie_rate']:.2f}" if row["tie_rate"] is not None else ""
+    line += f" | revkl {row['revkl']:.3f}" if "revkl" in row else ""  # SAIL-RevKL's penalty
     line += f" | dt {1000 * row['dt']:.0f}ms"
     line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
     tqdm.write(line)
@@ -769,7 +837,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
     summary = {
         "method": cfg.method, "steps": cfg.steps, "seed": cfg.seed, "world_size": run.world,
         "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
-        "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"],
+        "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"], "reverse_kl": final.get("eval_revkl"),
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
         "margin_final": final.get("eval_margin"),
         **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
@@ -790,6 +858,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
 def print_summary(cfg, summary, sft_eval, final):
     print(f"\n{'held-out prompts':<26}{'SFT':>10}{cfg.method:>12}")
     for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("KL to reference", "eval_kl"),
+                      ("KL(reference || policy)", "eval_revkl"),
                       ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
         if key in final:
             print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
@@ -1009,6 +1078,7 @@ class State:
     sampling_gen: torch.Generator   # responses y1, y2 ~ pi_theta
     label_gen: torch.Generator      # sampled oracle labels and self-labels (CPU)
     explore_gen: torch.Generator    # XPO's samples of the reference
+    revkl_gen: torch.Generator      # --revkl exact's samples of the reference
     history: list                   # the evaluations so far, step 0 (SFT) first
     oracle_queries: int = 0         # online oracle labels (ties included)
     ties: int = 0
@@ -1023,17 +1093,18 @@ class State:
                    pair_stream=data.Stream(n_pairs or 1, seed=seeds["pair"]),
                    sampling_gen=torch.Generator(run.device).manual_seed(seeds["sampling"]),
                    label_gen=torch.Generator().manual_seed(seeds["label"]),
-                   explore_gen=torch.Generator(run.ref_device).manual_seed(seeds["explore"]), history=history)
+                   explore_gen=torch.Generator(run.ref_device).manual_seed(seeds["explore"]),
+                   revkl_gen=torch.Generator(run.ref_device).manual_seed(seeds["revkl"]), history=history)
 
     def generators(self):
-        return self.route_rng, self.sampling_gen, self.label_gen, self.explore_gen
+        return self.route_rng, self.sampling_gen, self.label_gen, self.explore_gen, self.revkl_gen
 
 
 # Every random stream of a run, each seeded from one root, --seed: (name, one per rank?). The routes,
 # prompts and pairs are drawn alike on every rank (each keeps its share); ddp: each rank samples
 # and labels with streams of its own.
 STREAMS = [("route", False), ("prompt", False), ("pair", False), ("sampling", True), ("label", True), ("explore", True),
-           ("eval", False), ("lora", False), ("global", False), ("eval_kl", False)]
+           ("eval", False), ("lora", False), ("global", False), ("eval_kl", False), ("revkl", True), ("eval_revkl", False)]
 
 
 def stream_seeds(seed, rank=0):

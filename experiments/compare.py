@@ -35,6 +35,12 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
     "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
     "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
 }
+REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coefficient, at a larger one, and their proxy
+    "-revkl": dict(revkl=1e-3),
+    "-revkl0.1": dict(revkl=0.1),
+    "-revkl-proxy": dict(revkl=1e-3, revkl_estimate="proxy"),
+    "-revkl0.1-proxy": dict(revkl=0.1, revkl_estimate="proxy"),
+}
 
 
 @dataclass
@@ -42,7 +48,8 @@ class CompareOptions:
     compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-ties-first,sail-pr-official-sign,sail-pr-official-size,sail-pr-official,"
                                "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
                                "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
-                               "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first")
+                               "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first; "
+                               "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.1, -revkl-proxy, -revkl0.1-proxy")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
     compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
 
@@ -51,17 +58,21 @@ class CompareOptions:
         unknown = [m for m in self.compare_methods.split(",") if compare_row(m) is None]
         if unknown:
             problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
-                            f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}")
+                            f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}, or one of them with {', '.join(REVKL_ROWS)}")
         return problems
 
 
 def compare_row(name):
-    """A compared row's (method, its settings) from its name, e.g. sail-pr-official-size; None if unknown."""
+    """A compared row's (method, its settings) from its name, e.g. sail-pr-official-size or
+    sail-pp-revkl0.1; None if unknown."""
     if name in METHODS:
         return name, {}
     for suffix in sorted(ROWS, key=len, reverse=True):
         if name.endswith(suffix) and name.removesuffix(suffix) in OFFICIAL:
             return name.removesuffix(suffix), ROWS[suffix]
+    for suffix in sorted(REVKL_ROWS, key=len, reverse=True):
+        if name.endswith(suffix) and name.removesuffix(suffix) in METHODS:
+            return name.removesuffix(suffix), REVKL_ROWS[suffix]
     return None
 
 
@@ -224,9 +235,9 @@ def holm(pvalues):
     return out
 
 
-FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "oracle_queries": "labels",
-           "tie_rate": "tie rate"}
-BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "tie_rate": (0.0, 1.0)}  # figures with a range
+FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "reverse_kl": "KL(ref || policy)",
+           "oracle_queries": "labels", "tie_rate": "tie rate"}
+BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "reverse_kl": (0.0, math.inf), "tie_rate": (0.0, 1.0)}  # with a range
 
 
 def method_stats(group):
@@ -234,7 +245,7 @@ def method_stats(group):
     (mean, half-width); the bounded figures' mean with its t-interval cut to their range (mean, low, high)."""
     out = {}
     for k in FIGURES:
-        values = [r["summary"][k] for r in group]
+        values = [r["summary"].get(k) for r in group]  # (reverse_kl: None in runs from before it was measured)
         out[k] = (None, None) if None in values else clipped_interval(values, *BOUNDED[k]) if k in BOUNDED else interval(values)
     out["seconds_per_step"] = interval([sum(r["summary"]["seconds_per_step"].values()) for r in group])
     for phase in group[0]["summary"]["seconds_per_step"]:
@@ -287,19 +298,21 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
              "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
              f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
              "its interval says how large it may be either way.", "",
-             f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its exact row "
-             "| win rate vs SFT | KL to SFT | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its method's row "
+             "| win rate vs SFT | KL to SFT | KL(SFT ‖ policy) | oracle labels | tie rate | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, st in stats.items():
         own = compare_row(m)[0] if compare_row(m)[1] else None
         lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, 'online-dpo')))} | {diff(tests.get((m, own)))} | "
-                     f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
+                     f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {pm(st['reverse_kl'], 1)} | {st['oracle_queries'][0]:.0f} | "
                      f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
                      f"{st['seconds_per_step'][0]:.3f} |")
     lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in experiments/compare.py): "
               "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "
               "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
               "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
-              "sign; -official, both: the official code's term and tie handling.", "",
+              "sign; -official, both: the official code's term and tie handling. -revkl adds SAIL-RevKL's penalty "
+              "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, sail.reverse_kl), -revkl0.1 at 0.1; "
+              "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (sail.revkl_proxy).", "",
               "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
               "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
               "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "

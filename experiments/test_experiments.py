@@ -36,6 +36,15 @@ def test_bad_experiment_options_are_refused(module, argv, message):
     assert message in str(refused.value)
 
 
+def test_compare_rows_change_what_their_suffix_names():
+    """A row's name gives its method and settings: the official suffixes on methods with a response
+    term only; SAIL-RevKL's on any method."""
+    assert compare.compare_row("sail-pr-official-size") == ("sail-pr", dict(response_term="official-size", ties="first"))
+    assert compare.compare_row("sail-pp-revkl0.1") == ("sail-pp", dict(revkl=0.1))
+    assert compare.compare_row("online-dpo-revkl-proxy") == ("online-dpo", dict(revkl=1e-3, revkl_estimate="proxy"))
+    assert compare.compare_row("dpo-official") is None and compare.compare_row("sail-pr-revkl0.2") is None
+
+
 def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, few_eval_pairs):
     """`python -m experiments.compare`: every method, from one SFT model, resumable; also checks that
     each --method runs and counts its oracle labels."""
