@@ -1613,13 +1613,14 @@ def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, check
 
 
 def test_an_online_method_with_lora_under_two_ranks(tmp_path, checkpoints):
-    """SAIL-PR on 2 ranks, DDP over a peft model: each rank samples and labels its own 4 pairs of
-    a step; one process prints (rank 0); the oracle queries are summed over ranks (2 steps x 8
-    pairs); the run itself checks at its end that both ranks hold the same weights, adapters
-    included (finish_ddp), and the adapters trained."""
+    """SAIL-PR with SAIL-RevKL's penalty on 2 ranks, DDP over a peft model: each rank samples and
+    labels its own 4 pairs of a step (and its own samples of the reference); one process prints
+    (rank 0); the oracle queries are summed over ranks (2 steps x 8 pairs); the run itself checks at
+    its end that both ranks hold the same weights, adapters included (finish_ddp), and the adapters
+    trained."""
     out = tmp_path / "out"
     result = torchrun("--model", str(checkpoints.root / "gpt2"), "--prompts", checkpoints.prompts, "--method", "sail-pr", "--g", "1",
-                      "--lora_rank", "4", "--lr", "1e-2", "--steps", "2", "--batch_size", "8", "--eval_samples", "1",
+                      "--lora_rank", "4", "--lr", "1e-2", "--revkl", "0.1", "--steps", "2", "--batch_size", "8", "--eval_samples", "1",
                       "--max_new_tokens", "8", "--sample_every", "1", "--out_dir", str(out))
     assert result.stdout.count("step 2 | loss") == 1 and result.stdout.count("prompt ") == 2
     summary = json.loads((out / "summary.json").read_text())
