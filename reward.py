@@ -8,6 +8,11 @@ reward.py: the preference side of SAIL. Who says which response is better?
     evaluation (`train.py` calls it for both, but counts only the labelling calls as queries).
   * `HFRewardModel`: any Hugging Face sequence-classification reward model with its own
     tokenizer. It scores *decoded text*, never the policy's token ids.
+  * `fit_reward_model`: a learned labeller, as in real RLHF: a small GPT-2 sequence classifier
+    fit by Bradley-Terry's likelihood (`bradley_terry_loss`) on preference pairs and saved with
+    save_pretrained, so that it is used like any `HFRewardModel`. It is a *proxy* of the reward
+    that labelled its pairs; train.py --proxy makes it the labeller while the oracle stays the
+    yardstick, so that a policy's exploiting it (over-optimisation) can be measured.
   * `bradley_terry_label`: a pairwise label from two rewards (hard by default, sampled optional).
   * `self_label`: SAIL's self-labelling, z ~ Bernoulli(sigmoid(beta * h)) from the policy's
     own implicit reward; it costs no oracle query.
@@ -24,10 +29,14 @@ Departures from the paper:
      (`sail.pair_value`), or, with ties="first", keeps y1 as the chosen response, as the official
      trainer does (the same coin in distribution). Either way it counts as an oracle query.
 """
+import json
+import math
 import os
+import random
 import re
 
 import torch
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------
 # The gold reward of the embedded task: the lexicon it knows and the score it gives.
@@ -138,6 +147,9 @@ class HFRewardModel:
 
         self.model = load_pretrained(AutoModelForSequenceClassification, name_or_path, what)
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, what)
+        kinds = getattr(self.model.config, "architectures", None) or []
+        if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):  # it would load with a random head
+            raise ModelError(f"{what} {name_or_path}: is a {', '.join(kinds)}, not a sequence classifier (a reward model)")
         n_outputs, names = self.model.config.num_labels, {v: int(k) for k, v in self.model.config.id2label.items()}
         if label:
             self.column = names.get(label, int(label) if label.isdigit() else -1)
@@ -170,6 +182,64 @@ class HFRewardModel:
                 raise ModelError(f"reward model output has shape {tuple(logits.shape)}; expected one score per text")
             scores.append(logits[:, self.column].float().cpu())
         return torch.cat(scores)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# A learned labeller: a Bradley-Terry reward model fit on preference pairs
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """Each pair's negative log-likelihood under Bradley-Terry, -log sigmoid(r_w - r_l) (B,): the
+    reward-model loss of RLHF (Ouyang et al. 2022, eq. 1). chosen_scores, rejected_scores: (B,)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+def pair_accuracy(reward, pairs):
+    """The share of `pairs` ({prompt, chosen, rejected}) whose chosen response `reward` scores
+    higher (a tie is half)."""
+    prompts = [x["prompt"] for x in pairs]
+    chosen, rejected = reward(prompts, [x["chosen"] for x in pairs]), reward(prompts, [x["rejected"] for x in pairs])
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+
+
+def fit_reward_model(path, pairs, held_out, tokenizer, width=64, layers=2, steps=300, batch_size=64, lr=1e-3, seed=0, device="cpu"):
+    """Fit a `layers`-layer, `width`-wide GPT2ForSequenceClassification (one output, built here, no
+    download) by Bradley-Terry on `pairs`, scoring `prompt + response` with `tokenizer` (as
+    HFRewardModel does), AdamW with cosine decay; save it and its tokenizer to `path` (atomically:
+    a half-written one is never found) with fit.json, which holds its accuracy on the `held_out`
+    pairs. Its random start and batches depend on `seed` alone. Returns that accuracy."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    positions = min(tokenizer.model_max_length, 1024)  # (model_max_length is huge when a tokenizer does not know it)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=width, n_layer=layers, n_head=4, num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.random.fork_rng(devices=[]):  # the run's own streams are left as they were
+        torch.manual_seed(seed)
+        model = GPT2ForSequenceClassification(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rng, model = random.Random(seed), model.train()
+    for _ in range(steps):
+        batch = rng.sample(pairs, min(batch_size, len(pairs)))
+        texts = [x["prompt"] + x[k] for k in ("chosen", "rejected") for x in batch]  # chosen rows, then rejected rows
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=positions, return_tensors="pt").to(device)
+        scores = model(**enc).logits.squeeze(-1)  # (2b,)
+        loss = bradley_terry_loss(scores[:len(batch)], scores[len(batch):]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    os.makedirs(path + ".tmp", exist_ok=True)
+    model.eval().save_pretrained(path + ".tmp")
+    tokenizer.save_pretrained(path + ".tmp")
+    accuracy = pair_accuracy(HFRewardModel(path + ".tmp", device), held_out) if held_out else None
+    with open(os.path.join(path + ".tmp", "fit.json"), "w") as f:
+        json.dump({"pairs": len(pairs), "held_out_pairs": len(held_out or []), "held_out_accuracy": accuracy, "width": width,
+                   "layers": layers, "steps": steps, "last_loss": loss.item()}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return accuracy
 
 
 # ---------------------------------------------------------------------------------------------

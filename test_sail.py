@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -814,6 +815,72 @@ def test_pair_file_errors(tmp_path, lines, message):
 def test_missing_file_error(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.load_prompts(str(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A learned labeller: a Bradley-Terry reward model, the proxy of the gold reward
+
+def test_bradley_terry_loss_and_gradient_by_hand():
+    """-log sigmoid(r_w - r_l): margins 1 and -2 give log(1 + e^-1) and log(1 + e^2); the gradient
+    on r_w is -sigmoid(-(r_w - r_l)), on r_l its opposite."""
+    chosen, rejected = t([1.0, 0.0], dtype=torch.float64).requires_grad_(), t([0.0, 2.0], dtype=torch.float64).requires_grad_()
+    losses = reward.bradley_terry_loss(chosen, rejected)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(2))])
+    losses.sum().backward()
+    expected = [-1 / (1 + math.exp(1)), -1 / (1 + math.exp(-2))]  # -sigmoid(-1), -sigmoid(2)
+    assert chosen.grad.tolist() == pytest.approx(expected) and rejected.grad.tolist() == pytest.approx([-x for x in expected])
+
+
+def test_a_reward_model_fit_on_the_embedded_pairs_beats_chance_in_seconds(tmp_path, cache):
+    """fit_reward_model: a tiny GPT-2 classifier, 60 steps on 1024 of the embedded task's pairs, is
+    right on most of 128 held-out pairs (their labels are the gold reward's); it is saved with
+    save_pretrained, loads as an HFRewardModel and fit.json holds the accuracy it gets."""
+    from transformers import AutoTokenizer
+    task, path = data.make_task(0), str(tmp_path / "proxy")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40"))
+    start = time.perf_counter()
+    accuracy = reward.fit_reward_model(path, task.pairs[:1024], task.eval_pairs[:128], tokenizer, width=32, steps=60)
+    assert time.perf_counter() - start < 30 and 0.6 < accuracy <= 1.0
+    assert reward.pair_accuracy(reward.HFRewardModel(path), task.eval_pairs[:128]) == accuracy
+    assert json.loads((tmp_path / "proxy" / "fit.json").read_text())["held_out_accuracy"] == accuracy
+
+
+PROXY = ["--proxy", "fit", "--proxy_pairs", "512", "--proxy_width", "16", "--proxy_steps", "30"]
+
+
+def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardstick(tmp_path, cache):
+    """--proxy fit: the online pairs' labels come from the proxy (an HFRewardModel, fit once and
+    cached), evaluation scores with both, and metrics.jsonl, summary.json and the table say both."""
+    argv = ["--method", "online-dpo", "--steps", "2", "--eval_every", "2", "--cache_dir", cache, "--out_dir", str(tmp_path / "o"),
+            *PROXY, *SHORT]
+    cfg = train.parse_args(argv)
+    inputs = data.load_inputs(cfg)
+    run = train.setup_run(cfg, inputs, torch.device("cpu"))
+    assert isinstance(run.oracle, reward.HFRewardModel) and isinstance(run.yardstick, reward.GoldReward)
+    state = train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs), history=[])
+    pairs = train.build_pairs(run, state, 4)
+    labels = train.oracle_labels(run, state, pairs)
+    assert torch.equal(labels.scores, run.oracle(pairs.prompts * 2, pairs.texts))  # the proxy's scores, not the gold reward's
+    assert [p.name for p in Path(cache).iterdir() if p.name.startswith("proxy-")] != []  # cached: the run below does not fit again
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train.main(train.parse_args(argv))
+    assert "proxy: fit on" not in out.getvalue() and "held-out pair accuracy" in out.getvalue()
+    assert "proxy reward (the labeller)" in out.getvalue()
+    row = rows_of(tmp_path / "o")[-1]
+    assert {"eval_reward", "eval_win", "eval_proxy_reward", "eval_proxy_win"} <= set(row)
+    assert row["eval_proxy_reward"] != row["eval_reward"]
+    assert (summary["proxy_reward_final"], summary["proxy_win_rate_vs_sft"], summary["gold_reward_final"]) == \
+        (row["eval_proxy_reward"], row["eval_proxy_win"], row["eval_reward"])
+
+
+def test_a_proxy_that_is_not_a_reward_model_or_not_there_is_refused(tmp_path, cache):
+    causal_lm = os.path.join(cache, "embedded-sft-task0-steps40")
+    message = refusal(["--proxy", causal_lm, "--cache_dir", cache, "--sft_steps", "40", "--out_dir", str(tmp_path / "o")])
+    assert message == f"error: --proxy {causal_lm}: is a GPT2LMHeadModel, not a sequence classifier (a reward model)"
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    message = refusal(["--proxy", str(tmp_path / "missing")])
+    assert message == f"error: --proxy {tmp_path / 'missing'}: no such directory; give fit, or a directory written by save_pretrained"
 
 
 # ---------------------------------------------------------------------------------------------

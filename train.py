@@ -49,6 +49,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -132,6 +133,12 @@ class Config:
     reward_label: str = arg("", "for a classifier with several outputs: the label whose logit is the reward (e.g. POSITIVE)")
     reward_batch_size: int = arg(32, "texts per reward-model forward pass")
     reward_text_pair: bool = arg(False, "give the reward model (prompt, response) as a text pair instead of one text")
+    proxy: str = arg("", "a learned labeller for online pairs, as in real RLHF: fit (a Bradley-Terry reward model fit on the offline "
+                         "pairs, reward.fit_reward_model, cached in --cache_dir) or a sequence-classification reward model's path; "
+                         "the oracle (the gold reward, or --reward_model) stays the yardstick of evaluation ('': the oracle labels)")
+    proxy_pairs: int = arg(0, "--proxy fit: fit on the first N offline pairs (0: all of them)")
+    proxy_width: int = arg(64, "--proxy fit: the reward model's width (a 2-layer GPT-2 sequence classifier)")
+    proxy_steps: int = arg(300, "--proxy fit: AdamW steps of 64 pairs")
     prompts: str = arg("", "training prompts JSONL ({'prompt'} per line); default: the embedded task's")
     eval_prompts: str = arg("", "held-out prompts JSONL; default: the embedded task's")
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
@@ -211,10 +218,11 @@ def config_file_args(path, kinds=(Config,)):
 RANGES = [
     (lambda x: x > 0, "> 0", ["beta", "lr", "sft_lr", "temperature", "lora_alpha"]),
     (lambda x: x >= 0, ">= 0", ["rho", "pi", "gamma", "revkl", "response_scale", "selm_alpha", "xpo_alpha", "weight_decay",
-                                "grad_clip", "seed", "task_seed", "lora_rank"]),
+                                "grad_clip", "seed", "task_seed", "lora_rank", "proxy_pairs"]),
     (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
-    (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
+    (lambda x: x > 0 and x % 4 == 0, "a positive multiple of 4 (its 4 attention heads)", ["proxy_width"]),
+    (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "proxy_steps", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
                                 "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every"]),
     (lambda x: x >= 2, ">= 2 (the response-term baseline needs another pair)", ["batch_size"]),
     (lambda x: x >= -1, ">= 0, or -1 for the method's default", ["ref_update_every"]),
@@ -250,8 +258,13 @@ def check_config(cfg):
     if cfg.grad_accum > cfg.batch_size:
         problems.append(f"--grad_accum {cfg.grad_accum} must be <= --batch_size {cfg.batch_size} (a micro-batch holds at least one pair)")
     probs = METHODS[cfg.method](cfg) if cfg.method in METHODS else (0, 0, 0, 0)
-    if (probs[OFFLINE] or probs[DP]) and not cfg.pairs and cfg.model != "embedded" and cfg.prompts:  # no embedded task, no pair file
+    no_pairs = not cfg.pairs and cfg.model != "embedded" and cfg.prompts  # no embedded task, no pair file
+    if (probs[OFFLINE] or probs[DP]) and no_pairs:
         problems.append(f"--method {cfg.method} trains on offline pairs: give --pairs")
+    if cfg.proxy == "fit" and no_pairs:
+        problems.append("--proxy fit fits a reward model on the offline pairs: give --pairs")
+    if cfg.proxy not in ("", "fit") and not os.path.isdir(cfg.proxy):
+        problems.append(f"--proxy {cfg.proxy}: no such directory; give fit, or a directory written by save_pretrained")
     if cfg.lora_rank and cfg.offload_reference:
         problems.append("--offload_reference with --lora_rank: the reference is the policy with its adapters off, there is no copy to offload")
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
@@ -678,7 +691,7 @@ def main(cfg):
     # The evaluation baseline: the SFT policy on held-out prompts (a resumed run loads its weights after this).
     eval_set = make_eval_set(run, inputs)
     sft_eval, sft_rewards = evaluate(run, eval_set, None) if master else ({}, None)  # ddp: rank 0 evaluates
-    sft_eval["eval_win"] = 0.5
+    sft_eval.update({prefix + "win": 0.5 for prefix in sft_rewards or ()})  # the SFT model against itself
     print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
     state = State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[{"step": 0, **sft_eval}])
     if saved:
@@ -741,9 +754,10 @@ def make_eval_set(run, inputs):
 
 @torch.no_grad()
 def evaluate(run, eval_set, sft_rewards):
-    """Held-out figures of the policy: gold reward, KL to the SFT reference (from samples at temperature 1), win rate against the
-    SFT model's responses (a tie is half a win), KL(reference || policy) (on the reference's samples), and implicit-reward
-    accuracy and margin on the held-out pairs. Samples come from a generator seeded afresh (its own stream) at every evaluation,
+    """Held-out figures of the policy: gold reward (--proxy: and the proxy's), KL to the SFT reference (from samples at
+    temperature 1), win rate against the SFT model's responses (a tie is half a win), KL(reference || policy) (on the
+    reference's samples), and implicit-reward accuracy and margin on the held-out pairs. Returns them, and the rewards of
+    the samples by figure prefix (the SFT model's are the baseline of the win rates). Samples come from a generator seeded afresh (its own stream) at every evaluation,
     the same noise as the SFT baseline's: common random numbers make the comparison less noisy."""
     cfg, policy = run.cfg, run.policy
     was_training = policy.training
@@ -753,22 +767,27 @@ def evaluate(run, eval_set, sft_rewards):
         ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens,
                                           temperature=cfg.temperature, eos_token_id=run.tokenizer.eos_token_id,
                                           generator=generator)
-    rewards = run.oracle(eval_set.prompts, decode(run.tokenizer, ids, response))  # (N,)
+    texts = decode(run.tokenizer, ids, response)
+    scores = {"eval_": run.yardstick(eval_set.prompts, texts)}  # (N,) the gold reward (or --reward_model)
+    if run.oracle is not run.yardstick:  # --proxy: the labeller's reward too
+        scores["eval_proxy_"] = run.oracle(eval_set.prompts, texts)
     if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself: temperature 1
         generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(cfg.seed)["eval_kl"])  # its own noise
         with run.amp:
             ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                               eos_token_id=run.tokenizer.eos_token_id, generator=generator)
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
-    out = {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item(), "eval_revkl": eval_reverse_kl(run, eval_set.ref_samples)}
-    if sft_rewards is not None:
-        out["eval_win"] = ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item()
+    out = {"eval_reward": scores["eval_"].mean().item(), "eval_kl": kl.mean().item(), "eval_revkl": eval_reverse_kl(run, eval_set.ref_samples)}
+    for prefix, rewards in scores.items():
+        out[prefix + "reward"] = rewards.mean().item()
+        if sft_rewards is not None:  # against the SFT model's response to the same prompt, with the same noise
+            out[prefix + "win"] = ((rewards > sft_rewards[prefix]).float() + 0.5 * (rewards == sft_rewards[prefix]).float()).mean().item()
     if eval_set.pair_batch is not None:
         logps = sequence_logps_of(policy, *eval_set.pair_batch[:3], run.amp) - eval_set.pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
     policy.train(was_training)
-    return out, rewards
+    return out, scores
 
 
 def eval_reverse_kl(run, rows, chunk=32):
@@ -814,13 +833,14 @@ def log_step(metrics_file, row):
 
 
 def show_sample(run, pairs, labels):
-    """A prompt with its chosen and rejected responses and their gold rewards (an online pair if
-    the step has one). The scores are for display, not oracle queries."""
+    """A prompt with its chosen and rejected responses and their rewards by the yardstick (an
+    online pair if the step has one). The scores are for display, not oracle queries."""
     B = len(pairs.route)
     i = int((pairs.route <= DP).sum()) % B  # the first online pair, or the first pair
     w, l = (i, B + i) if bool(labels.y1_wins[i]) else (B + i, i)
-    shown = run.oracle([pairs.prompts[i]] * 2, [pairs.texts[w], pairs.texts[l]])
-    how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", "SAIL-PR: oracle-labelled"][pairs.route[i]]
+    shown = run.yardstick([pairs.prompts[i]] * 2, [pairs.texts[w], pairs.texts[l]])
+    labeller = "oracle" if run.oracle is run.yardstick else "proxy"
+    how = ["offline pair", "SAIL-DP: self-labelled", "SAIL-PP: self-labelled", f"SAIL-PR: {labeller}-labelled"][pairs.route[i]]
     tqdm.write(f"  prompt   {pairs.prompts[i]!r}  [{how}{'' if labels.valid[i] else ', a tie: the fair coin'}]\n"
                f"  chosen   {pairs.texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {pairs.texts[l]!r}  (reward {shown[1]:.2f})")
 
@@ -839,6 +859,8 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
         "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"], "reverse_kl": final.get("eval_revkl"),
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
+        **({"proxy_reward_sft": sft_eval["eval_proxy_reward"], "proxy_reward_final": final["eval_proxy_reward"],
+            "proxy_win_rate_vs_sft": final["eval_proxy_win"]} if cfg.proxy else {}),
         "margin_final": final.get("eval_margin"),
         **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
         "seconds": time.perf_counter() - t_start, "seconds_by_phase": seconds,
@@ -857,7 +879,8 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
 
 def print_summary(cfg, summary, sft_eval, final):
     print(f"\n{'held-out prompts':<26}{'SFT':>10}{cfg.method:>12}")
-    for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("KL to reference", "eval_kl"),
+    for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("proxy reward (the labeller)", "eval_proxy_reward"),
+                      ("proxy win rate vs SFT", "eval_proxy_win"), ("KL to reference", "eval_kl"),
                       ("KL(reference || policy)", "eval_revkl"),
                       ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
         if key in final:
@@ -924,7 +947,8 @@ class Run:
     reference: torch.nn.Module        # its frozen SFT copy: the loss's reference and the yardstick of KL
     train_reference: torch.nn.Module  # the loss's reference: `reference`, or SELM's own (the last iterate)
     tokenizer: object
-    oracle: object                    # texts -> rewards: the gold reward or a reward model
+    oracle: object                    # texts -> rewards: the labeller of online pairs (the yardstick, or --proxy)
+    yardstick: object                 # texts -> rewards: evaluation's reward (the gold reward, or --reward_model)
     optimizer: torch.optim.Optimizer
     train_prompts: list
     pairs: list
@@ -952,11 +976,12 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     """The oracle, the SFT policy, its frozen reference and the optimiser."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
-    oracle = reward.GoldReward()
+    oracle = reward.GoldReward()  # the yardstick, and the labeller unless --proxy
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
                                       dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
     policy, tokenizer, sft_seconds = load_policy(cfg, inputs, device, rank, world)
+    labeller = proxy_labeller(cfg, inputs, tokenizer, device, rank, world) if cfg.proxy else oracle
     # The reference: a frozen copy of the SFT policy, set up here once (eval mode, no gradients; its
     # forward passes run under torch.no_grad in `reference_logps`). With LoRA it is the policy itself
     # with its adapters switched off: exactly the SFT model, and no second copy in memory.
@@ -979,7 +1004,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
     # --response_scale; the official hook's is summed over each rank's pairs, unscaled (sail_loss).
     response_scale = cfg.batch_size / world if cfg.response_term in ("official", "official-size") else cfg.response_scale
     trained = [p for p in policy.parameters() if p.requires_grad]  # every weight, or (LoRA) the adapters only
-    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=train_reference, tokenizer=tokenizer, oracle=oracle,
+    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=train_reference, tokenizer=tokenizer, oracle=labeller, yardstick=oracle,
               # fused on CUDA: one kernel per step, without the foreach path's temporary copy of the
               # second moments (+4 bytes per trained parameter at the step)
               optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"),
@@ -992,10 +1017,37 @@ def setup_run(cfg, inputs, device, rank=0, world=1):
               ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
     lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
-          f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'} | method: {cfg.method} | "
+          f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'}"
+          f"{' (the yardstick; labeller: the proxy)' if cfg.proxy else ''} | method: {cfg.method} | "
           f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
     data.check_lengths(cfg, inputs, getattr(policy.config, "max_position_embeddings", None), tokenizer)
     return run
+
+
+def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
+    """--proxy: the labeller, a reward model loaded from a path, or (fit) fit by Bradley-Terry on the
+    offline pairs with the policy's tokenizer and cached like the SFT model; its accuracy on the
+    held-out pairs is printed (against their labels: the gold reward's, on the embedded task)."""
+    path = cfg.proxy
+    if cfg.proxy == "fit":
+        pairs = inputs.pairs[:cfg.proxy_pairs or None]
+        digest = hashlib.sha1(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:8]  # the pairs it was fit on
+        path = os.path.join(cfg.cache_dir, f"proxy-pairs{len(pairs)}-{digest}-width{cfg.proxy_width}-steps{cfg.proxy_steps}")
+        if world > 1 and rank:  # ddp: rank 0 fits and caches it first
+            dist.barrier()
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            check_writable_dir(cfg.cache_dir, "--cache_dir")
+            t0 = time.perf_counter()
+            reward.fit_reward_model(path, pairs, inputs.eval_pairs, copy.deepcopy(tokenizer), width=cfg.proxy_width,
+                                    steps=cfg.proxy_steps, seed=cfg.task_seed, device=device)
+            print(f"proxy: fit on {len(pairs)} pairs and saved to {path} in {time.perf_counter() - t0:.1f}s")
+        if world > 1 and not rank:
+            dist.barrier()
+    proxy = reward.HFRewardModel(path, device, cfg.reward_batch_size, what="--proxy")
+    if inputs.eval_pairs:
+        print(f"proxy: {path} | held-out pair accuracy {reward.pair_accuracy(proxy, inputs.eval_pairs):.3f} "
+              f"({len(inputs.eval_pairs)} pairs)")
+    return proxy
 
 
 def load_policy(cfg, inputs, device, rank=0, world=1):
@@ -1299,13 +1351,17 @@ def pyplot(what):
 
 
 def plot_history(history, path, title):
-    """Gold reward on held-out prompts against step."""
+    """Gold reward on held-out prompts against step (--proxy: and the proxy's reward)."""
     plt = pyplot("reward.png")
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["step"] for h in history], [h["eval_reward"] for h in history], marker="o")
-    ax.set(xlabel="step", ylabel="gold reward (held-out)", title=title)
+    for key, label in (("eval_reward", "gold"), ("eval_proxy_reward", "proxy (the labeller)")):
+        if key in history[-1]:
+            ax.plot([h["step"] for h in history], [h[key] for h in history], marker="o", label=label)
+    ax.set(xlabel="step", ylabel="reward (held-out)", title=title)
+    if "eval_proxy_reward" in history[-1]:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -122,6 +122,9 @@ def compare(cfg, opts):
                    "comparisons": [{"row": a, "against": b, "difference": v[0], "half_width": v[1], "p": v[2], "p_holm": v[3]}
                                    for (a, b), v in tests.items()], "runs": runs}, f, indent=1)
     lines = results_table(cfg, opts, runs, stats, tests, machine, wall)
+    if "eval_proxy_reward" in runs[0]["history"][-1]:  # --proxy: where the gold reward peaks, and the picture
+        lines += overoptimisation_table(runs, methods)
+        plot_overoptimisation(runs, methods, root)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -159,12 +162,15 @@ def read_run(method, seed, out):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     history, seconds = [{"step": 0, "eval_reward": summary["gold_reward_sft"], "eval_kl": 0.0, "labels": 0, "seconds": 0.0}], 0.0
+    if "proxy_reward_sft" in summary:  # --proxy: the labeller's reward too
+        history[0]["eval_proxy_reward"] = summary["proxy_reward_sft"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         for row in map(json.loads, f):
             seconds += row["dt"]
             if "eval_reward" in row:
                 history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
-                                "labels": row["oracle_queries"], "seconds": seconds})
+                                "labels": row["oracle_queries"], "seconds": seconds,
+                                **({"eval_proxy_reward": row["eval_proxy_reward"]} if "eval_proxy_reward" in row else {})})
     return {"method": method, "seed": seed, "summary": summary, "history": history}
 
 
@@ -329,6 +335,71 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
         lines.append(f"| {m} | " + " | ".join(f"{st[f'ms_{p}'][0]:.1f} ({100 * st[f'ms_{p}'][0] / total:.0f}%)" for p in phases)
                      + f" | {st['tokens_per_second_generated'][0]:.0f} | {st['tokens_per_second_trained'][0]:.0f} |")
     return lines
+
+
+def peaks(runs, methods):
+    """Per method: the evaluation step where the mean gold reward over seeds is highest, and the
+    per-seed gold reward and KL there and at the end. {method: (step, gold at peak (S,), KL at peak
+    (S,), gold final (S,), proxy final (S,))}."""
+    out = {}
+    for m in methods:
+        hist = [r["history"] for r in runs if r["method"] == m]
+        n = min(len(h) for h in hist)
+        i = int(np.argmax([np.mean([h[k]["eval_reward"] for h in hist]) for k in range(n)]))
+        out[m] = (hist[0][i]["step"], *(np.array([h[k][key] for h in hist]) for k, key in
+                                        ((i, "eval_reward"), (i, "eval_kl"), (n - 1, "eval_reward"), (n - 1, "eval_proxy_reward"))))
+    return out
+
+
+def overoptimisation_table(runs, methods):
+    """results.md's over-optimisation section: per method, where the mean gold reward peaks (step,
+    KL), the gold and proxy rewards at the end, and the end's drop from the peak, paired by seed
+    (Holm over the methods). The peak is chosen on these same runs, which biases the drop away
+    from 0: read a drop as resolved only where its interval is well clear of 0."""
+    found = peaks(runs, methods)
+    drops = {m: (*interval(v[3] - v[1]), t_test(v[3] - v[1])) for m, v in found.items()}
+    adjusted = holm({m: d[2] for m, d in drops.items()})
+    lines = ["", "Over-optimisation (--proxy: the proxy labels, the gold reward is the yardstick). Peak: the evaluation where the "
+             "mean gold reward over seeds is highest. Drop: final gold reward minus the peak's, paired by seed, [95% t-interval], "
+             "p after Holm's correction over the methods; the peak is picked on these runs, so a drop is biased downwards.", "",
+             "| method | peak step | gold at peak | KL at peak | gold final | drop from peak | proxy final |", "|---|---|---|---|---|---|---|"]
+    for m, (step, gold_peak, kl_peak, gold_final, proxy_final) in found.items():
+        d, h, _ = drops[m]
+        drop = "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p_Holm {adjusted[m]:.2g}" + (" *" if adjusted[m] < 0.05 else "")
+        lines.append(f"| {m} | {step} | {np.mean(gold_peak):.2f} | {np.mean(kl_peak):.1f} | {np.mean(gold_final):.2f} | {drop} | "
+                     f"{np.mean(proxy_final):.2f} |")
+    return lines
+
+
+def plot_overoptimisation(runs, methods, root):
+    """overoptimisation.png: per method, the gold and the proxy reward on held-out prompts against
+    KL(policy || SFT) over training (each evaluation: the means over seeds, with bands for the
+    rewards' 95% intervals), the picture of Gao et al.'s reward-model over-optimisation."""
+    plt = pyplot("the over-optimisation plot")
+    if plt is None:
+        return
+    cols = min(3, len(methods))
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    for ax, m in zip(axes.flat, methods):
+        hist = [r["history"] for r in runs if r["method"] == m]
+        n = min(len(h) for h in hist)
+        kl = np.array([np.mean([h[i]["eval_kl"] for h in hist]) for i in range(n)])
+        for key, label, color in (("eval_reward", "gold", "C0"), ("eval_proxy_reward", "proxy", "C3")):
+            y = [interval([h[i][key] for h in hist]) for i in range(n)]
+            mean, half = np.array([v[0] for v in y]), np.array([v[1] or 0.0 for v in y])
+            ax.plot(kl, mean, marker=".", color=color, label=label)
+            ax.fill_between(kl, mean - half, mean + half, color=color, alpha=0.15)
+        ax.set(title=m, xlabel="KL(policy || SFT)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("reward, held-out prompts")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Gold and proxy reward against KL over training (mean, 95% interval over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "overoptimisation.png"), dpi=120)
+    plt.close(fig)
 
 
 PLOTS = {  # file -> (x axis: a key of the evaluations' history, its label, title)

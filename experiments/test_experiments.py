@@ -80,6 +80,24 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
 
 
+def test_compare_under_the_proxy_labeller_says_where_the_gold_reward_peaks(tmp_path, cache, few_eval_pairs):
+    """With --proxy, compare adds the over-optimisation section (peak step and KL, the drop from the
+    peak paired by seed) and overoptimisation.png; each run's history carries the proxy's reward."""
+    from test_sail import PROXY
+    argv = ["--compare_methods", "online-dpo,sail-pr", "--compare_seeds", "2", "--compare_workers", "1", "--steps", "4",
+            "--eval_every", "2", "--out_dir", str(tmp_path), "--cache_dir", cache, *FAST, "--eval_pairs", few_eval_pairs, *PROXY]
+    compare.cli(argv, run=compare.compare, extra=compare.CompareOptions)
+    root = tmp_path / "compare"
+    results = (root / "results.md").read_text()
+    assert "| method | peak step | gold at peak | KL at peak |" in results and "| online-dpo | " in results.split("Over-optimisation")[1]
+    assert (root / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads((root / "compare.json").read_text())["runs"]
+    assert all(len(r["history"]) == 3 and all("eval_proxy_reward" in h for h in r["history"]) for r in runs)
+    found = compare.peaks([{**r, "method": r["method"]} for r in runs], ["online-dpo"])["online-dpo"]
+    means = [sum(r["history"][k]["eval_reward"] for r in runs if r["method"] == "online-dpo") / 2 for k in range(3)]
+    assert found[0] == [0, 2, 4][int(max(range(3), key=lambda k: means[k]))]
+
+
 def test_intervals_and_paired_differences_by_hand():
     """The 95% Student-t interval: mean ± t(0.975, n - 1) * s / sqrt(n), s with n - 1; the paired
     difference is taken seed by seed, so noise that the runs of one seed share cancels; its t-test's
