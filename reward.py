@@ -162,6 +162,9 @@ class HFRewardModel:
             self.column = 0
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have no pad token
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Right padding: a model with learned absolute positions (GPT-2) would give a left-padded
+        # text positions that depend on the longest text of its batch, and so another score.
+        self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.batch_size, self.text_pair = device, batch_size, text_pair
@@ -211,6 +214,7 @@ def fit_reward_model(path, pairs, held_out, tokenizer, width=64, layers=2, steps
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # as HFRewardModel scores: positions that do not depend on the batch
     positions = min(tokenizer.model_max_length, 1024)  # (model_max_length is huge when a tokenizer does not know it)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=width, n_layer=layers, n_head=4, num_labels=1,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,

@@ -249,15 +249,17 @@ def reverse_kl(policy_logits, reference_logits, response_mask):
     Its expectation over y ~ pi_ref is the sequence-level KL(pi_ref || pi_theta) (the chain rule of
     KL: each position's log-ratio averaged over its token given the prefix), and since y's
     distribution does not depend on theta, its gradient's expectation is that KL's gradient,
-    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both, with less variance than the
-    one-token-per-position estimate log pi_ref(y) - log pi_theta(y). (On samples of the policy it
-    would estimate neither: the prefixes must come from pi_ref.)
+    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both. Each position's term is averaged over
+    its next token exactly, which usually gives less variance than the plain log-ratio
+    log pi_ref(y) - log pi_theta(y), though not always (a later position's KL depends on the
+    earlier tokens). On samples of the policy it would estimate neither: the prefixes must come
+    from pi_ref.
     policy_logits, reference_logits: (B, T, V) on the rows; response_mask: (B, T), as in
     sequence_logps (position t predicts token t + 1). Returns (B,)."""
     float_type = torch.promote_types(policy_logits.dtype, torch.float32)
     log_p = policy_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
     log_r = reference_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
-    kl = (log_r.exp() * (log_r - log_p)).sum(-1)  # (B, T-1) KL of each next-token distribution
+    kl = torch.where(log_r > -torch.inf, log_r.exp() * (log_r - log_p), 0.0).sum(-1)  # (B, T-1) each next token's KL (0 log 0 = 0)
     return torch.where(response_mask[:, 1:].bool(), kl, 0.0).sum(-1)  # (B,)
 
 

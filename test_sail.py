@@ -543,26 +543,33 @@ def test_pure_sail_pr_has_a_local_maximum_at_the_worst_response_that_online_dpo_
 # ---------------------------------------------------------------------------------------------
 # SAIL-RevKL: KL(pi_ref || pi_theta), exact on a tabular policy of two-token responses; the authors' proxy by hand
 
-def two_token_logits(first, second):
-    """Logits (K^2, 3, K) of every response y = (a, b) of a tabular two-token policy, laid out as a
-    batch: ids [0, a, b], position 0 predicts a (logits `first` (K,)), position 1 predicts b given a
-    (`second` (K, K)); position 2 is never read. Returns (logits, ids, response_mask)."""
+def two_token_logits(first, second, noise):
+    """Logits (K^2, 5, K) of every response y = (a, b) of a tabular two-token policy, laid out as a
+    batch row [0, P, a, b, pad] with response mask [0, 0, 1, 1, 0]: position 1 predicts a (logits
+    `first` (K,)), position 2 predicts b given a (`second` (K, K)); positions 0 and 3 (predicting
+    the prompt token P and the padding) get `noise` (2, K), which the mask must leave out; position
+    4 predicts nothing. Returns (logits, ids, response_mask)."""
     K = len(first)
     a, b = (x.flatten() for x in torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij"))
-    logits = torch.stack([first.expand(K * K, K), second[a], torch.zeros(K * K, K, dtype=first.dtype)], 1)
-    return logits, torch.stack([torch.zeros_like(a), a, b], 1), t([[0, 1, 1]] * (K * K))
+    n = K * K
+    logits = torch.stack([noise[0].expand(n, K), first.expand(n, K), second[a], noise[1].expand(n, K), torch.zeros(n, K, dtype=first.dtype)], 1)
+    ids = torch.stack([torch.zeros_like(a), torch.ones_like(a), a, b, torch.zeros_like(a)], 1)
+    return logits, ids, t([[0, 0, 1, 1, 0]] * n)
 
 
 def test_reverse_kl_is_unbiased_for_the_kl_and_its_gradient_on_samples_of_the_reference():
-    """E_{y ~ pi_ref}[sail.reverse_kl] is the enumerated sequence-level KL(pi_ref || pi_theta), and
-    so is the gradient's expectation (float64); each sample's estimate varies less than the plain
-    log-ratio's. On samples of the policy its expectation is another quantity."""
+    """E_{y ~ pi_ref}[sail.reverse_kl] is the enumerated sequence-level KL(pi_ref || pi_theta) of
+    the responses, and so is the gradient's expectation (float64), whatever the positions outside
+    the response mask hold (a prompt token and padding where the two models differ). In this
+    example a sample's estimate varies less than the plain log-ratio's (usual, not guaranteed).
+    On samples of the policy its expectation is another quantity."""
     K, g = 3, torch.Generator().manual_seed(3)
     theta = [torch.randn(K, generator=g, dtype=torch.float64).requires_grad_(), torch.randn(K, K, generator=g, dtype=torch.float64).requires_grad_()]
     phi = [torch.randn(K, generator=g, dtype=torch.float64), torch.randn(K, K, generator=g, dtype=torch.float64)]
-    policy, ids, mask = two_token_logits(*theta)
-    reference, _, _ = two_token_logits(*phi)
+    policy, ids, mask = two_token_logits(*theta, noise=torch.randn(2, K, generator=g, dtype=torch.float64))
+    reference, _, _ = two_token_logits(*phi, noise=torch.randn(2, K, generator=g, dtype=torch.float64))
     log_pi, log_ref = sequence_logps(policy, ids, mask), sequence_logps(reference, ids, mask)  # (K^2,) every y
+    assert log_ref.exp().sum().item() == pytest.approx(1.0)  # the responses' distribution, prompt and padding left out
     kl = (log_ref.exp() * (log_ref - log_pi)).sum()  # enumerated KL(pi_ref || pi_theta)
     estimate = sail.reverse_kl(policy, reference, mask)  # (K^2,) per response
     expected = (log_ref.exp() * estimate).sum()  # y ~ pi_ref
@@ -845,12 +852,29 @@ def test_a_reward_model_fit_on_the_embedded_pairs_beats_chance_in_seconds(tmp_pa
     assert json.loads((tmp_path / "proxy" / "fit.json").read_text())["held_out_accuracy"] == accuracy
 
 
+def test_a_reward_models_score_does_not_depend_on_its_batch(tmp_path, cache):
+    """HFRewardModel pads on the right, so a GPT-2 reward model (learned absolute positions) gives a
+    text the same score alone and beside a longer text, whatever padding side its tokenizer was
+    saved with (the policy's tokenizer pads on the left)."""
+    from transformers import AutoTokenizer
+    task, path = data.make_task(0), str(tmp_path / "proxy")
+    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40")))
+    assert tokenizer.padding_side == "left"  # as the policy's, which train.py gives the proxy it fits
+    reward.fit_reward_model(path, task.pairs[:64], None, tokenizer, width=16, steps=3)
+    proxy = reward.HFRewardModel(path)
+    short, long = ("Rate the soup:", " good ."), ("Review of the pizza:", " the pizza was great and the taste was lovely .")
+    alone = proxy([short[0]], [short[1]])
+    beside = proxy([short[0], long[0]], [short[1], long[1]])
+    assert alone[0].item() == pytest.approx(beside[0].item(), abs=1e-5)
+
+
 PROXY = ["--proxy", "fit", "--proxy_pairs", "512", "--proxy_width", "16", "--proxy_steps", "30"]
 
 
 def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardstick(tmp_path, cache):
     """--proxy fit: the online pairs' labels come from the proxy (an HFRewardModel, fit once and
-    cached), evaluation scores with both, and metrics.jsonl, summary.json and the table say both."""
+    cached), evaluation scores with both (recomputed by hand: rewards, and win rates against the
+    SFT model's scores by each), and metrics.jsonl, summary.json and the table say both."""
     argv = ["--method", "online-dpo", "--steps", "2", "--eval_every", "2", "--cache_dir", cache, "--out_dir", str(tmp_path / "o"),
             *PROXY, *SHORT]
     cfg = train.parse_args(argv)
@@ -867,9 +891,12 @@ def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardsti
         summary = train.main(train.parse_args(argv))
     assert "proxy: fit on" not in out.getvalue() and "held-out pair accuracy" in out.getvalue()
     assert "proxy reward (the labeller)" in out.getvalue()
-    row = rows_of(tmp_path / "o")[-1]
-    assert {"eval_reward", "eval_win", "eval_proxy_reward", "eval_proxy_win"} <= set(row)
-    assert row["eval_proxy_reward"] != row["eval_reward"]
+    row, task = rows_of(tmp_path / "o")[-1], data.make_task(0)
+    sft, tokenizer = load_model(os.path.join(cache, "embedded-sft-task0-steps40"))
+    expected = evaluate_by_hand(load_model(tmp_path / "o" / "policy")[0], sft, tokenizer, task.eval_prompts, task.eval_pairs, 1.0, 0,
+                                0.1, proxy=run.oracle)
+    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert row["eval_proxy_reward"] != row["eval_reward"] and 0 < row["eval_proxy_win"] < 1
     assert (summary["proxy_reward_final"], summary["proxy_win_rate_vs_sft"], summary["gold_reward_final"]) == \
         (row["eval_proxy_reward"], row["eval_proxy_win"], row["eval_reward"])
 
@@ -1139,30 +1166,37 @@ def test_an_online_step_recomputed_by_hand(tmp_path, cache, no_eval):
     assert row["margin"] == 0 and row["log_ratio"] == 0 and "kl" not in row
 
 
-def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, beta):
+def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, beta, proxy=None):
     """train.py's evaluation from its definition: one response per held-out prompt from a generator
-    seeded with the evaluation stream's seed; the mean gold reward; the mean log-ratio to the SFT
-    model of responses drawn at temperature 1 from the evaluation's KL stream (a KL estimate);
-    the win rate against the SFT model's responses drawn with the same noise (a tie is half a win);
-    the implicit-reward accuracy and margin on the held-out pairs."""
-    def responses(m):
-        batch = sample(m, *data.encode_prompts(tokenizer, prompts, 32), max_new_tokens=24, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(train.stream_seeds(seed)["eval"]))
-        at_1 = sample(m, *data.encode_prompts(tokenizer, prompts, 32), max_new_tokens=24, temperature=1.0,
-                      eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(train.stream_seeds(seed)["eval_kl"]))
-        return at_1, reward.GoldReward()(prompts, data.decode(tokenizer, batch[0], batch[2]))
+    seeded with the evaluation stream's seed; the mean gold reward (and a proxy's); the mean
+    log-ratio to the SFT model of responses drawn at temperature 1 (those, or at another
+    temperature others, from the evaluation's KL stream: a KL estimate); KL(SFT || policy), sail.reverse_kl on responses of the SFT model drawn at
+    temperature 1 from its own stream; the win rates against the SFT model's responses drawn with
+    the same noise (a tie is half a win); the implicit-reward accuracy and margin on the held-out pairs."""
+    def draw(m, temperature, stream):
+        return sample(m, *data.encode_prompts(tokenizer, prompts, 32), max_new_tokens=24, temperature=temperature,
+                      eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(train.stream_seeds(seed)[stream]))
+
+    def scores(m):
+        texts = data.decode(tokenizer, *draw(m, temperature, "eval")[::2])
+        return {"eval_": reward.GoldReward()(prompts, texts), **({"eval_proxy_": proxy(prompts, texts)} if proxy else {})}
 
     with torch.no_grad():
-        batch, rewards = responses(model)
-        _, sft_rewards = responses(sft)
+        mine, theirs = scores(model), scores(sft)
+        batch = draw(model, temperature, "eval") if temperature == 1 else draw(model, 1.0, "eval_kl")
         kl = sail.sequence_logps_of(model, *batch, OFF) - sail.sequence_logps_of(sft, *batch, OFF)
+        ids, attention, response = draw(sft, 1.0, "eval_revkl")
+        revkl = sail.reverse_kl(sail.logits_of(model, ids, attention), sail.logits_of(sft, ids, attention), response)
         rows = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                      [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
         delta = sail.sequence_logps_of(model, *rows, OFF) - sail.sequence_logps_of(sft, *rows, OFF)
     h = delta[:len(pairs)] - delta[len(pairs):]
-    return {"eval_reward": rewards.mean().item(), "eval_kl": kl.mean().item(),
-            "eval_win": ((rewards > sft_rewards).float() + 0.5 * (rewards == sft_rewards).float()).mean().item(),
-            "eval_acc": ((h > 0).float() + 0.5 * (h == 0).float()).mean().item(), "eval_margin": (beta * h).mean().item()}
+    out = {"eval_kl": kl.mean().item(), "eval_revkl": revkl.mean().item(),
+           "eval_acc": ((h > 0).float() + 0.5 * (h == 0).float()).mean().item(), "eval_margin": (beta * h).mean().item()}
+    for prefix, r in mine.items():
+        out[prefix + "reward"] = r.mean().item()
+        out[prefix + "win"] = ((r > theirs[prefix]).float() + 0.5 * (r == theirs[prefix]).float()).mean().item()
+    return out
 
 
 def test_evaluation_and_summary_recomputed_by_hand(tmp_path, cache, few_eval_pairs):
@@ -1296,9 +1330,11 @@ def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, 
 def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate):
     """--revkl c changes nothing else in a step (the same pairs, labels and losses: the reference's
     samples have a stream of their own) and adds c times the gradient of the mean penalty over the
-    step's pairs, recomputed here: exact, sail.reverse_kl on one sample of the reference per pair;
-    proxy, the mean of sail.revkl_proxy on the chosen rows and on the rejected rows (--revkl_on both)."""
-    c, argv = 0.5, ["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5"]
+    step's pairs, recomputed here: exact, sail.reverse_kl on one sample of the reference per pair,
+    drawn at temperature 1 (the policy samples at 0.7 here) from the revkl stream; proxy, the mean
+    of sail.revkl_proxy on the chosen rows and on the rejected rows (--revkl_on both; a SAIL-DP
+    pair's chosen row is its dataset's, as in the authors' code)."""
+    c, argv = 0.5, ["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5", "--temperature", "0.7"]
     run, state = perturbed_run(cache, argv)
     row_off = train.alignment_step(run, state, 1)[0]
     grad_off = gradient(run.policy)
@@ -1309,7 +1345,10 @@ def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate)
         {k: row_off[k] for k in row_off if k not in ("grad_norm",) and not k.startswith(("dt", "t_", "generated"))}
     if estimate == "exact":
         ids, attention, response = pairs.ref_samples  # (8, T) one y ~ pi_ref per pair
-        assert (pairs.generated > row_off["generated_tokens"]) and response.sum() > 0
+        prompts = data.encode_prompts(run.tokenizer, pairs.prompts, 32)
+        drawn = sample(run.reference, *prompts, max_new_tokens=24, temperature=1.0, eos_token_id=run.tokenizer.eos_token_id,
+                       generator=torch.Generator().manual_seed(train.stream_seeds(0)["revkl"]))
+        assert all(torch.equal(a, b) for a, b in zip(drawn, pairs.ref_samples)) and response.sum() > 0
         with torch.no_grad():
             reference = sail.logits_of(run.reference, ids, attention)
         penalty = sail.reverse_kl(sail.logits_of(before, ids, attention), reference, response).mean()
@@ -1318,7 +1357,9 @@ def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate)
         with torch.no_grad():
             reference = sail.logits_of(run.reference, ids, attention)
         policy = sail.logits_of(before, ids, attention)
-        chosen = torch.cat([labels.y1_wins, ~labels.y1_wins])  # (16,)
+        first = labels.y1_wins | torch.from_numpy(pairs.route == train.DP)  # (8,)
+        assert not torch.equal(first, labels.y1_wins)  # a SAIL-DP pair whose self-label chose y2: it counts as chosen
+        chosen = torch.cat([first, ~first])  # (16,)
         penalty = sum(sail.revkl_proxy(policy, reference, ids, response * rows[:, None], estimate == "proxy-aligned")
                       for rows in (chosen, ~chosen)) / 2
     (c * penalty).backward()

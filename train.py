@@ -495,7 +495,9 @@ def revkl_penalty(run, pairs, labels, idx):
     """SAIL-RevKL's penalty of each pair idx (m,) of a micro-batch, before --revkl scales it: exact,
     KL(pi_ref || pi_theta) on the pair's sample of the reference (sail.reverse_kl); proxy, the
     authors' token proxy on the micro-batch's chosen and/or rejected responses (sail.revkl_proxy),
-    one value shared by its pairs. The reference is the frozen SFT model (SELM's moving one too)."""
+    one value shared by its pairs and pooled over the micro-batch, as theirs is over a device's
+    batch (so with --grad_accum the proxy's update is not one batch's). The reference is the
+    frozen SFT model (SELM's moving one too)."""
     cfg, m = run.cfg, len(idx)
     if cfg.revkl_estimate == "exact":
         ids, attention, response = (t[idx.to(t.device)] for t in pairs.ref_samples)  # (m, T') each
@@ -506,7 +508,10 @@ def revkl_penalty(run, pairs, labels, idx):
         reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
     if cfg.revkl_estimate == "exact":
         return reverse_kl(policy, reference, response)  # (m,)
-    chosen = torch.cat([labels.y1_wins[idx], ~labels.y1_wins[idx]]).to(run.device)  # (2m,) rows that won their pair
+    # The rows that won their pair, as the authors' code has them: it never swaps a SAIL-DP pair's
+    # texts (it flips the sign of the loss instead), so there the dataset's chosen response, y1.
+    first = labels.y1_wins[idx] | torch.from_numpy(pairs.route[idx.numpy()] == DP)  # (m,)
+    chosen = torch.cat([first, ~first]).to(run.device)  # (2m,)
     parts = [rows for name, rows in (("chosen", chosen), ("rejected", ~chosen)) if cfg.revkl_on in (name, "both")]
     aligned = cfg.revkl_estimate == "proxy-aligned"
     return (sum(revkl_proxy(policy, reference, ids, response * rows[:, None], aligned) for rows in parts) / len(parts)).expand(m)
@@ -1031,8 +1036,10 @@ def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
     path = cfg.proxy
     if cfg.proxy == "fit":
         pairs = inputs.pairs[:cfg.proxy_pairs or None]
-        digest = hashlib.sha1(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:8]  # the pairs it was fit on
-        path = os.path.join(cfg.cache_dir, f"proxy-pairs{len(pairs)}-{digest}-width{cfg.proxy_width}-steps{cfg.proxy_steps}")
+        # what it was fit on and how: the pairs, the tokenizer, the seed of its start and batches
+        made_of = [pairs, sorted(tokenizer.get_vocab().items()), cfg.task_seed, cfg.proxy_width, cfg.proxy_steps]
+        digest = hashlib.sha1(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:10]
+        path = os.path.join(cfg.cache_dir, f"proxy-pairs{len(pairs)}-width{cfg.proxy_width}-{digest}")
         if world > 1 and rank:  # ddp: rank 0 fits and caches it first
             dist.barrier()
         if not os.path.isfile(os.path.join(path, "config.json")):

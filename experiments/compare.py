@@ -338,9 +338,9 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
 
 
 def peaks(runs, methods):
-    """Per method: the evaluation step where the mean gold reward over seeds is highest, and the
-    per-seed gold reward and KL there and at the end. {method: (step, gold at peak (S,), KL at peak
-    (S,), gold final (S,), proxy final (S,))}."""
+    """Per method: the evaluation step where the mean gold reward over seeds is highest, and per
+    seed: the gold reward and KL there, the gold and proxy rewards at the end. {method: (step,
+    gold at peak (S,), KL at peak (S,), gold final (S,), proxy final (S,))}."""
     out = {}
     for m in methods:
         hist = [r["history"] for r in runs if r["method"] == m]
@@ -353,19 +353,19 @@ def peaks(runs, methods):
 
 def overoptimisation_table(runs, methods):
     """results.md's over-optimisation section: per method, where the mean gold reward peaks (step,
-    KL), the gold and proxy rewards at the end, and the end's drop from the peak, paired by seed
-    (Holm over the methods). The peak is chosen on these same runs, which biases the drop away
-    from 0: read a drop as resolved only where its interval is well clear of 0."""
+    KL), the gold and proxy rewards at the end, and the end's drop from the peak, paired by seed,
+    with its t-interval, descriptive only: the peak is the maximum of these same runs' mean curve,
+    so the mean drop is <= 0 by construction and a test of it against 0 would reject a flat
+    curve too often (8% at 5 seeds x 7 evaluations, 13% at x 16, in simulation)."""
     found = peaks(runs, methods)
-    drops = {m: (*interval(v[3] - v[1]), t_test(v[3] - v[1])) for m, v in found.items()}
-    adjusted = holm({m: d[2] for m, d in drops.items()})
     lines = ["", "Over-optimisation (--proxy: the proxy labels, the gold reward is the yardstick). Peak: the evaluation where the "
-             "mean gold reward over seeds is highest. Drop: final gold reward minus the peak's, paired by seed, [95% t-interval], "
-             "p after Holm's correction over the methods; the peak is picked on these runs, so a drop is biased downwards.", "",
+             "mean gold reward over seeds is highest. Drop: final gold reward minus the peak's, paired by seed, [95% t-interval]. "
+             "The peak is picked on these same runs, so the drop is <= 0 by construction: no p-value is given, and a drop is "
+             "a turn only where its interval is well clear of 0.", "",
              "| method | peak step | gold at peak | KL at peak | gold final | drop from peak | proxy final |", "|---|---|---|---|---|---|---|"]
     for m, (step, gold_peak, kl_peak, gold_final, proxy_final) in found.items():
-        d, h, _ = drops[m]
-        drop = "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p_Holm {adjusted[m]:.2g}" + (" *" if adjusted[m] < 0.05 else "")
+        d, h = interval(gold_final - gold_peak)
+        drop = "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
         lines.append(f"| {m} | {step} | {np.mean(gold_peak):.2f} | {np.mean(kl_peak):.1f} | {np.mean(gold_final):.2f} | {drop} | "
                      f"{np.mean(proxy_final):.2f} |")
     return lines
