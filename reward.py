@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -235,14 +236,17 @@ def fit_reward_model(path, pairs, held_out, tokenizer, width=64, layers=2, steps
         loss.backward()
         optimizer.step()
         schedule.step()
-    os.makedirs(path + ".tmp", exist_ok=True)
-    model.eval().save_pretrained(path + ".tmp")
-    tokenizer.save_pretrained(path + ".tmp")
-    accuracy = pair_accuracy(HFRewardModel(path + ".tmp", device), held_out) if held_out else None
-    with open(os.path.join(path + ".tmp", "fit.json"), "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"  # one per process: two runs fitting the same proxy never write into one another
+    model.eval().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    accuracy = pair_accuracy(HFRewardModel(tmp, device), held_out) if held_out else None
+    with open(os.path.join(tmp, "fit.json"), "w") as f:
         json.dump({"pairs": len(pairs), "held_out_pairs": len(held_out or []), "held_out_accuracy": accuracy, "width": width,
                    "layers": layers, "steps": steps, "last_loss": loss.item()}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        os.replace(tmp, path)  # atomic: a half-written proxy is never found
+    except OSError:  # another process saved the same proxy first: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
     return accuracy
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import data
 from data import check_writable_dir, embedded_policy
-from train import EXPLORE, METHODS, PP, arg, check_values, cli, main, pick_device, pyplot, refuse_changed_settings
+from train import EXPLORE, METHODS, PP, arg, check_values, cli, main, pick_device, proxy_labeller, pyplot, refuse_changed_settings
 
 OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: a compared row can add a suffix
 ROWS = {  # the compared rows' suffixes: what each changes from the method's own row, one thing or a named few
@@ -96,10 +96,13 @@ def compare(cfg, opts):
     if opts.compare_workers == 1 or len(todo) < 2:
         for c in tqdm(todo, desc="compare", dynamic_ncols=True):
             compare_run(c)
-    else:  # several processes; the SFT model is cached first, so that no two of them train it
-        if cfg.model == "embedded":
-            with contextlib.redirect_stdout(io.StringIO()):
-                embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))
+    else:  # several processes; the SFT model (and a proxy to fit) is cached first, so that no two of them train it
+        with contextlib.redirect_stdout(io.StringIO()):
+            tokenizer = embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))[1] if cfg.model == "embedded" else None
+            if cfg.proxy == "fit":  # and the proxy, fit once
+                from transformers import AutoTokenizer
+                tokenizer = data.prepare_tokenizer(tokenizer or AutoTokenizer.from_pretrained(cfg.model))
+                proxy_labeller(cfg, data.load_inputs(cfg), tokenizer, pick_device(cfg.device))
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
