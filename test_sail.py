@@ -1595,6 +1595,17 @@ def test_a_context_longer_than_the_model_is_refused_before_sft_trains(tmp_path):
     assert not any((tmp_path / "c").iterdir())  # refused before any SFT step
 
 
+def test_a_run_continues_under_a_newer_option_only_at_its_default():
+    """A checkpoint or compared run from before an option existed does not record it: it is the
+    same run while the option is at its default (the old behaviour), another one otherwise."""
+    cfg = train.parse_args([])
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "revkl"}
+    train.refuse_changed_settings(saved, cfg, "advice")  # no refusal
+    with pytest.raises(SystemExit) as refused:
+        train.refuse_changed_settings(saved, dataclasses.replace(cfg, revkl=0.1), "advice")
+    assert "--revkl not recorded there, 0.1 now" in str(refused.value)
+
+
 def test_a_refused_command_leaves_an_existing_run_as_it_was(runs, bad_files):
     """Every kind of refusal, pointed at a finished run's --out_dir: not one byte of it changes."""
     out = str(runs.full)

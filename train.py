@@ -1248,9 +1248,12 @@ def load_weights(model, path):
 
 
 def refuse_changed_settings(saved, cfg, advice):
-    """A run continues only with its own settings (a few, in RESUMABLE_CHANGES, may change)."""
+    """A run continues only with its own settings (a few, in RESUMABLE_CHANGES, may change). An
+    option newer than the run, not recorded in it, must be at its default (which keeps the old behaviour)."""
     changed = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in RESUMABLE_CHANGES and v != getattr(cfg, k, v)}
-    changed.update({k: ("not recorded", getattr(cfg, k)) for k in set(dataclasses.asdict(cfg)) - set(saved) - RESUMABLE_CHANGES})
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changed.update({k: ("not recorded", getattr(cfg, k)) for k in set(defaults) - set(saved) - RESUMABLE_CHANGES
+                    if getattr(cfg, k) != defaults[k]})
     if changed:
         raise SystemExit(f"error: {cfg.out_dir} holds a run with other settings ("
                          + ", ".join(f"--{k} {a} there, {b} now" for k, (a, b) in changed.items()) + f"); {advice}")

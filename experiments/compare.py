@@ -37,6 +37,7 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
 }
 REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coefficient, at a larger one, and their proxy
     "-revkl": dict(revkl=1e-3),
+    "-revkl0.01": dict(revkl=0.01),
     "-revkl0.1": dict(revkl=0.1),
     "-revkl-proxy": dict(revkl=1e-3, revkl_estimate="proxy"),
     "-revkl0.1-proxy": dict(revkl=0.1, revkl_estimate="proxy"),
@@ -49,7 +50,8 @@ class CompareOptions:
                                "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
                                "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
                                "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first; "
-                               "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.1, -revkl-proxy, -revkl0.1-proxy")
+                               "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.01, -revkl0.1, -revkl-proxy, "
+                               "-revkl0.1-proxy")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
     compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
 
@@ -320,7 +322,7 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
               "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
               "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
               "sign; -official, both: the official code's term and tie handling. -revkl adds SAIL-RevKL's penalty "
-              "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, sail.reverse_kl), -revkl0.1 at 0.1; "
+              "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, sail.reverse_kl), -revkl0.01 at 0.01, -revkl0.1 at 0.1; "
               "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (sail.revkl_proxy).", "",
               "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
               "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
