@@ -41,6 +41,7 @@ REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coef
     "-revkl0.1": dict(revkl=0.1),
     "-revkl-proxy": dict(revkl=1e-3, revkl_estimate="proxy"),
     "-revkl0.1-proxy": dict(revkl=0.1, revkl_estimate="proxy"),
+    "-revkl0.1-proxy-aligned": dict(revkl=0.1, revkl_estimate="proxy-aligned"),  # the proxy without its off-by-one
 }
 
 
@@ -51,7 +52,7 @@ class CompareOptions:
                                "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
                                "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first; "
                                "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.01, -revkl0.1, -revkl-proxy, "
-                               "-revkl0.1-proxy")
+                               "-revkl0.1-proxy, -revkl0.1-proxy-aligned")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
     compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
 
@@ -323,7 +324,7 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
               "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
               "sign; -official, both: the official code's term and tie handling. -revkl adds SAIL-RevKL's penalty "
               "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, sail.reverse_kl), -revkl0.01 at 0.01, -revkl0.1 at 0.1; "
-              "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (sail.revkl_proxy).", "",
+              "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (sail.revkl_proxy), and -revkl0.1-proxy-aligned the proxy with its logits aligned to its tokens.", "",
               "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
               "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
               "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "
