@@ -371,7 +371,7 @@ def overoptimisation_table(runs, methods):
              "| method | peak step | gold at peak | KL at peak | gold final | drop from peak | proxy final |", "|---|---|---|---|---|---|---|"]
     for m, (step, gold_peak, kl_peak, gold_final, proxy_final) in found.items():
         d, h = interval(gold_final - gold_peak)
-        drop = "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
+        drop = "none: it peaks at the end" if np.array_equal(gold_final, gold_peak) else "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
         lines.append(f"| {m} | {step} | {np.mean(gold_peak):.2f} | {np.mean(kl_peak):.1f} | {np.mean(gold_final):.2f} | {drop} | "
                      f"{np.mean(proxy_final):.2f} |")
     return lines
