@@ -782,11 +782,12 @@ def evaluate(run, eval_set, sft_rewards):
             ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                               eos_token_id=run.tokenizer.eos_token_id, generator=generator)
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
-    out = {"eval_reward": scores["eval_"].mean().item(), "eval_kl": kl.mean().item(), "eval_revkl": eval_reverse_kl(run, eval_set.ref_samples)}
-    for prefix, rewards in scores.items():
+    out = {}
+    for prefix, rewards in scores.items():  # eval_reward, eval_win (--proxy: eval_proxy_reward, eval_proxy_win)
         out[prefix + "reward"] = rewards.mean().item()
         if sft_rewards is not None:  # against the SFT model's response to the same prompt, with the same noise
             out[prefix + "win"] = ((rewards > sft_rewards[prefix]).float() + 0.5 * (rewards == sft_rewards[prefix]).float()).mean().item()
+    out.update(eval_kl=kl.mean().item(), eval_revkl=eval_reverse_kl(run, eval_set.ref_samples))
     if eval_set.pair_batch is not None:
         logps = sequence_logps_of(policy, *eval_set.pair_batch[:3], run.amp) - eval_set.pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
