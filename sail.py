@@ -127,6 +127,14 @@ def disable_dropout(model):
             module.p = 0.0
 
 
+OFFLINE, DP, PP, PR = range(4)  # the routes a pair can take: offline DPO, SAIL-DP, SAIL-PP, SAIL-PR
+
+
+def accuracy(h):
+    """Per pair: 1 if the implicit reward prefers the chosen response (h > 0), 0.5 on a tie (h = 0)."""
+    return (h > 0).float() + 0.5 * (h == 0).float()
+
+
 def pair_value(h, beta, valid=None):
     """The value of each pair in J (B,): l = log sigmoid(beta h) for a preference, and for a tie
     (valid False: the oracle scored both responses the same) the expectation over Bradley-Terry's
@@ -157,52 +165,71 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
 
 
-RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")
-
-
 def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-              label_coef=0.0, response_coef=0.0, baseline=None, valid=None, response_term="exact"):
-    """SAIL's surrogate loss per pair (module docstring): with label_coef = response_coef = 1 its
-    expected gradient is -grad J; with other coefficients it is minus the weighted sum
-    E[grad l] + label_coef * E[l grad l] + response_coef * E[l grad(L(y1) + L(y2))].
+              label_coef=0.0, response_coef=0.0, baseline=None, valid=None):
+    """SAIL's surrogate loss per pair: minus the three terms of grad J (module docstring),
+    E[grad l] + label_coef * E[l grad l] + response_coef * E[l grad(L(y1) + L(y2))], written so that
+    autograd gives them; with label_coef = response_coef = 1 its expected gradient is -grad J, with
+    both 0 it is DPO.
 
     Each *_logps argument: (B,) summed response log-probs. beta: KL strength.
     label_coef: float or (B,), weight of the label term (self-labelled pairs: SAIL-PP, SAIL-DP).
     response_coef: float or (B,), weight of the response term (policy-sampled pairs: SAIL-PR, -PP).
     baseline: None, float or (B,), an estimate of E[-v] (v = pair_value) independent of each pair's
-      own responses; it leaves the expected gradient unchanged.
+      own responses; it leaves the expected gradient unchanged and lowers its variance.
     valid: None or (B,) bool, False for a tied hard label: the pair is worth its expectation over
       Bradley-Terry's fair coin (pair_value) in all three terms, so the gradient stays exact for
       that J. (A tie has no label drawn from sigmoid(beta h), so it has no label term.)
-    response_term: how the response term is written; per response y of the pair, the gradient it
-      adds to L(y) is
-        "exact"          +coef * (-v - b)           the score-function term (J's gradient)
-        "official"       -coef * (-v) / |L(y)|      the official code's hook: the opposite sign,
-                                                    divided by |L(y)|, no baseline
-        "official-size"  +coef * (-v) / |L(y)|      the exact sign at the official size
-        "official-sign"  -coef * (-v - b)           the official sign at the exact size
-      The hook acts on the gradient whatever the loss's reduction, so it is summed over the batch:
-      a caller that averages the losses over N pairs passes the official sizes' response_coef times N.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
     v = pair_value(h, beta, valid)  # (B,) l = log sigmoid(beta h), or a tie's value
-    cost = (-v).detach()  # (B,) sg(-v): the response term's weight, a constant for autograd
-    L_w, L_l = policy_chosen_logps, policy_rejected_logps
-    if response_term in ("exact", "official-sign"):  # E[v grad(L(y1) + L(y2))]: sg(-v - b) * (L(y_w) + L(y_l))
-        response = (cost - (0.0 if baseline is None else baseline)) * (L_w + L_l)  # (B,)
-    elif response_term in ("official", "official-size"):  # sg(-v / |L(y)|) * L(y) per response
-        # (a response of probability 1, L = 0, would divide by zero: the clamp keeps it finite)
-        response = sum(cost / L.detach().abs().clamp(min=1e-6) * L for L in (L_w, L_l))  # (B,)
-    else:
-        raise ValueError(f"response_term must be one of {', '.join(RESPONSE_TERMS)}, got {response_term!r}")
-    sign = -1.0 if response_term in ("official", "official-sign") else 1.0  # the official hook's sign is flipped
     label = v if valid is None else torch.where(valid, v, 0.0)  # (B,) a tie has no self-drawn label
-    losses = (-v  # E[grad l]: DPO
-              - 0.5 * label_coef * label ** 2  # E[l grad l]: labels z ~ Bernoulli(sigmoid(beta h)) (score of the label)
-              + sign * response_coef * response)
+    cost = (-v).detach()  # (B,) sg(-v): the response term's weight, a constant for autograd
+    response = (cost - (0.0 if baseline is None else baseline)) * (policy_chosen_logps + policy_rejected_logps)  # (B,)
+    losses = (-v  # E[grad l]: DPO's term, DPO eq. 7
+              - 0.5 * label_coef * label ** 2  # E[l grad l]: grad(l^2 / 2) = l grad l, the label's score term
+              + response_coef * response)  # E[l grad(L(y1) + L(y2))]: sg(-l - b) grad L, the responses' score term
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))
+
+
+RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")
+
+
+def official_sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+                       label_coef=0.0, response_coef=0.0, baseline=None, valid=None, variant="official"):
+    """sail_loss with the official code's response term (docs/official.md, 1), for comparison.
+    Per response y of the pair, the gradient added to L(y) is
+        "official"       -coef * (-v) / |L(y)|      the official code's hook: the opposite sign,
+                                                    divided by |L(y)|, no baseline
+        "official-size"  +coef * (-v) / |L(y)|      the exact sign at the official size
+        "official-sign"  -coef * (-v - b)           the official sign at the exact size
+    against sail_loss's +coef * (-v - b). The hook acts on the gradient whatever the loss's
+    reduction, so it is summed over the batch: a caller that averages the losses over N pairs
+    passes the official sizes' response_coef times N. Arguments and returns as in sail_loss."""
+    args = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
+    if variant == "official-sign":
+        return sail_loss(*args, label_coef, -response_coef, baseline, valid)
+    if variant not in ("official", "official-size"):
+        raise ValueError(f"variant must be one of {', '.join(RESPONSE_TERMS[1:])}, got {variant!r}")
+    losses, chosen_rewards, rejected_rewards = sail_loss(*args, label_coef, 0.0, None, valid)  # DPO and the label term
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
+    cost = (-pair_value(h, beta, valid)).detach()  # (B,)
+    # sg(-v / |L(y)|) * L(y) per response (a response of probability 1, L = 0, would divide by zero: the clamp keeps it finite)
+    response = sum(cost / L.detach().abs().clamp(min=1e-6) * L for L in (policy_chosen_logps, policy_rejected_logps))  # (B,)
+    sign = -1.0 if variant == "official" else 1.0  # the official hook's sign is flipped
+    return losses + sign * response_coef * response, chosen_rewards, rejected_rewards
+
+
+def selm_bonus(policy_explore_logps, reference_explore_logps, beta, alpha):
+    """SELM's optimism bonus alpha * beta * Delta(y~) (B,) on a response y~ of the reference."""
+    return alpha * beta * (policy_explore_logps - reference_explore_logps)
+
+
+def xpo_bonus(policy_explore_logps, alpha):
+    """XPO's bonus alpha * log pi_theta(y~) (B,) on a sample y~ of the reference."""
+    return alpha * policy_explore_logps
 
 
 def selm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
@@ -218,8 +245,7 @@ def selm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     """
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
                                                         reference_chosen_logps, reference_rejected_logps, beta, valid)
-    bonus = alpha * beta * (policy_explore_logps - reference_explore_logps)  # (B,) alpha * beta * Delta(y~)
-    return losses + bonus, chosen_rewards, rejected_rewards
+    return losses + selm_bonus(policy_explore_logps, reference_explore_logps, beta, alpha), chosen_rewards, rejected_rewards
 
 
 def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
@@ -233,7 +259,7 @@ def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     """
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
                                                         reference_chosen_logps, reference_rejected_logps, beta, valid)
-    return losses + alpha * policy_explore_logps, chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
+    return losses + xpo_bonus(policy_explore_logps, alpha), chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
 
 
 REVKL_ESTIMATES = ("exact", "proxy", "proxy-aligned")

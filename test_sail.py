@@ -11,6 +11,7 @@ test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (ab
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,9 @@ import torch.nn.functional as F
 import data
 import reward
 import train
+from plumbing import checkpoint, models, options, outputs
 import sail
-from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
+from sail import dpo_loss, leave_one_out_mean, official_sail_loss, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 t = torch.tensor
@@ -119,7 +122,7 @@ def test_selm_and_xpo_gradients_on_a_tabular_policy(method):
 
 def test_the_official_response_term_has_the_gradient_of_the_official_hook():
     """The official code registers a hook on each response's log-prob that adds -coef * l / L(y)
-    to its gradient (whatever the loss's mean). sail_loss(response_term="official") with the
+    to its gradient (whatever the loss's mean). official_sail_loss(variant="official") with the
     coefficient times the batch size, averaged, gives the parameters the same gradient."""
     B, beta, coef = 3, 0.5, 0.3
     g = torch.Generator().manual_seed(4)
@@ -137,7 +140,7 @@ def test_the_official_response_term_has_the_gradient_of_the_official_hook():
     dpo_loss(L_w, L_l, ref_w, ref_l, beta)[0].mean().backward()
 
     ours = theta0.clone().requires_grad_()
-    sail_loss(*logps(ours), ref_w, ref_l, beta, response_coef=coef * B, response_term="official")[0].mean().backward()
+    official_sail_loss(*logps(ours), ref_w, ref_l, beta, response_coef=coef * B, variant="official")[0].mean().backward()
     assert torch.allclose(ours.grad, hooked.grad, rtol=1e-12, atol=1e-15)
     # ... and it is not the exact term: that one pushes both log-probs the other way
     exact = theta0.clone().requires_grad_()
@@ -157,7 +160,8 @@ def test_each_response_terms_gradient_per_pair_by_hand(term, sign, per_response)
     at the exact size."""
     c, b, cost = 0.3, 0.1, 0.4740769841801067
     pair = {k: (v.clone().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in PAIR.items()}
-    sail_loss(**pair, response_coef=c, baseline=b, response_term=term)[0].sum().backward()
+    loss = sail_loss if term == "exact" else functools.partial(official_sail_loss, variant=term)
+    loss(**pair, response_coef=c, baseline=b)[0].sum().backward()
     dpo = {k: (v.clone().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in PAIR.items()}
     dpo_loss(**dpo)[0].sum().backward()
     for name, L in (("policy_chosen_logps", -1.0), ("policy_rejected_logps", -2.0)):
@@ -171,11 +175,11 @@ def test_official_ties_keep_the_sample_order_and_get_the_hook():
     term act on (y1, y2); under --ties average it is marked a tie (the fair coin). Either way it is a
     query and a tie. The gradient of train.pair_losses then equals the official code's hook's."""
     prompts, texts = ["p0", "p1"], ["a", "b", "c", "d"]  # pair 0: (a, c), a tie; pair 1: (b, d), d better
-    pairs = SimpleNamespace(route=train.np.array([train.PR, train.PR]), prompts=prompts, texts=texts)
+    pairs = SimpleNamespace(route=np.array([sail.PR, sail.PR]), prompts=prompts, texts=texts)
     oracle = lambda p, y: t([1.0, 0.0, 1.0, 2.0])  # noqa: E731  scores of a, b, c, d
     labels = {}
     for ties in ("average", "first"):
-        run = SimpleNamespace(cfg=SimpleNamespace(label_mode="hard", ties=ties), oracle=oracle)
+        run = SimpleNamespace(cfg=SimpleNamespace(label_mode="hard", ties=ties), labeller=oracle)
         labels[ties] = train.oracle_labels(run, SimpleNamespace(label_gen=None), pairs)
         assert (labels[ties].queries, labels[ties].ties) == (2, 1)
     assert labels["average"].y1_wins.tolist() == [False, False] and labels["average"].valid.tolist() == [False, True]
@@ -626,7 +630,7 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
     K, beta = 4, 0.7
     theta, L_ref = tabular(seed=3)
     r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)
-    route = train.np.array([train.OFFLINE, train.PR, train.PR])
+    route = np.array([sail.OFFLINE, sail.PR, sail.PR])
     run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact"),
                           device=torch.device("cpu"), response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
 
@@ -880,11 +884,11 @@ def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardsti
     cfg = train.parse_args(argv)
     inputs = data.load_inputs(cfg)
     run = train.setup_run(cfg, inputs, torch.device("cpu"))
-    assert isinstance(run.oracle, reward.HFRewardModel) and isinstance(run.yardstick, reward.GoldReward)
+    assert isinstance(run.labeller, reward.HFRewardModel) and isinstance(run.gold, reward.GoldReward)
     state = train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs), history=[])
     pairs = train.build_pairs(run, state, 4)
     labels = train.oracle_labels(run, state, pairs)
-    assert torch.equal(labels.scores, run.oracle(pairs.prompts * 2, pairs.texts))  # the proxy's scores, not the gold reward's
+    assert torch.equal(labels.scores, run.labeller(pairs.prompts * 2, pairs.texts))  # the proxy's scores, not the gold reward's
     assert [p.name for p in Path(cache).iterdir() if p.name.startswith("proxy-")] != []  # cached: the run below does not fit again
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -894,7 +898,7 @@ def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardsti
     row, task = rows_of(tmp_path / "o")[-1], data.make_task(0)
     sft, tokenizer = load_model(os.path.join(cache, "embedded-sft-task0-steps40"))
     expected = evaluate_by_hand(load_model(tmp_path / "o" / "policy")[0], sft, tokenizer, task.eval_prompts, task.eval_pairs, 1.0, 0,
-                                0.1, proxy=run.oracle)
+                                0.1, proxy=run.labeller)
     assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert row["eval_proxy_reward"] != row["eval_reward"] and 0 < row["eval_proxy_win"] < 1
     assert (summary["proxy_reward_final"], summary["proxy_win_rate_vs_sft"], summary["gold_reward_final"]) == \
@@ -1065,9 +1069,9 @@ def test_every_random_stream_has_its_own_numbers():
     uniforms as the sampling stream, and seed + 1's sampling stream was seed's evaluation stream)."""
     seeds = [(s, rank, name, value) for s in range(5) for rank in (0, 1) for name, value in train.stream_seeds(s, rank).items()]
     assert len({v % 2 ** 32 for _, _, _, v in seeds}) == len({v for _, _, _, v in seeds})  # torch's CPU generator: the low 32 bits
-    shared = {name for name, per_rank in train.STREAMS if not per_rank}
+    shared = {name for name, per_rank in checkpoint.STREAMS if not per_rank}
     distinct = {(s, rank if name not in shared else 0, name): v for s, rank, name, v in seeds}
-    assert len(set(distinct.values())) == len(distinct) == 5 * (len(shared) + 2 * (len(train.STREAMS) - len(shared)))
+    assert len(set(distinct.values())) == len(distinct) == 5 * (len(shared) + 2 * (len(checkpoint.STREAMS) - len(shared)))
     first = [torch.rand(4, generator=torch.Generator().manual_seed(v)) for v in distinct.values()]
     assert len({tuple(x.tolist()) for x in first}) == len(first)
     assert train.stream_seeds(3) == train.stream_seeds(3)  # a function of the seed alone: runs are repeatable
@@ -1261,7 +1265,7 @@ def test_each_routes_loss_and_self_labels_by_hand():
     beta, rho, pi, gamma, s = 0.5, 0.11, 0.23, 0.37, 0.5
     run = SimpleNamespace(cfg=SimpleNamespace(method="mix", beta=beta, response_term="exact"), device=torch.device("cpu"),
                           label_coefs=t([0.0, rho, pi, 0.0]), response_coefs=s * t([0.0, 0.0, pi, gamma]))
-    route = train.np.array([train.OFFLINE, train.DP, train.PP, train.PR])
+    route = np.array([sail.OFFLINE, sail.DP, sail.PP, sail.PR])
     pairs = SimpleNamespace(route=route)
     logps = t([-3.0, -4.0, -5.0, -6.0, -7.0, -2.0, -9.0, -4.5])  # y1 of the 4 pairs, then y2
     ref = t([-3.5, -3.0, -5.5, -6.5, -6.0, -2.5, -8.0, -5.0])
@@ -1357,7 +1361,7 @@ def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate)
         with torch.no_grad():
             reference = sail.logits_of(run.reference, ids, attention)
         policy = sail.logits_of(before, ids, attention)
-        first = labels.y1_wins | torch.from_numpy(pairs.route == train.DP)  # (8,)
+        first = labels.y1_wins | torch.from_numpy(pairs.route == sail.DP)  # (8,)
         assert not torch.equal(first, labels.y1_wins)  # a SAIL-DP pair whose self-label chose y2: it counts as chosen
         chosen = torch.cat([first, ~first])  # (16,)
         penalty = sum(sail.revkl_proxy(policy, reference, ids, response * rows[:, None], estimate == "proxy-aligned")
@@ -1488,7 +1492,7 @@ def refusal(argv):
 def numeric_cases():
     """For every numeric option: a value below its range, and NaN and inf for the float ones."""
     cases = []
-    for test, what, names in train.RANGES:
+    for test, what, names in options.RANGES:
         for name in names:
             kind = type(getattr(train.Config, name))
             low = {"> 0": 0, ">= 0": -1, ">= 1": 0, ">= 2": 1}.get(what.split(" (")[0], -2)
@@ -1600,9 +1604,9 @@ def test_a_run_continues_under_a_newer_option_only_at_its_default():
     same run while the option is at its default (the old behaviour), another one otherwise."""
     cfg = train.parse_args([])
     saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "revkl"}
-    train.refuse_changed_settings(saved, cfg, "advice")  # no refusal
+    checkpoint.refuse_changed_settings(saved, cfg, "advice")  # no refusal
     with pytest.raises(SystemExit) as refused:
-        train.refuse_changed_settings(saved, dataclasses.replace(cfg, revkl=0.1), "advice")
+        checkpoint.refuse_changed_settings(saved, dataclasses.replace(cfg, revkl=0.1), "advice")
     assert "--revkl not recorded there, 0.1 now" in str(refused.value)
 
 
@@ -1772,7 +1776,7 @@ def lora_argv(arch, cache, checkpoints):
 def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache, checkpoints, arch):
     run, state, inputs = lora_run(["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5", "--lr", "1e-2",
                                    *lora_argv(arch, cache, checkpoints)])
-    assert isinstance(run.reference, train.AdaptersOff) and run.reference.policy is run.policy  # no second copy
+    assert isinstance(run.reference, models.AdaptersOff) and run.reference.policy is run.policy  # no second copy
     pairs = inputs.pairs[:6]
     batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
@@ -1786,7 +1790,7 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
         train.alignment_step(run, state, step)
     # Gradients reached the adapters, A and B of every target module, and nothing else.
     grads = {n: p.grad for n, p in run.policy.named_parameters() if p.grad is not None}
-    targets = train.LORA_TARGETS["gpt2" if arch == "embedded" else "gpt_neox"]
+    targets = models.LORA_TARGETS["gpt2" if arch == "embedded" else "gpt_neox"]
     adapted = {n for n, _ in run.policy.named_modules() if n.rsplit(".", 1)[-1] in targets}  # every target module
     assert set(grads) == {f"{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"}
     assert all(g.abs().sum() > 0 for g in grads.values())
@@ -1820,24 +1824,24 @@ def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, c
     argv = ["--lora_rank", "4", "--method", *method.split(), "--steps", "6", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
             "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "3", *lora_argv("neox", cache, checkpoints)]
     train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "full")]))
-    log_step = train.log_step
+    log_step = outputs.log_step
 
     def killed_after_step_3(metrics_file, row):  # the process dies there: the last checkpoint is step 2's
         log_step(metrics_file, row)
         if row["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "log_step", killed_after_step_3)
+    monkeypatch.setattr(outputs, "log_step", killed_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
     monkeypatch.undo()
-    checkpoint = type(tmp_path)(train.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
-    assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
-    assert not (checkpoint / "model.safetensors").exists()
-    assert all("lora_" in k for k in weights(checkpoint, "adapter_model.safetensors"))
+    kept = type(tmp_path)(checkpoint.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
+    assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in kept.iterdir()}
+    assert not (kept / "model.safetensors").exists()
+    assert all("lora_" in k for k in weights(kept, "adapter_model.safetensors"))
     if "selm" in method:  # SELM's reference after its update at step 2: the policy's adapters then
-        assert weights(checkpoint / "reference", "adapter_model.safetensors").keys() == \
-            weights(checkpoint, "adapter_model.safetensors").keys()
+        assert weights(kept / "reference", "adapter_model.safetensors").keys() == \
+            weights(kept, "adapter_model.safetensors").keys()
     train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))  # the same command again: it resumes
     assert_same_metrics(metrics_without_timing(tmp_path / "cut"), metrics_without_timing(tmp_path / "full"))
     a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "cut" / "policy")
@@ -1857,6 +1861,6 @@ def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, c
 
 
 def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
-    real = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    real = options.importlib.util.find_spec
+    monkeypatch.setattr(options.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     assert "--lora_rank needs the peft library: pip install peft" in refusal(["--lora_rank", "8"])

@@ -23,7 +23,11 @@ import data
 from experiments.stand_ins import STAND_INS, write_stand_in
 from sail import sample
 from data import check_writable_dir, load_inputs
-from train import State, alignment_step, arg, check_values, cli, peak_memory, pick_device, setup_run
+from plumbing.checkpoint import State
+from plumbing.distributed import pick_device
+from plumbing.options import arg, check_values
+from plumbing.outputs import peak_memory
+from train import alignment_step, cli, setup_run
 
 
 @dataclass

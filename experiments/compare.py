@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 import data
 from data import check_writable_dir, embedded_policy
-from train import EXPLORE, METHODS, PP, arg, check_values, cli, main, pick_device, proxy_labeller, pyplot, refuse_changed_settings
+from plumbing.checkpoint import refuse_changed_settings
+from plumbing.distributed import pick_device
+from plumbing.models import proxy_labeller
+from plumbing.options import arg, check_values
+from plumbing.outputs import pyplot
+from sail import PP
+from train import EXPLORE, METHODS, cli, main
 
 OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: a compared row can add a suffix
 ROWS = {  # the compared rows' suffixes: what each changes from the method's own row, one thing or a named few

@@ -1,0 +1,15 @@
+"""
+plumbing/: what a run of train.py needs that is not the algorithm (nanochat's pattern: short
+scripts over a package). A learner reads sail.py, reward.py, data.py and train.py; this package
+is called from train.py and never calls back into it.
+
+  options.py      the run's options (device, models, data, caching, evaluation, checkpoints, LoRA),
+                  every option's valid range, the one command line and its config files
+  checkpoint.py   the run's state between steps (random streams, counters), checkpoints and resume
+  distributed.py  the device, data parallelism (torchrun) and the stops on a non-finite value
+  models.py       the policy, its frozen reference, the oracle and the proxy labeller, LoRA, the optimiser
+  microbatch.py   --grad_accum: the step's pairs cut into micro-batches
+  outputs.py      the step's metrics line, metrics.jsonl, the samples shown, summary.json, the plot, timing
+
+Its tests are in plumbing/test_plumbing.py (`python -m pytest -q plumbing`).
+"""

@@ -1,0 +1,116 @@
+"""
+plumbing/distributed.py: the device, data parallelism and the stops on a non-finite value.
+
+Data parallel (ddp): `torchrun --nproc_per_node=N train.py ...` starts N copies of train.py; each
+rank samples, labels and trains on its own share of every step's pairs, DDP averages the
+gradients, and rank 0 alone evaluates, prints and writes. With one process every helper here is
+a no-op.
+"""
+import contextlib
+import gc
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from plumbing.checkpoint import latest_checkpoint, rng_states
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_device(cfg):
+    """The device, this process's rank and the number of ranks. ddp: `torchrun --nproc_per_node=N
+    train.py` starts N copies of this script; each samples, labels and trains on its own share of
+    every step's pairs, DDP averages the gradients, and rank 0 alone prints and writes."""
+    device = pick_device(cfg.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # ddp
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if rank:
+            sys.stdout = open(os.devnull, "w")
+        if cfg.batch_size % world or cfg.batch_size // world < max(2, cfg.grad_accum):
+            raise SystemExit(f"error: --batch_size {cfg.batch_size} must split into {world} ranks of >= 2 pairs and "
+                             f">= --grad_accum {cfg.grad_accum} pairs each")
+        print(f"data parallel: {world} ranks | global batch {cfg.batch_size} pairs = {world} ranks x "
+              f"{cfg.batch_size // world} pairs ({cfg.grad_accum} micro-batches each)")
+    if device.type == "cuda":  # TF32 for whatever autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    print(f"device: {device} | compute dtype: {'bfloat16 autocast' if bf16 else 'float32'}")
+    return device, rank, world
+
+
+def wrap_ddp(run):
+    """ddp: the loss's forward goes through DistributedDataParallel, which averages the gradients over ranks."""
+    if run.world > 1:
+        device = run.device
+        run.train_policy = torch.nn.parallel.DistributedDataParallel(run.policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_ranks_sum(x, world):
+    """The sum of tensor x over all ranks (x itself on one process)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def no_sync(run, last):
+    """Skip DDP's gradient averaging on all but the last micro-batch of a step."""
+    return run.train_policy.no_sync() if run.world > 1 and not last else contextlib.nullcontext()
+
+
+def gather_rng_states(state, world):
+    """Every rank's random streams, for the checkpoint (a collective: every rank calls it)."""
+    states = [rng_states(*state.generators())]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_states(*state.generators()))
+    return states
+
+
+def finish_ddp(run):
+    """At the end: check that the ranks hold the same weights, then leave the process group.
+    Returns True on rank 0, which then writes the results."""
+    checksum = torch.stack([p.detach().double().sum() for p in run.policy.parameters()]).sum().to(run.device)
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.barrier()  # every rank is past its last collective
+    # DDP holds the process group: free it now, so that gloo's threads are joined here and not
+    # during interpreter exit, where they can abort the process ("terminate called ...").
+    run.train_policy = run.policy
+    gc.collect()
+    dist.destroy_process_group()
+    if run.rank:
+        return False
+    if high != low:
+        raise SystemExit("error: the ranks' weights differ at the end of training")
+    return True
+
+
+def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
+    """A NaN or inf would poison every later step: stop now, before the update, with the last good
+    checkpoint kept. values: {name: number}. Under DDP every rank stops if any rank must."""
+    bad = [not math.isfinite(v) for v in values.values()]
+    if world > 1:  # ddp
+        bad = (all_ranks_sum(torch.tensor(bad, dtype=torch.float64, device=device), world) > 0).tolist()
+    for (name, value), stop in zip(values.items(), bad):
+        if stop:
+            kept = latest_checkpoint(out_dir)
+            raise SystemExit(f"error: step {step}: {name} is {value if not math.isfinite(value) else 'not finite on another rank'}; "
+                             "stopped before the update. "
+                             + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))

@@ -1,0 +1,44 @@
+"""
+plumbing/evaluation.py: the held-out set a run is evaluated on, fixed for the run, and the
+chunked pass that KL(pi_ref || pi_theta) needs. What the evaluation measures is train.evaluate.
+"""
+from types import SimpleNamespace
+
+import torch
+
+import data
+from plumbing.checkpoint import stream_seeds
+from plumbing.models import sample_responses
+from sail import logits_of, reverse_kl
+
+
+def make_eval_set(run, inputs, reference_logps):
+    """The held-out batches: eval_samples prompts per held-out prompt; the held-out pairs with their
+    reference log-probs (computed once, by train.reference_logps: the reference is frozen); and
+    responses of the reference at temperature 1, for KL(pi_ref || pi_theta), drawn once."""
+    cfg = run.cfg
+    prompts = [p for p in inputs.eval_prompts for _ in range(cfg.eval_samples)]
+    batch = tuple(t.to(run.device) for t in data.encode_prompts(run.tokenizer, prompts, cfg.max_prompt_len))
+    pair_batch = None
+    if inputs.eval_pairs:
+        pairs = inputs.eval_pairs
+        pair_batch = tuple(t.to(run.device) for t in data.encode_responses(
+            run.tokenizer, [x["prompt"] for x in pairs] * 2, [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs],
+            cfg.max_prompt_len, cfg.max_new_tokens))
+        pair_batch += (reference_logps(run, pair_batch),)
+    generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
+    ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator, run.ref_amp)
+    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples))
+
+
+def eval_reverse_kl(run, rows, chunk=32):
+    """KL(pi_ref || pi_theta) on held-out prompts: sail.reverse_kl on responses of the reference
+    (rows: (ids, attention_mask, response_mask), each (N, T)), averaged; `chunk` rows at a time,
+    since it needs the full logits of both models."""
+    kl = []
+    for i in range(0, len(rows[0]), chunk):
+        ids, attention, response = (t[i:i + chunk] for t in rows)
+        policy = logits_of(run.policy, ids, attention, run.amp)  # (chunk, T, V)
+        reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
+        kl.append(reverse_kl(policy, reference, response))
+    return torch.cat(kl).mean().item()

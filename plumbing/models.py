@@ -1,0 +1,206 @@
+"""
+plumbing/models.py: what the step runs on, set up once: the SFT policy and its frozen reference,
+the oracle (the yardstick of evaluation) and the labeller of online pairs (the oracle, or a
+learned proxy), LoRA adapters, the optimiser; gathered in a `Run`.
+
+The reference is a frozen copy of the SFT policy (eval mode, no gradients). With LoRA it is the
+policy itself with its adapters switched off (`AdaptersOff`): exactly the SFT model, and no second
+copy in memory. SELM's moving reference (its last iterate) is a copy of its own.
+"""
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import reward
+from data import check_writable_dir
+from plumbing.checkpoint import stream_seeds
+from sail import disable_dropout, sample
+
+
+@dataclass
+class Run:
+    """What the step needs, set up once (`setup_run`). The step changes only the weights (and
+    SELM's train_reference); `main` wraps the policy in DDP, the benchmark swaps the sampler."""
+    cfg: object                       # train.Config
+    policy: torch.nn.Module           # the model being aligned
+    reference: torch.nn.Module        # its frozen SFT copy: the loss's reference and the yardstick of KL
+    train_reference: torch.nn.Module  # the loss's reference: `reference`, or SELM's own (the last iterate)
+    tokenizer: object
+    labeller: object                  # texts -> rewards: who labels online pairs (`gold`, or --proxy)
+    gold: object                      # texts -> rewards: the oracle, evaluation's yardstick (the gold reward, or --reward_model)
+    optimizer: torch.optim.Optimizer
+    train_prompts: list
+    pairs: list
+    device: torch.device
+    ref_device: torch.device          # the reference may live on the CPU (--offload_reference)
+    amp: object                       # bf16 autocast where supported, else a no-op
+    ref_amp: object
+    pair_labels: np.ndarray           # per offline pair: the oracle labels its dataset spent on it (ties included)
+    route_probs: np.ndarray           # probabilities of (offline, SAIL-DP, SAIL-PP, SAIL-PR)
+    label_coefs: torch.Tensor         # per route: label-term coefficient
+    response_coefs: torch.Tensor      # per route: response-term coefficient
+    ref_every: int                    # SELM: copy the policy into train_reference every this many steps (0: never)
+    sft_seconds: float = 0.0
+    rank: int = 0
+    world: int = 1
+    sampler: object = sample          # draws responses (the benchmark swaps in model.generate)
+    train_policy: torch.nn.Module = None  # what the loss's forward runs through: the policy, or its DDP wrapper
+
+    def __post_init__(self):
+        if self.train_policy is None:
+            self.train_policy = self.policy
+
+
+def setup_run(cfg, inputs, device, rank=0, world=1, *, route_probs, label_coefs, response_coefs, ref_every):
+    """The oracle, the SFT policy, its frozen reference and the optimiser, in a Run with what the
+    step needs of the method (train.setup_run: route_probs, label_coefs, response_coefs, ref_every)."""
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
+    oracle = reward.GoldReward()  # the yardstick, and the labeller unless --proxy
+    if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
+        oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
+                                      dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
+    policy, tokenizer, sft_seconds = load_policy(cfg, inputs, device, rank, world)
+    labeller = proxy_labeller(cfg, inputs, tokenizer, device, rank, world) if cfg.proxy else oracle
+    # The reference: a frozen copy of the SFT policy, set up here once (eval mode, no gradients; its
+    # forward passes run under torch.no_grad in train.reference_logps). LoRA: set below.
+    ref_device = torch.device("cpu") if cfg.offload_reference else device
+    reference = None if cfg.lora_rank else copy.deepcopy(policy).to(ref_device).eval().requires_grad_(False)
+    policy.to(device).train()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    if cfg.lora_rank:
+        policy = add_lora(policy, cfg)
+        reference = AdaptersOff(policy)
+    # SELM trains in iterations: its training reference is the last iterate, so it gets its own copy
+    # (with LoRA too: a whole second model, adapters included); the SFT reference stays the yardstick of KL.
+    train_reference = reference
+    if ref_every:
+        train_reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.lora_rank else copy.deepcopy(reference)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # every weight, or (LoRA) the adapters only
+    run = Run(cfg=cfg, policy=policy, reference=reference, train_reference=train_reference, tokenizer=tokenizer, labeller=labeller, gold=oracle,
+              # fused on CUDA: one kernel per step, without the foreach path's temporary copy of the
+              # second moments (+4 bytes per trained parameter at the step)
+              optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"),
+              train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
+              ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
+              pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
+              route_probs=route_probs, label_coefs=label_coefs, response_coefs=response_coefs,
+              ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
+    lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
+    print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
+          f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'}"
+          f"{' (the yardstick; labeller: the proxy)' if cfg.proxy else ''} | method: {cfg.method} | "
+          f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
+    data.check_lengths(cfg, inputs, getattr(policy.config, "max_position_embeddings", None), tokenizer)
+    return run
+
+
+def sample_responses(run, model, prompt_ids, prompt_mask, temperature, generator, amp):
+    """One response per row of `model` (run.sampler: sail.sample, or the benchmark's), in eval mode
+    (the KV cache; gradient checkpointing only applies in train mode); the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    with amp:
+        out = run.sampler(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                          eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+    model.train(was_training)
+    return out
+
+
+def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
+    """--proxy: the labeller, a reward model loaded from a path, or (fit) fit by Bradley-Terry on the
+    offline pairs with the policy's tokenizer and cached like the SFT model; its accuracy on the
+    held-out pairs is printed (against their labels: the gold reward's, on the embedded task)."""
+    path = cfg.proxy
+    if cfg.proxy == "fit":
+        pairs = inputs.pairs[:cfg.proxy_pairs or None]
+        # what it was fit on and how: the pairs, the tokenizer, the seed of its start and batches
+        made_of = [pairs, sorted(tokenizer.get_vocab().items()), cfg.task_seed, cfg.proxy_width, cfg.proxy_steps]
+        digest = hashlib.sha1(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:10]
+        path = os.path.join(cfg.cache_dir, f"proxy-pairs{len(pairs)}-width{cfg.proxy_width}-{digest}")
+        if world > 1 and rank:  # ddp: rank 0 fits and caches it first
+            dist.barrier()
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            check_writable_dir(cfg.cache_dir, "--cache_dir")
+            t0 = time.perf_counter()
+            reward.fit_reward_model(path, pairs, inputs.eval_pairs, copy.deepcopy(tokenizer), width=cfg.proxy_width,
+                                    steps=cfg.proxy_steps, seed=cfg.task_seed, device=device)
+            print(f"proxy: fit on {len(pairs)} pairs and saved to {path} in {time.perf_counter() - t0:.1f}s")
+        if world > 1 and not rank:
+            dist.barrier()
+    proxy = reward.HFRewardModel(path, device, cfg.reward_batch_size, what="--proxy")
+    if inputs.eval_pairs:
+        print(f"proxy: {path} | held-out pair accuracy {reward.pair_accuracy(proxy, inputs.eval_pairs):.3f} "
+              f"({len(inputs.eval_pairs)} pairs)")
+    return proxy
+
+
+def load_policy(cfg, inputs, device, rank=0, world=1):
+    """The SFT policy and its tokenizer (the embedded one, trained once and cached, or --model as
+    loaded: then there is no SFT phase), dropout off; and the seconds SFT took."""
+    if cfg.model == "embedded":
+        if world > 1 and rank:  # ddp: rank 0 trains and caches the SFT model first
+            dist.barrier()
+        policy, tokenizer, sft_seconds = data.embedded_policy(cfg, inputs.task, device)
+        if world > 1 and not rank:
+            dist.barrier()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        policy, sft_seconds = reward.load_pretrained(AutoModelForCausalLM, cfg.model, "--model"), 0.0
+        tokenizer = reward.load_pretrained(AutoTokenizer, cfg.model, "--model")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
+    data.prepare_tokenizer(tokenizer)
+    disable_dropout(policy)
+    return policy, tokenizer, sft_seconds
+
+
+# LoRA's target modules per architecture: every linear map of attention and MLP, as in the LoRA
+# papers' later practice (GPT-2's are Conv1D, weights stored transposed: fan_in_fan_out).
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
+
+
+def add_lora(policy, cfg):
+    """The policy with LoRA adapters (peft): W x + (alpha / r) B A x, B = 0 at the start, so the
+    policy begins exactly at the SFT model. Only A and B require gradients; the rest is frozen."""
+    import peft
+
+    arch = policy.config.model_type
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=LORA_TARGETS.get(arch, "all-linear"), fan_in_fan_out=arch == "gpt2")
+    cuda = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # A's random start depends on --seed alone, not on what ran before
+        torch.manual_seed(stream_seeds(cfg.seed)["lora"])
+        model = peft.get_peft_model(policy, config)
+    if cfg.gradient_checkpointing:  # reentrant checkpointing (older transformers) needs inputs that require grad
+        model.enable_input_require_grads()
+    return model
+
+
+class AdaptersOff:
+    """The reference of a LoRA policy: the same model, called with its adapters switched off,
+    which is exactly the SFT model. Only calls (forward passes, under no_grad) and what sampling
+    reads (its mode, config and base model) are allowed: anything else, such as .generate, would
+    run with the adapters on, so it raises."""
+    SHARED = {"training", "train", "eval", "config", "get_base_model"}  # the policy's own: the one model's mode
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy(**inputs)
+
+    def __getattr__(self, name):
+        if name not in AdaptersOff.SHARED:
+            raise AttributeError(f"the LoRA reference has no {name!r}: call it, as a model's forward")
+        return getattr(self.policy, name)
