@@ -223,6 +223,24 @@ def encode_responses(tokenizer, prompts, responses, max_prompt_len, max_response
     return ids, torch.cat([p_mask, r_mask], 1), torch.cat([torch.zeros_like(p_mask), r_mask], 1)
 
 
+@dataclass
+class Pairs:
+    """The B preference pairs of one training step (train.build_pairs; ddp: this rank's share).
+    `batch` holds their responses as rows, in this order (row i and row B + i are pair i's two):
+
+        rows 0 .. B-1     y1 of every pair: the dataset pairs first (y1 their chosen response), then the online ones
+        rows B .. 2B-1    y2 of every pair, in the same order (a dataset pair's rejected response)
+        rows 2B .. 3B-1   SELM and XPO only: y~, a response of the reference to each pair's prompt
+
+    Each row is its prompt (left-padded), its response, then padding: docs/usage.md draws a batch."""
+    route: np.ndarray  # (B,) sail.OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
+    prompts: list      # (B,) the prompt of each pair
+    texts: list        # (2B,) y1 of every pair, then y2
+    batch: tuple       # (ids, attention_mask, response_mask), each (2B [+ B], T)
+    generated: int     # tokens sampled for it
+    ref_samples: tuple = None  # SAIL-RevKL (exact): one y ~ pi_ref per pair, each (B, T')
+
+
 def pad_cat(batches, pad_id):
     """Concatenate batches of (ids, attention_mask, response_mask) along the batch dimension,
     right-padding each to the longest (safe: position ids come from the attention mask)."""

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,18 @@ def fit_reward_model(path, pairs, held_out, tokenizer, width=64, layers=2, steps
 
 # ---------------------------------------------------------------------------------------------
 # Turning scores into pairwise labels.
+
+@dataclass
+class Labels:
+    """Who won each pair: y1 until a label says otherwise (the oracle's for SAIL-PR pairs, the
+    policy's own for SAIL-DP and SAIL-PP pairs)."""
+    y1_wins: torch.Tensor  # (B,) bool
+    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (worth its fair-coin value: sail.pair_value)
+    scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
+    score_sum: float = 0.0  # checked for NaN / inf
+    queries: int = 0
+    ties: int = 0
+
 
 def bradley_terry_label(r1, r2, mode="hard", generator=None, ties="average"):
     """Label pairs (y1, y2) from their rewards r1, r2, each (B,).

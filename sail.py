@@ -311,6 +311,15 @@ def revkl_proxy(policy_logits, reference_logits, ids, response_mask, aligned=Fal
     return torch.where(mask, log_r - log_p, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def revkl_proxy_of_pairs(policy_logits, reference_logits, ids, response_mask, y1_chosen, on="both", aligned=False):
+    """revkl_proxy on a batch of m pairs as the authors' code applies it: on the chosen responses, the
+    rejected ones, or the mean of the two (on="both"). Rows: y1 of every pair, then y2 (2m);
+    y1_chosen: (m,) bool, which of each pair's responses their code calls chosen. Returns a scalar."""
+    chosen = torch.cat([y1_chosen, ~y1_chosen])  # (2m,)
+    parts = [rows for name, rows in (("chosen", chosen), ("rejected", ~chosen)) if on in (name, "both")]
+    return sum(revkl_proxy(policy_logits, reference_logits, ids, response_mask * rows[:, None], aligned) for rows in parts) / len(parts)
+
+
 def _implicit_rewards(pc, pr, rc, rr, beta):
     return beta * (pc - rc).detach(), beta * (pr - rr).detach()
 

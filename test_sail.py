@@ -1,16 +1,19 @@
 """
-test_sail.py: the tests pin numbers. Run: `python -m pytest -q test_sail.py` (about 2 minutes on 2 CPU cores; `python -m pytest -q` runs it with experiments/test_experiments.py).
+test_sail.py: the tests of the four modules (sail.py, reward.py, data.py, train.py); they pin numbers.
+Run: `python -m pytest -q test_sail.py` (under a minute on 2 CPU cores); `python -m pytest -q` runs it
+with plumbing/test_plumbing.py and experiments/test_experiments.py.
 
   * losses: DPO and SAIL values and gradients computed by hand
   * masks: log-prob masks and sampled-response masks against literal tensors
   * padding: a sequence's log-probs and greedy continuation do not depend on its batch or padding
   * the exact-gradient check for SAIL-PR, SAIL-PP and SAIL-DP (and SELM, XPO) on a tabular policy
   * labellers, the gold reward, the HF reward-model wrapper, JSONL errors
+  * one step of train.py recomputed by hand: each route's loss and self-labels, the RevKL penalty,
+    the logged figures, the evaluation and the summary; bad data files refused with file, line, field
   * end to end: `python train.py` for a few steps changes the policy and writes a full summary
 """
 import contextlib
 import copy
-import dataclasses
 import functools
 import io
 import json
@@ -30,7 +33,6 @@ import torch.nn.functional as F
 import data
 import reward
 import train
-from plumbing import checkpoint, models, options, outputs
 import sail
 from sail import dpo_loss, leave_one_out_mean, official_sail_loss, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
 
@@ -979,48 +981,8 @@ def test_train_py_end_to_end(runs, cache):
     assert policy.generate(t([[1, 2]]), max_new_tokens=3, do_sample=False).shape[1] >= 3
 
 
-def test_help_lists_every_option(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    help_text = capsys.readouterr().out
-    for f in dataclasses.fields(train.Config):
-        assert f"--{f.name}" in help_text
-    assert "(default: sail-pr)" in help_text
-
-
-def test_a_config_file_gives_the_options_and_flags_after_it_override(tmp_path):
-    """`python train.py run.yaml` (or .json), as in Hugging Face's example scripts."""
-    (tmp_path / "run.yaml").write_text("method: sail-pp\nlr: 5e-4  # YAML reads this as a string\nsteps: 7\ngradient_checkpointing: true\n")
-    (tmp_path / "run.json").write_text('{"method": "sail-pp", "lr": 0.0005, "steps": 7, "gradient_checkpointing": true}')
-    for name in ("run.yaml", "run.json"):
-        cfg = train.parse_args([str(tmp_path / name), "--steps", "9"])
-        assert (cfg.method, cfg.lr, cfg.steps, cfg.gradient_checkpointing, cfg.beta) == ("sail-pp", 5e-4, 9, True, 0.1)
-    assert train.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True  # a bare boolean flag
-    assert train.parse_args(["--gradient_checkpointing", "false"]).gradient_checkpointing is False
-    (tmp_path / "bad.yaml").write_text("lrr: 0.1\n")
-    (tmp_path / "zero.yaml").write_text("beta: 0\n")
-    (tmp_path / "list.yaml").write_text("- steps\n")
-    for name, message in [("bad.yaml", ": unknown option(s) 'lrr'"), ("zero.yaml", "error: --beta must be > 0, got 0.0"),
-                          ("list.yaml", ": expected a mapping of option: value, got list"), ("none.yaml", ": no such config file")]:
-        with pytest.raises(SystemExit) as e:
-            train.parse_args([str(tmp_path / name)])
-        assert message in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "ppo"], "--method 'ppo'"), (["--beta", "0"], "--beta must be > 0"),
-    (["--method", "mix", "--r", "0.5", "--p", "0.5", "--g", "0.5"], "--r + --p + --g must be <= 1"),
-    (["--rho", "-1"], "--rho must be >= 0"),
-    (["--model", "some/model", "--prompts", "p.jsonl", "--method", "sail-dp"], "--method sail-dp trains on offline pairs: give --pairs"),
-])
-def test_bad_options_are_refused(argv, message):
-    with pytest.raises(SystemExit) as refused:
-        train.parse_args(argv)
-    assert str(refused.value).startswith("error: ") and message in str(refused.value)
-
-
 # ---------------------------------------------------------------------------------------------
-# Never lose a run: kill and resume, determinism, non-finite values, bad input
+# A run's metrics and weights, as the tests here and in plumbing/test_plumbing.py compare them
 
 TIMING = ("dt", "t_")
 
@@ -1050,39 +1012,6 @@ def assert_same_metrics(a, b):
         for k in EVAL_TOLERANT:
             if k in x:  # evaluation steps only
                 assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), (x["step"], k)
-
-
-def test_killed_run_resumes_to_the_same_result(runs):
-    """SIGKILL a real run between checkpoints, run the same command again: it resumes and ends with
-    the same weights and the same metrics lines as a run that was never interrupted."""
-    assert runs.killed, "the run finished before it could be killed"
-    assert "resuming from" in runs.resumed
-    assert_same_metrics(metrics_without_timing(runs.cut), metrics_without_timing(runs.full))
-    a, b = weights(runs.full / "policy"), weights(runs.cut / "policy")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_every_random_stream_has_its_own_numbers():
-    """Every stream of a run is seeded from the root --seed through np.random.SeedSequence: no two
-    streams of one run, of two ranks (those drawn per rank) or of seeds 0-4 (experiments.compare's replicates)
-    share a seed, and the first numbers they draw differ (the label stream used to draw the same
-    uniforms as the sampling stream, and seed + 1's sampling stream was seed's evaluation stream)."""
-    seeds = [(s, rank, name, value) for s in range(5) for rank in (0, 1) for name, value in train.stream_seeds(s, rank).items()]
-    assert len({v % 2 ** 32 for _, _, _, v in seeds}) == len({v for _, _, _, v in seeds})  # torch's CPU generator: the low 32 bits
-    shared = {name for name, per_rank in checkpoint.STREAMS if not per_rank}
-    distinct = {(s, rank if name not in shared else 0, name): v for s, rank, name, v in seeds}
-    assert len(set(distinct.values())) == len(distinct) == 5 * (len(shared) + 2 * (len(checkpoint.STREAMS) - len(shared)))
-    first = [torch.rand(4, generator=torch.Generator().manual_seed(v)) for v in distinct.values()]
-    assert len({tuple(x.tolist()) for x in first}) == len(first)
-    assert train.stream_seeds(3) == train.stream_seeds(3)  # a function of the seed alone: runs are repeatable
-
-
-def test_same_seed_same_run(tmp_path, cache, few_eval_pairs):
-    argv = ["--steps", "2", "--method", "mix", "--g", "0.5", "--p", "0.3", "--r", "0.2", "--cache_dir", cache, *FAST,
-            "--eval_pairs", few_eval_pairs]
-    for name in ("a", "b"):
-        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / name)]))
-    assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1311,25 +1240,6 @@ def gradient(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def one_step_gradient(cache, method, grad_accum, monkeypatch):
-    """The gradient of step 1 from a perturbed SFT policy, with the given micro-batches."""
-    run, state = perturbed_run(cache, ["--method", *method.split(), "--grad_accum", str(grad_accum)])
-    row, (pairs, labels) = train.alignment_step(run, state, 1)
-    return row, gradient(run.policy), labels
-
-
-@pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "selm", "sail-pr --revkl 0.5"])
-def test_micro_batches_give_the_update_of_one_batch(cache, method, monkeypatch, capsys):
-    """--grad_accum 4 cuts the same 8 pairs (same samples, labels, self-labels, ties, baselines) into
-    micro-batches of 2: the gradient and every logged figure equal those of one batch of 8."""
-    row1, grad1, labels1 = one_step_gradient(cache, method, 1, monkeypatch)
-    row4, grad4, labels4 = one_step_gradient(cache, method, 4, monkeypatch)
-    assert torch.equal(labels1.y1_wins, labels4.y1_wins) and torch.equal(labels1.valid, labels4.valid)
-    assert torch.allclose(grad1, grad4, rtol=1e-4, atol=1e-7) and grad1.abs().max() > 0
-    figures = [k for k in row1 if not k.startswith(("dt", "t_"))]
-    assert {k: row4[k] for k in figures} == pytest.approx({k: row1[k] for k in figures}, rel=1e-5, abs=1e-7)
-
-
 @pytest.mark.parametrize("estimate", ["exact", "proxy", "proxy-aligned"])
 def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate):
     """--revkl c changes nothing else in a step (the same pairs, labels and losses: the reference's
@@ -1406,43 +1316,6 @@ def test_ties_are_counted_left_out_and_scored_rows_only_are_averaged(tmp_path, c
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: only offline pairs, h = 0
 
 
-def test_xpo_with_sampled_labels_resumes_exactly(tmp_path, cache, no_eval):
-    """Resuming restores every random stream, XPO's samples of the reference and the sampled oracle
-    labels included: 1 step then 2 more equal 3 steps (bit for bit, weights and training figures)."""
-    argv = ["--method", "xpo", "--label_mode", "sampled", "--cache_dir", cache, *SHORT]
-    train.main(train.parse_args(argv + ["--steps", "1", "--out_dir", str(tmp_path / "cut")]))
-    train.main(train.parse_args(argv + ["--steps", "3", "--out_dir", str(tmp_path / "cut")]))
-    train.main(train.parse_args(argv + ["--steps", "3", "--out_dir", str(tmp_path / "full")]))
-    training = [[{k: v for k, v in r.items() if not k.startswith("eval_")} for r in metrics_without_timing(tmp_path / d)]
-                for d in ("cut", "full")]  # the cut run also evaluated at its end, step 1
-    assert training[0] == training[1]
-    a, b = weights(tmp_path / "cut" / "policy"), weights(tmp_path / "full" / "policy")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path, cache, monkeypatch):
-    calls = {"n": 0}
-    real_oracle = reward.GoldReward.__call__
-
-    def oracle_breaks_at_step_2(self, prompts, responses):  # each step makes one labelling call
-        calls["n"] += 1
-        scores = real_oracle(self, prompts, responses)
-        return scores * float("nan") if calls["n"] == 2 else scores
-
-    monkeypatch.setattr(reward.GoldReward, "__call__", oracle_breaks_at_step_2)
-    cfg = train.parse_args(["--steps", "4", "--g", "1", "--save_every", "1", "--out_dir", str(tmp_path), "--cache_dir", cache,
-                            "--sft_steps", "40", "--eval_every", "100", "--sample_every", "100", "--eval_samples", "1"])
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({"eval_reward": 0.0}, None))  # keep the call count simple
-    with pytest.raises(SystemExit, match=r"step 2: an oracle reward is nan.*checkpoint is kept"):
-        train.main(cfg)
-    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
-
-    monkeypatch.setattr(reward.GoldReward, "__call__", real_oracle)
-    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (torch.full((16,), float("inf"), requires_grad=True), None, None))
-    with pytest.raises(SystemExit, match=r"step 1: the loss is inf"):
-        train.main(train.parse_args(["--g", "1", "--out_dir", str(tmp_path / "b"), "--cache_dir", cache, "--sft_steps", "40"]))
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -1489,49 +1362,6 @@ def refusal(argv):
     return message
 
 
-def numeric_cases():
-    """For every numeric option: a value below its range, and NaN and inf for the float ones."""
-    cases = []
-    for test, what, names in options.RANGES:
-        for name in names:
-            kind = type(getattr(train.Config, name))
-            low = {"> 0": 0, ">= 0": -1, ">= 1": 0, ">= 2": 1}.get(what.split(" (")[0], -2)
-            cases.append((name, str(kind(low)), f"--{name} must be {what}"))
-            if kind is float:
-                cases += [(name, "nan", f"--{name} must be a finite number, got nan"),
-                          (name, "inf", f"--{name} must be a finite number, got inf")]
-    return cases
-
-
-@pytest.mark.parametrize("name,value,message", numeric_cases())
-def test_every_numeric_option_refuses_values_out_of_range(name, value, message):
-    assert message in refusal([f"--{name}", value])
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--r", "1.5"], "--r must be between 0 and 1"), (["--holdout", "1"], "--holdout must be strictly between 0 and 1"),
-    (["--batch_size", "4", "--grad_accum", "6"], "--grad_accum 6 must be <= --batch_size 4"),
-    (["--label_mode", "soft"], "--label_mode 'soft'"),
-    (["--device", "gpu"], "--device 'gpu': choose auto, cpu"), (["--device", "cuda:99"], "--device cuda:99: "),
-    (["--lora_rank", "8", "--offload_reference", "true"], "--offload_reference with --lora_rank: the reference is the policy"),
-    (["--steps", "ten"], None),  # argparse's own message: "argument --steps: invalid int value: 'ten'"
-])
-def test_other_bad_options_are_refused(argv, message, capsys):
-    if message is None:  # a value that is not a number at all: argparse refuses it with usage, exit status 2
-        with pytest.raises(SystemExit) as refused:
-            train.cli(argv)
-        assert refused.value.code == 2 and "argument --steps: invalid int value: 'ten'" in capsys.readouterr().err
-    else:
-        assert message in refusal(argv)
-
-
-def test_a_device_the_machine_lacks_is_refused():
-    missing = "mps" if torch.cuda.is_available() and not torch.backends.mps.is_available() else "cuda"
-    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
-        assert refusal(["--device", "cuda"]) == f"error: --device cuda: no CUDA GPU is available here (torch {torch.__version__}); use --device auto or cpu"
-    assert refusal(["--device", missing]).startswith(f"error: --device {missing}")
-
-
 def unreadable(tmp_path):
     """A file that exists and cannot be read: chmod 000, or for root (who reads anything, as in
     CI) /proc/self/mem, whose first page is unmapped, so reading it fails with EIO."""
@@ -1574,293 +1404,7 @@ def test_bad_data_files_are_refused(bad_files, option, name, message):
     assert not (bad_files / "out").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("option", ["--model", "--reward_model"])
-@pytest.mark.parametrize("name,message", [
-    ("missing-model", "cannot be loaded"), ("a-file", "is a file; expected a directory written by save_pretrained"),
-    ("no-config", "no config.json in this directory"), ("broken", "cannot be loaded"),
-])
-def test_models_that_cannot_be_loaded_are_refused(bad_files, cache, option, name, message):
-    path = str(bad_files / name)
-    got = refusal([option, path, "--out_dir", str(bad_files / "out"), "--cache_dir", cache, "--sft_steps", "40"])
-    assert got.startswith(f"error: {option} {path}: {message}") and len(got.splitlines()) == 1, got
-
-
-@pytest.mark.parametrize("option", ["--out_dir", "--cache_dir"])
-@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
-def test_directories_that_cannot_be_written_are_refused(bad_files, option, where):
-    argv = {"--out_dir": str(bad_files / "out"), "--cache_dir": str(bad_files / "cache"), option: str(bad_files / where)}
-    message = refusal([x for k, v in argv.items() for x in (k, v)] + ["--sft_steps", "40"])
-    assert message.startswith(f"error: {option} '{bad_files / where}' cannot be written: ")
-
-
 def test_a_context_longer_than_the_model_is_refused_before_sft_trains(tmp_path):
     with pytest.raises(SystemExit, match="60 \\+ --max_new_tokens 24 = 84 tokens, more than the model's 64 positions"):
         train.main(train.parse_args(["--max_prompt_len", "60", "--cache_dir", str(tmp_path / "c"), "--out_dir", str(tmp_path / "o")]))
     assert not any((tmp_path / "c").iterdir())  # refused before any SFT step
-
-
-def test_a_run_continues_under_a_newer_option_only_at_its_default():
-    """A checkpoint or compared run from before an option existed does not record it: it is the
-    same run while the option is at its default (the old behaviour), another one otherwise."""
-    cfg = train.parse_args([])
-    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "revkl"}
-    checkpoint.refuse_changed_settings(saved, cfg, "advice")  # no refusal
-    with pytest.raises(SystemExit) as refused:
-        checkpoint.refuse_changed_settings(saved, dataclasses.replace(cfg, revkl=0.1), "advice")
-    assert "--revkl not recorded there, 0.1 now" in str(refused.value)
-
-
-def test_a_refused_command_leaves_an_existing_run_as_it_was(runs, bad_files):
-    """Every kind of refusal, pointed at a finished run's --out_dir: not one byte of it changes."""
-    out = str(runs.full)
-    before = {p: p.read_bytes() for p in runs.full.rglob("*") if p.is_file()}
-    stamps = {p: p.stat().st_mtime_ns for p in before}
-    for argv in (["--lr", "nan"], ["--device", "cuda:99"], ["--prompts", str(bad_files / "latin1.jsonl")],
-                 ["--model", str(bad_files / "broken")], ["--steps", "8", "--beta", "0.2"],  # other settings than the run's
-                 ["--reward_model", str(bad_files / "no-config")], ["--cache_dir", str(bad_files / "a-file")]):
-        refusal(argv + ["--out_dir", out])
-    assert {p: p.read_bytes() for p in runs.full.rglob("*") if p.is_file()} == before
-    assert {p: p.stat().st_mtime_ns for p in before} == stamps
-
-
-def test_python_train_py_refuses_with_one_line_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--lr", "nan", "--temperature", "0", "--out_dir", str(tmp_path / "o")],
-                            cwd=HERE, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.splitlines() == ["error: --lr must be a finite number, got nan", "error: --temperature must be > 0, got 0.0"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Real checkpoints: GPT-2 and GPT-NeoX policies and a reward model with another tokenizer, all
-# built and saved here with save_pretrained (no hub), then given to train.py by path
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    root = tmp_path_factory.mktemp("checkpoints")
-    task = data.make_task(0, n_sft=400, n_pairs=40, n_eval_pairs=8)
-    texts = [p + y for p, y in task.sft]
-    # GPT-2: byte-level BPE with EOS only (the pad token is added by data.prepare_tokenizer).
-    tok = data.build_tokenizer(texts, vocab_size=300)
-    model = tiny_causal_lm("gpt2", vocab=len(tok))
-    model.config.eos_token_id = model.config.bos_token_id = tok.eos_token_id
-    model.save_pretrained(root / "gpt2")
-    tok.save_pretrained(root / "gpt2")
-    # GPT-NeoX (Pythia): its own special tokens, EOS id 0 and a separate pad token id 1.
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|padding|>")
-    tiny_causal_lm("gpt_neox", vocab=len(tok)).save_pretrained(root / "neox")
-    tok.save_pretrained(root / "neox")
-    # The reward model: a word-level tokenizer, unlike either policy's.
-    words = sorted({w for x in texts for w in x.replace(":", " :").replace("?", " ?").split()})
-    rm_tok = word_tokenizer(words)
-    torch.manual_seed(0)
-    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(rm_tok), n_positions=64, n_embd=8, n_layer=1, n_head=2, num_labels=1,
-                                             pad_token_id=rm_tok.pad_token_id)).save_pretrained(root / "rm")
-    rm_tok.save_pretrained(root / "rm")
-    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in task.train_prompts[:40]])
-    pairs = write_jsonl(root / "pairs.jsonl", task.pairs)
-    return SimpleNamespace(root=root, prompts=prompts, pairs=pairs, rm_words=set(words))
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "neox"])
-def test_real_checkpoints_end_to_end(tmp_path, checkpoints, arch, monkeypatch):
-    seen = []
-    real_call = reward.HFRewardModel.__call__
-
-    def spy(self, prompts, responses):  # record what the reward model is given and how it tokenizes it
-        seen.append((list(prompts), list(responses), self.tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]))
-        return real_call(self, prompts, responses)
-
-    monkeypatch.setattr(reward.HFRewardModel, "__call__", spy)
-    out = tmp_path / "out"
-    summary = train.main(train.parse_args([
-        "--model", str(checkpoints.root / arch), "--reward_model", str(checkpoints.root / "rm"),
-        "--prompts", checkpoints.prompts, "--pairs", checkpoints.pairs, "--method", "mix", "--r", "0.25", "--p", "0.25",
-        "--g", "0.5", "--steps", "2", "--batch_size", "8", "--max_new_tokens", "8", "--eval_samples", "1",
-        "--grad_accum", "2", "--reward_batch_size", "5", "--out_dir", str(out)]))
-    assert SUMMARY_KEYS <= set(summary) and math.isfinite(summary["gold_reward_final"])
-    # The reward model was given decoded text (prompt + response) and read it with its own tokenizer.
-    prompt_texts = {json.loads(x)["prompt"] for x in open(checkpoints.prompts)}
-    assert seen and all(isinstance(r, str) for _, rs, _ in seen for r in rs)
-    assert all(p in prompt_texts for ps, _, _ in seen for p in ps)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    rm_tok = AutoTokenizer.from_pretrained(checkpoints.root / "rm")
-    policy_tok = AutoTokenizer.from_pretrained(checkpoints.root / arch)
-    prompt, response, rm_ids = seen[0][0][0], seen[0][1][0], seen[0][2][0]
-    assert rm_ids == rm_tok(prompt + response)["input_ids"] != policy_tok(prompt + response)["input_ids"]
-    assert any(rm_tok.convert_ids_to_tokens(i) in checkpoints.rm_words for i in rm_ids)  # real words, not all [UNK]
-    # The final policy loads back with from_pretrained and generates.
-    policy = AutoModelForCausalLM.from_pretrained(out / "policy")
-    tok = AutoTokenizer.from_pretrained(out / "policy")
-    ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
-    assert policy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                           pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data parallel: torchrun, 2 processes on the CPU (gloo)
-
-def torchrun(*argv):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", "train.py", *argv]
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # should a rank ever crash, its Python stack is in stderr
-    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_two_ranks_of_half_the_batch_equal_one_rank_of_the_whole(tmp_path, checkpoints):
-    """Offline DPO on 2 ranks x 4 pairs is the update of 1 rank x 8 pairs. What is invariant is
-    checked, not the weights' largest difference: Adam divides by sqrt(v), so float-rounding noise
-    in a near-zero gradient (the sum order differs with the split) moves a few coordinates by up to
-    lr either way, by an amount that depends on the machine."""
-    argv = ["--model", str(checkpoints.root / "gpt2"), "--pairs", checkpoints.pairs, "--prompts", checkpoints.prompts,
-            "--method", "dpo", "--steps", "2", "--batch_size", "8", "--eval_samples", "1", "--max_new_tokens", "8",
-            "--eval_every", "2"]
-    torchrun(*argv, "--out_dir", str(tmp_path / "two"))
-    train.main(train.parse_args([*argv, "--out_dir", str(tmp_path / "one")]))
-    one, two = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
-    # The same loss at every step (step 1: the same forward; step 2: the same update before it).
-    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-6)
-    # The same gradient before the first update: its norm, averaged over ranks by DDP.
-    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-5)
-    # The weights: their mean difference is rounding noise next to the mean update (~1e-3 per step).
-    sft, a, b = weights(checkpoints.root / "gpt2"), weights(tmp_path / "one" / "policy"), weights(tmp_path / "two" / "policy")
-    update = torch.cat([(a[k] - sft[k]).abs().flatten() for k in a]).mean()
-    noise = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
-    assert update > 1e-4 and noise < 1e-3 * update, (noise, update)
-
-
-def test_an_online_method_with_lora_under_two_ranks(tmp_path, checkpoints):
-    """SAIL-PR with SAIL-RevKL's penalty on 2 ranks, DDP over a peft model: each rank samples and
-    labels its own 4 pairs of a step (and its own samples of the reference); one process prints
-    (rank 0); the oracle queries are summed over ranks (2 steps x 8 pairs); the run itself checks at
-    its end that both ranks hold the same weights, adapters included (finish_ddp), and the adapters
-    trained."""
-    out = tmp_path / "out"
-    result = torchrun("--model", str(checkpoints.root / "gpt2"), "--prompts", checkpoints.prompts, "--method", "sail-pr", "--g", "1",
-                      "--lora_rank", "4", "--lr", "1e-2", "--revkl", "0.1", "--steps", "2", "--batch_size", "8", "--eval_samples", "1",
-                      "--max_new_tokens", "8", "--sample_every", "1", "--out_dir", str(out))
-    assert result.stdout.count("step 2 | loss") == 1 and result.stdout.count("prompt ") == 2
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["oracle_queries"] == 16
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "metrics.jsonl", "policy", "reward.png", "summary.json"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    assert all("lora_" in k for k in weights(out / "checkpoint", "adapter_model.safetensors"))
-    sft, merged = weights(checkpoints.root / "gpt2"), weights(out / "policy")  # saved merged: W + (alpha / r) B A
-    assert merged.keys() == sft.keys() and any(not torch.equal(merged[k], sft[k]) for k in sft)
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA (peft): adapters only are trained, the reference is the policy with its adapters off
-
-def lora_run(argv):
-    """A run set up as train.py does it, with LoRA, and its state; nothing trained yet."""
-    cfg = train.parse_args(["--lora_rank", "4", "--batch_size", "4", "--max_new_tokens", "8", *argv])
-    inputs = data.load_inputs(cfg)
-    run = train.setup_run(cfg, inputs, torch.device("cpu"))
-    return run, train.State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]), inputs
-
-
-def lora_argv(arch, cache, checkpoints):
-    if arch == "embedded":  # GPT-2's Conv1D layers (fan_in_fan_out)
-        return ["--cache_dir", cache, "--sft_steps", "40"]
-    return ["--model", str(checkpoints.root / "neox"), "--prompts", checkpoints.prompts, "--pairs", checkpoints.pairs]
-
-
-@pytest.mark.parametrize("arch", ["embedded", "neox"])
-def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache, checkpoints, arch):
-    run, state, inputs = lora_run(["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5", "--lr", "1e-2",
-                                   *lora_argv(arch, cache, checkpoints)])
-    assert isinstance(run.reference, models.AdaptersOff) and run.reference.policy is run.policy  # no second copy
-    pairs = inputs.pairs[:6]
-    batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
-                                  [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
-    sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
-    sft_logps = sail.sequence_logps_of(sft, *batch, OFF)  # (12,)
-    # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
-    assert torch.equal(train.reference_logps(run, batch), sft_logps)
-    assert torch.equal(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
-    frozen = {n: p.detach().clone() for n, p in run.policy.named_parameters() if not p.requires_grad}
-    for step in (1, 2, 3):
-        train.alignment_step(run, state, step)
-    # Gradients reached the adapters, A and B of every target module, and nothing else.
-    grads = {n: p.grad for n, p in run.policy.named_parameters() if p.grad is not None}
-    targets = models.LORA_TARGETS["gpt2" if arch == "embedded" else "gpt_neox"]
-    adapted = {n for n, _ in run.policy.named_modules() if n.rsplit(".", 1)[-1] in targets}  # every target module
-    assert set(grads) == {f"{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"}
-    assert all(g.abs().sum() > 0 for g in grads.values())
-    assert sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]) == sum(g.numel() for g in grads.values())
-    # The frozen weights did not move; the policy did; the reference is still exactly the SFT model.
-    assert all(torch.equal(p, frozen[n]) for n, p in run.policy.named_parameters() if n in frozen)
-    assert not torch.allclose(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
-    assert torch.equal(train.reference_logps(run, batch), sft_logps)
-
-
-def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpoints):
-    grads = []
-    for checkpointing in ("false", "true"):
-        run, state, _ = lora_run(["--method", "dpo", "--gradient_checkpointing", checkpointing,
-                                  *lora_argv("neox", cache, checkpoints)])
-        with torch.no_grad():  # move B off 0, so that A's gradient is not 0 either
-            for n, p in run.policy.named_parameters():
-                if "lora_B" in n:
-                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-        train.alignment_step(run, state, 1)
-        grads.append(torch.cat([p.grad.flatten() for p in run.policy.parameters() if p.requires_grad]))
-    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
-
-
-@pytest.mark.parametrize("method", ["sail-pr", "selm --ref_update_every 2"])  # selm: and its moving reference
-def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, cache, checkpoints, method, monkeypatch):
-    """A LoRA run stopped between checkpoints (after step 3, in this process; the end-to-end test
-    kills `python train.py` with SIGKILL) and started again ends exactly as one that never
-    stopped; the checkpoint holds the adapters only; policy/ is the merged model, which plain
-    from_pretrained loads, gives the LoRA policy's log-probs and generates."""
-    argv = ["--lora_rank", "4", "--method", *method.split(), "--steps", "6", "--save_every", "2", "--batch_size", "4", "--lr", "1e-2",
-            "--max_new_tokens", "8", "--eval_samples", "1", "--eval_every", "3", *lora_argv("neox", cache, checkpoints)]
-    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "full")]))
-    log_step = outputs.log_step
-
-    def killed_after_step_3(metrics_file, row):  # the process dies there: the last checkpoint is step 2's
-        log_step(metrics_file, row)
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(outputs, "log_step", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))
-    monkeypatch.undo()
-    kept = type(tmp_path)(checkpoint.latest_checkpoint(str(tmp_path / "cut")))  # checkpoint/, or checkpoint.old/ mid-swap
-    assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in kept.iterdir()}
-    assert not (kept / "model.safetensors").exists()
-    assert all("lora_" in k for k in weights(kept, "adapter_model.safetensors"))
-    if "selm" in method:  # SELM's reference after its update at step 2: the policy's adapters then
-        assert weights(kept / "reference", "adapter_model.safetensors").keys() == \
-            weights(kept, "adapter_model.safetensors").keys()
-    train.main(train.parse_args(argv + ["--out_dir", str(tmp_path / "cut")]))  # the same command again: it resumes
-    assert_same_metrics(metrics_without_timing(tmp_path / "cut"), metrics_without_timing(tmp_path / "full"))
-    a, b = weights(tmp_path / "full" / "policy"), weights(tmp_path / "cut" / "policy")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # The merged policy: the plain model's keys, and the LoRA policy's log-probs (base + adapters).
-    import peft
-    sft, tok = load_model(checkpoints.root / "neox")
-    assert a.keys() == weights(checkpoints.root / "neox").keys()
-    lora = peft.PeftModel.from_pretrained(load_model(checkpoints.root / "neox")[0], tmp_path / "full" / "checkpoint")
-    merged = load_model(tmp_path / "full" / "policy")[0]
-    rows = data.encode_responses(data.prepare_tokenizer(tok), ["Review of the pizza:"] * 2, [" great", " awful"], 16, 8)
-    lora_logps, merged_logps = sail.sequence_logps_of(lora, *rows, OFF), sail.sequence_logps_of(merged, *rows, OFF)
-    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, sail.sequence_logps_of(sft, *rows, OFF))
-    ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
-    assert merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                           pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]
-
-
-def test_lora_without_peft_is_refused_with_how_to_install_it(monkeypatch):
-    real = options.importlib.util.find_spec
-    monkeypatch.setattr(options.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
-    assert "--lora_rank needs the peft library: pip install peft" in refusal(["--lora_rank", "8"])

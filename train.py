@@ -7,29 +7,25 @@ train.py: online preference alignment with SAIL, read top to bottom.
     torchrun --nproc_per_node=N -- train.py ...   # data parallel: the same loop on N GPUs
     python train.py --help               # every option with its default
 
-Reading order: `Config` and `METHODS`; one step of SAIL (`alignment_step` calls the rest in the
-paper's order: `build_pairs`, `oracle_labels`, `reference_logps` and `policy_delta`, `self_labels`,
-`response_baselines`, `backward` with `pair_losses`, `optimizer_step`); the extensions (SELM and
-XPO, SAIL-RevKL), each entering the step at lines marked HOOK; `evaluate`; `main`. What a run needs
-that is not the algorithm (options, checkpoints, data parallelism, models and LoRA, outputs) is in
-plumbing/. Outputs in --out_dir: metrics.jsonl (one line per step), summary.json, config.json,
-checkpoint/ (to resume), policy/ (the final policy, `from_pretrained`-ready), reward.png.
+Reading order: `Config`, `METHODS`; one step (`alignment_step`, which calls the rest in the paper's
+order); the extensions (SELM, XPO, SAIL-RevKL), which enter the step at lines marked HOOK;
+`evaluate`; `main`. What a run needs besides the algorithm (options, checkpoints, data parallelism,
+models and LoRA, outputs) is in plumbing/. Outputs in --out_dir: metrics.jsonl, summary.json,
+config.json, checkpoint/ (to resume), policy/ (`from_pretrained`-ready), reward.png (docs/usage.md).
 
 Departures from the paper (see also sail.py):
-  1. Every method is a routing of pairs, as in the official code: a pair goes to SAIL-DP / -PP /
-     -PR with probability r / p / g and stays an offline DPO pair otherwise; online-dpo = all pairs
-     online with gamma 0; mix = all three routes at once; selm and xpo = online DPO plus a bonus.
-  2. Each step draws fresh prompts, so new prompts keep entering the online pool (the official code
-     stops after its first generation round), and responses stay attached to their prompt.
+  1. Every method is a routing of pairs, as in the official code: a pair goes to SAIL-DP / -PP / -PR
+     with probability r / p / g, else it stays an offline DPO pair (online-dpo: all online, gamma 0).
+  2. Each step draws fresh prompts (the official code stops after one generation round), and the
+     responses stay attached to the prompt that produced them.
   3. A tied hard oracle label is worth its expectation over Bradley-Terry's fair coin (sail.pair_value),
-     so the gradient stays exact; it counts as a query. --ties first keeps the official code's y1.
-  4. Tiny models need AdamW at ~5e-4, not the paper's RMSprop 1e-5 with LoRA on 7B models; full
-     fine-tuning is the default, and --lora_rank R trains LoRA adapters (peft) instead.
-  5. The response term has a leave-one-out baseline by default (unbiased, less variance) and its
-     coefficients are scaled by --response_scale (0.1); --response_term official runs the official
-     code's hook instead (sail.official_sail_loss), about 17x larger per pair at the defaults.
-  6. --grad_accum K cuts a step's pairs into K micro-batches after they are sampled and labelled:
-     the update is that of one batch (tested), at the cost of one forward pass without a graph.
+     so the gradient stays exact; --ties first keeps the official code's y1.
+  4. AdamW at 5e-4 and full fine-tuning of tiny models, not RMSprop at 1e-5 with LoRA on 7B ones
+     (--lora_rank R trains LoRA adapters).
+  5. The response term has a leave-one-out baseline (unbiased, less variance) and is scaled by
+     --response_scale (0.1); --response_term official runs the official code's hook instead.
+  6. --grad_accum K cuts a step's pairs into K micro-batches after they are sampled and labelled,
+     so that the update is one batch's (tested), at the cost of one more forward pass.
 """
 import functools
 import time
@@ -37,26 +33,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 import data
 import reward
-from data import decode
 from plumbing import checkpoint, distributed, models, options, outputs
 from plumbing.checkpoint import State, stream_seeds
 from plumbing.distributed import no_sync, stop_if_not_finite
-from plumbing.evaluation import eval_reverse_kl, make_eval_set
+from plumbing.evaluation import eval_reverse_kl, eval_samples, make_eval_set
 from plumbing.microbatch import MicroBatches
 from plumbing.models import sample_responses
 from plumbing.options import RunOptions, arg
 from sail import (DP, PP, PR, accuracy, leave_one_out_mean, logits_of, official_sail_loss, pair_value, reverse_kl,
-                  revkl_proxy, sail_loss, sample, selm_bonus, sequence_logps_of, xpo_bonus)
+                  revkl_proxy_of_pairs, sail_loss, selm_bonus, sequence_logps_of, xpo_bonus)
 
 
 @dataclass
-class Config(RunOptions):  # the run's own options (device, models, data, checkpoints, LoRA): plumbing/options.py
+class Config(RunOptions):  # the other options (the extensions, models, data, checkpoints, LoRA): plumbing/options.py
     # the method: which route each pair takes, and each term's coefficient
     method: str = arg("sail-pr", "dpo | online-dpo | sail-pr | sail-pp | sail-dp | mix | selm | xpo (see METHODS)")
     r: float = arg(0.4, "probability that a pair is routed to SAIL-DP: dataset responses, self-labels (sail-dp, mix)")
@@ -69,28 +63,13 @@ class Config(RunOptions):  # the run's own options (device, models, data, checkp
     response_scale: float = arg(0.1, "multiplies every exact response-term coefficient")
     baseline: str = arg("loo", "response-term baseline: loo (mean -l of the step's other pairs with a response term) | loo-all (of all its other pairs) | none")
     label_mode: str = arg("hard", "oracle labels: hard (r1 > r2; for a tie see --ties) | sampled (Bernoulli(sigmoid(r1 - r2)))")
-    ties: str = arg("average", "a tied hard label: average (worth 1/2 [l(h) + l(-h)], its expectation over Bradley-Terry's fair coin) | "
-                               "first (y1 is chosen, as in the official code: the same coin in distribution, noisier)")
-    # extensions: the official code's term, SELM and XPO, SAIL-RevKL
-    response_term: str = arg("exact", "exact (the score-function gradient, sail.sail_loss) | official (the official code's hook, "
-                                      "sail.official_sail_loss: summed over the batch, no baseline or --response_scale) | "
-                                      "official-size (the exact sign at the hook's size) | official-sign (the hook's sign at the exact size)")
-    selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
-    xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
-    ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
-    revkl: float = arg(0.0, "SAIL-RevKL: coefficient of the penalty KL(pi_ref || pi_theta) added to every pair's loss, with every "
-                            "method (0: off; the RevKL authors use 1e-3)")
-    revkl_estimate: str = arg("exact", "exact (sail.reverse_kl on one sample of the reference per pair at temperature 1: unbiased) | "
-                                       "proxy (the RevKL authors' token proxy, as their code computes it: sail.revkl_proxy) | "
-                                       "proxy-aligned (the same with its logits aligned to the tokens)")
-    revkl_on: str = arg("both", "the proxy's responses: chosen | rejected | both (the mean of the two), as in the authors' code")
+    ties: str = arg("average", "a tied hard label: average (worth the fair coin's expectation, sail.pair_value) | first (y1 chosen, the official code's)")
     # optimisation and sampling
     steps: int = arg(150, "alignment steps (optimiser updates)")
     batch_size: int = arg(16, "preference pairs per step (online pairs: prompts x 2 responses)")
     lr: float = arg(5e-4, "AdamW learning rate of the alignment phase")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches for the forward and backward passes (less memory, the same update)")
     max_new_tokens: int = arg(24, "longest sampled response, in tokens")
     temperature: float = arg(1.0, "sampling temperature (log-probs always use temperature 1; see sail.py)")
     max_prompt_len: int = arg(32, "prompts keep their last this-many tokens (truncations are counted and printed)")
@@ -111,35 +90,9 @@ EXPLORE = {"selm", "xpo"}  # methods that also need a response y~ of the referen
 
 
 # -----------------------------------------------------------------------------
-# ALGORITHM: one SAIL step, as small functions in the paper's order; `alignment_step` calls them.
-# They read `run` (plumbing/models.Run, set up once: run.policy, the model trained; run.reference,
-# its frozen SFT copy; run.labeller, the oracle or --proxy; run.label_coefs and run.response_coefs,
-# each term's coefficient per route) and `state` (plumbing/checkpoint.State: the random streams).
-
-@dataclass
-class Pairs:
-    """The B preference pairs of one step (ddp: of this rank). The rows of `batch`, in order:
-    [dataset y1 | online y1 | dataset y2 | online y2 | y~ of SELM/XPO]: row i and row B + i are the
-    two responses of pair i (a dataset pair's y1 is its chosen one)."""
-    route: np.ndarray  # (B,) OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
-    prompts: list      # (B,) the prompt of each pair
-    texts: list        # (2B,) y1 of every pair, then y2
-    batch: tuple       # (ids, attention_mask, response_mask), each (2B [+ B], T)
-    generated: int     # tokens sampled for it
-    ref_samples: tuple = None  # SAIL-RevKL (exact): one y ~ pi_ref per pair, each (B, T')
-
-
-@dataclass
-class Labels:
-    """Who won each pair: y1 until a label says otherwise (the oracle's for SAIL-PR pairs, the
-    policy's own for SAIL-DP and SAIL-PP pairs)."""
-    y1_wins: torch.Tensor  # (B,) bool
-    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (worth its fair-coin value: sail.pair_value)
-    scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
-    score_sum: float = 0.0  # checked for NaN / inf
-    queries: int = 0
-    ties: int = 0
-
+# ALGORITHM: one SAIL step, in the paper's order (`alignment_step`). They read `run` (plumbing/models.Run:
+# run.policy; run.reference, its frozen SFT copy; run.labeller; each term's coefficient per route) and
+# `state` (plumbing/checkpoint.State: the random streams).
 
 def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
@@ -173,11 +126,11 @@ def build_pairs(run, state, B):
         on = sample_responses(run, run.policy, p_ids, p_mask, cfg.temperature, state.sampling_gen, run.amp)  # y1, y2 ~ pi_theta
         y1.append(tuple(t[:n_on] for t in on))
         y2.append(tuple(t[n_on:] for t in on))
-        on_texts = decode(tok, on[0], on[2])
+        on_texts = data.decode(tok, on[0], on[2])
         texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
         generated += int(on[2].sum())
-    pairs = Pairs(route, prompts, texts, y1 + y2, generated)
-    reference_samples(run, state, pairs, n_on)  # HOOK (SELM/XPO, SAIL-RevKL): responses of the reference
+    pairs = data.Pairs(route, prompts, texts, y1 + y2, generated)
+    reference_samples(run, state, pairs)  # HOOK (SELM/XPO, SAIL-RevKL): responses of the reference
     pairs.batch = data.pad_cat(pairs.batch, tok.pad_token_id)  # (2B [+ B], T)
     return pairs
 
@@ -186,12 +139,12 @@ def oracle_labels(run, state, pairs):
     """Bradley-Terry labels from the labeller (the oracle, or --proxy) for the SAIL-PR pairs: one
     query each, a tie too; every other pair keeps y1 as its winner here."""
     B = len(pairs.route)
-    labels = Labels(torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool), torch.full((2 * B,), float("nan")))
+    labels = reward.Labels(torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool), torch.full((2 * B,), float("nan")))
     idx = torch.nonzero(torch.from_numpy(pairs.route == PR)).squeeze(1)  # (n_pr,)
     if len(idx):
         r = run.labeller([pairs.prompts[i] for i in idx] * 2, [pairs.texts[i] for i in idx] + [pairs.texts[B + i] for i in idx])
-        labels.scores[idx], labels.scores[B + idx], labels.score_sum = r[:len(idx)], r[len(idx):], r.sum().item()
-        r1, r2 = r[:len(idx)], r[len(idx):]
+        r1, r2 = r[:len(idx)], r[len(idx):]  # (n_pr,) each
+        labels.scores[idx], labels.scores[B + idx], labels.score_sum = r1, r2, r.sum().item()
         labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, run.cfg.label_mode, state.label_gen, run.cfg.ties)
         labels.queries = len(idx)
         labels.ties = int((r1 == r2).sum()) if run.cfg.label_mode == "hard" else 0  # sampled: every pair gets a label
@@ -323,44 +276,35 @@ def alignment_step(run, state, step):
     # 6. One optimiser step on the gradient.
     grad_norm = optimizer_step(run, step)
     clock.lap("optimizer")
-    return outputs.step_metrics(run, state, step, step_figures(run, pairs, labels, delta, penalty), grad_norm, clock.times), (pairs, labels)
-
-
-def step_figures(run, pairs, labels, delta, penalty):
-    """What the log needs of the step, per pair, and the log-ratio of every row sampled from pi_theta."""
-    h = margin(labels, delta)  # (B,)
-    online = torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)  # (2B,) rows sampled from pi_theta
-    return {"neg_ell": -F.logsigmoid(run.cfg.beta * h), "h": h, "valid": labels.valid.to(delta.device), "kl": delta[online],
-            "scores": labels.scores, "queries": labels.queries, "ties": labels.ties, "generated": pairs.generated,
-            "trained": int(pairs.batch[1].sum()), "revkl": penalty}
+    row = outputs.step_metrics(run, state, step, pairs, labels, margin(labels, delta), delta, penalty, grad_norm, clock.times)
+    return row, (pairs, labels)
 
 
 # -----------------------------------------------------------------------------
 # EXTENSIONS, each entering the step at lines marked HOOK: SELM and XPO (an exploration bonus on a
 # response y~ of the reference), SAIL-RevKL (a penalty KL(pi_ref || pi_theta) on every pair).
 
-def reference_samples(run, state, pairs, n_on):
+def reference_samples(run, state, pairs):
     """Responses of the reference added to the pairs: SELM's greedy y~ or XPO's sampled y~ per
     prompt, as extra rows of the batch; SAIL-RevKL's (exact) y ~ pi_ref per pair, at temperature 1."""
-    cfg, device = run.cfg, run.device
-    if cfg.method in EXPLORE:  # all pairs online: one y~ of the training reference per prompt
+    cfg, explore, revkl = run.cfg, run.cfg.method in EXPLORE, run.cfg.revkl and run.cfg.revkl_estimate == "exact"
+    if explore or revkl:
         p_ids, p_mask = (t.to(run.ref_device) for t in data.encode_prompts(run.tokenizer, pairs.prompts, cfg.max_prompt_len))
+    if explore:  # all pairs online: one y~ of the training reference (SELM: its last iterate) per prompt
         y = sample_responses(run, run.train_reference, p_ids, p_mask, 0.0 if cfg.method == "selm" else cfg.temperature,
                              state.explore_gen, run.ref_amp)
-        pairs.batch.append(tuple(t.to(device) for t in y))
+        pairs.batch.append(tuple(t.to(run.device) for t in y))
         pairs.generated += int(y[2].sum())
-    if cfg.revkl and cfg.revkl_estimate == "exact":
-        p_ids, p_mask = (t.to(run.ref_device) for t in data.encode_prompts(run.tokenizer, pairs.prompts, cfg.max_prompt_len))
+    if revkl:
         y = sample_responses(run, run.reference, p_ids, p_mask, 1.0, state.revkl_gen, run.ref_amp)
-        pairs.ref_samples = tuple(t.to(device) for t in y)
+        pairs.ref_samples = tuple(t.to(run.device) for t in y)
         pairs.generated += int(y[2].sum())
 
 
 def exploration_bonus(run, explore_logps, explore_ref):
-    """SELM's bonus alpha beta Delta(y~) or XPO's alpha log pi(y~) of each pair (m,) (sail.py)."""
-    if run.cfg.method == "selm":
-        return selm_bonus(explore_logps, explore_ref, run.cfg.beta, run.cfg.selm_alpha)
-    return xpo_bonus(explore_logps, run.cfg.xpo_alpha)
+    """SELM's bonus alpha beta Delta(y~), or XPO's alpha log pi(y~), of each pair (m,) (sail.py)."""
+    cfg = run.cfg
+    return selm_bonus(explore_logps, explore_ref, cfg.beta, cfg.selm_alpha) if cfg.method == "selm" else xpo_bonus(explore_logps, cfg.xpo_alpha)
 
 
 def revkl_backward(run, step, pairs, labels, micro, idx):
@@ -379,12 +323,9 @@ def revkl_backward(run, step, pairs, labels, micro, idx):
         reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
     if cfg.revkl_estimate == "exact":
         penalty = reverse_kl(policy, reference, response)  # (m,)
-    else:  # the winners as the authors' code has them: a SAIL-DP pair keeps the dataset's chosen response, y1
-        first = labels.y1_wins[idx] | torch.from_numpy(pairs.route[idx.numpy()] == DP)  # (m,)
-        chosen = torch.cat([first, ~first]).to(run.device)  # (2m,)
-        parts = [rows for name, rows in (("chosen", chosen), ("rejected", ~chosen)) if cfg.revkl_on in (name, "both")]
-        aligned = cfg.revkl_estimate == "proxy-aligned"
-        penalty = (sum(revkl_proxy(policy, reference, ids, response * rows[:, None], aligned) for rows in parts) / len(parts)).expand(m)
+    else:  # the chosen rows as the authors' code has them: it never swaps a SAIL-DP pair's texts, so there y1
+        y1_chosen = (labels.y1_wins[idx] | torch.from_numpy(pairs.route[idx.numpy()] == DP)).to(run.device)  # (m,)
+        penalty = revkl_proxy_of_pairs(policy, reference, ids, response, y1_chosen, cfg.revkl_on, cfg.revkl_estimate == "proxy-aligned").expand(m)
     loss = cfg.revkl * penalty.sum() * run.world / cfg.batch_size
     stop_if_not_finite(step, {"the RevKL penalty": loss.item()}, cfg.out_dir, run.world, run.device)
     loss.backward()
@@ -404,19 +345,13 @@ def evaluate(run, eval_set, sft_rewards):
     cfg, policy = run.cfg, run.policy
     was_training = policy.training
     policy.eval()
-    generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(cfg.seed)["eval"])
-    with run.amp:
-        ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          eos_token_id=run.tokenizer.eos_token_id, generator=generator)
-    texts = decode(run.tokenizer, ids, response)
+    ids, attention, response = eval_samples(run, eval_set, cfg.temperature, "eval")  # (N, T) each
+    texts = data.decode(run.tokenizer, ids, response)
     scores = {"eval_": run.gold(eval_set.prompts, texts)}  # (N,) the gold reward (or --reward_model)
     if run.labeller is not run.gold:  # --proxy: the labeller's reward too
         scores["eval_proxy_"] = run.labeller(eval_set.prompts, texts)
     if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself
-        generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(cfg.seed)["eval_kl"])
-        with run.amp:
-            ids, attention, response = sample(policy, *eval_set.batch, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                              eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+        ids, attention, response = eval_samples(run, eval_set, 1.0, "eval_kl")
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
     out = {}
     for prefix, rewards in scores.items():  # eval_reward, eval_win (--proxy: eval_proxy_reward, eval_proxy_win)

@@ -9,7 +9,7 @@ import torch
 import data
 from plumbing.checkpoint import stream_seeds
 from plumbing.models import sample_responses
-from sail import logits_of, reverse_kl
+from sail import logits_of, reverse_kl, sample
 
 
 def make_eval_set(run, inputs, reference_logps):
@@ -29,6 +29,16 @@ def make_eval_set(run, inputs, reference_logps):
     generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
     ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator, run.ref_amp)
     return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples))
+
+
+def eval_samples(run, eval_set, temperature, stream):
+    """One response of the policy per row of the held-out batch, (ids, attention_mask, response_mask)
+    each (N, T), from a generator seeded afresh from `stream` at every evaluation: the same noise as
+    the SFT baseline's (common random numbers make the comparison less noisy)."""
+    generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(run.cfg.seed)[stream])
+    with run.amp:
+        return sample(run.policy, *eval_set.batch, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                      eos_token_id=run.tokenizer.eos_token_id, generator=generator)
 
 
 def eval_reverse_kl(run, rows, chunk=32):

@@ -4,7 +4,7 @@ plumbing/microbatch.py: --grad_accum K, the step's pairs cut into K micro-batche
 The cut comes only after the pairs are sampled and labelled, so that the self-labels, the
 response-term baselines and the mean over pairs are the whole step's: the update is that of one
 batch (tested), at the cost of one forward pass without a graph. A micro-batch of pairs idx (m,)
-holds their rows in the step's layout, [y1 | y2 | y~ of SELM/XPO] (train.Pairs).
+holds their rows in the step's layout, [y1 | y2 | y~ of SELM/XPO] (data.Pairs).
 """
 import torch
 

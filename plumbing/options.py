@@ -2,8 +2,9 @@
 plumbing/options.py: the run's options and the checks of every option.
 
 train.py's `Config` holds the options a learner tunes (the method, its coefficients, beta, the
-batch, sampling) and inherits `RunOptions`, the rest: device, models, data files, the cache,
-evaluation, checkpoints, LoRA. `parse_args` makes one command line and one `--help` of both (Hugging
+batch, sampling) and inherits `RunOptions`, the rest: the extensions' options (the official
+term, SELM, XPO, SAIL-RevKL), micro-batches and LoRA, models, data files, the cache, evaluation,
+checkpoints, the device. `parse_args` makes one command line and one `--help` of both (Hugging
 Face's HfArgumentParser), reads a YAML or JSON config file the same way, and checks every value
 before anything is loaded: each problem is one `error:` line naming the option.
 """
@@ -29,7 +30,21 @@ def arg(default, help):
 
 @dataclass
 class RunOptions:
+    # extensions, entering train.py's step at its lines marked HOOK: the official code's term, SELM and XPO, SAIL-RevKL
+    response_term: str = arg("exact", "exact (the score-function gradient, sail.sail_loss) | official (the official code's hook, "
+                                      "sail.official_sail_loss: summed over the batch, no baseline or --response_scale) | "
+                                      "official-size (the exact sign at the hook's size) | official-sign (the hook's sign at the exact size)")
+    selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
+    xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
+    ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
+    revkl: float = arg(0.0, "SAIL-RevKL: coefficient of the penalty KL(pi_ref || pi_theta) added to every pair's loss, with every "
+                            "method (0: off; the RevKL authors use 1e-3)")
+    revkl_estimate: str = arg("exact", "exact (sail.reverse_kl on one sample of the reference per pair at temperature 1: unbiased) | "
+                                       "proxy (the RevKL authors' token proxy on the pairs' own responses, as their code computes "
+                                       "it: sail.revkl_proxy) | proxy-aligned (the same with its logits aligned to the tokens)")
+    revkl_on: str = arg("both", "the proxy's responses: chosen | rejected | both (the mean of the two), as in the authors' code")
     # memory and LoRA
+    grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches for the forward and backward passes (less memory, the same update)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
     offload_reference: bool = arg(False, "keep the frozen reference model on the CPU (less GPU memory, slower)")
     lora_rank: int = arg(0, "LoRA (needs peft): train rank-R adapters instead of every weight; the reference is the same model "

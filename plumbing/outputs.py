@@ -15,21 +15,24 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from plumbing.distributed import all_ranks_sum
-from sail import DP, accuracy
+from sail import DP, PP, accuracy
 
 
-def step_metrics(run, state, step, fig, grad_norm, times):
+def step_metrics(run, state, step, pairs, labels, h, delta, penalty, grad_norm, times):
     """The step's line of metrics.jsonl: means over the valid pairs (of every rank); counts and
-    timings added to the run's totals."""
-    neg_ell, h, valid, kl, scores = (fig[k] for k in ("neg_ell", "h", "valid", "kl", "scores"))
+    timings added to the run's totals. h: (B,) each pair's margin; delta: (2B,) each row's
+    Delta(y); penalty: SAIL-RevKL's (B,), or None."""
     beta = run.cfg.beta
+    neg_ell, valid, scores = -F.logsigmoid(beta * h), labels.valid.to(h.device), labels.scores  # (B,), (B,), (2B,)
+    kl = delta[torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)]  # the rows sampled from pi_theta
     sums = all_ranks_sum(torch.tensor([
         valid.sum(), torch.where(valid, neg_ell, 0.0).sum(), torch.where(valid, accuracy(h), 0.0).sum(),
         torch.where(valid, beta * h, 0.0).sum(), kl.sum(), kl.numel(), scores.nan_to_num(0.0).sum().item(),
-        (~scores.isnan()).sum(), *(fig[k] for k in ("queries", "ties", "generated", "trained"))],
+        (~scores.isnan()).sum(), labels.queries, labels.ties, pairs.generated, int(pairs.batch[1].sum())],
         dtype=torch.float64, device=run.device), run.world).tolist()
     n_valid, loss_sum, acc_sum, margin_sum, kl_sum, n_kl, reward_sum, n_scored, queries, ties, generated, trained = sums
     state.oracle_queries, state.ties = state.oracle_queries + int(queries), state.ties + int(ties)
@@ -38,8 +41,8 @@ def step_metrics(run, state, step, fig, grad_norm, times):
     for k, v in times.items():
         state.phase_seconds[k] = state.phase_seconds.get(k, 0.0) + v
     revkl = {}
-    if fig["revkl"] is not None:  # SAIL-RevKL's penalty before --revkl scales it, the mean over the step's pairs
-        total, n = all_ranks_sum(torch.tensor([fig["revkl"].sum(), len(fig["revkl"])], dtype=torch.float64, device=run.device), run.world)
+    if penalty is not None:  # SAIL-RevKL's penalty before --revkl scales it, the mean over the step's pairs
+        total, n = all_ranks_sum(torch.tensor([penalty.sum(), len(penalty)], dtype=torch.float64, device=run.device), run.world)
         revkl = {"revkl": (total / n).item()}
     return {"step": step, "loss": loss_sum / max(n_valid, 1), "acc": acc_sum / max(n_valid, 1), "margin": margin_sum / max(n_valid, 1),
             # the mean log-ratio to the loss's reference of the responses sampled this step (SELM: to its
