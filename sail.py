@@ -1,84 +1,41 @@
 """
 sail.py: the math of SAIL (Ding et al., "SAIL: Self-Improving Efficient Online Alignment of
-Large Language Models", arXiv 2406.15567), as short pure functions.
+Large Language Models", arXiv 2406.15567), as short pure functions on tensors.
 
-  sequence_logps  L(y) = log pi(y | x), summed over the response tokens
-  dpo_loss        the DPO loss (Rafailov et al. 2023, eq. 7)
-  pair_value      what a pair is worth in J: l = log sigmoid(beta h), or a tie's fair-coin value
-  sail_loss       a per-pair surrogate whose expected gradient is minus the gradient of SAIL's
-                  single-level objective J(theta) (below) when both extra coefficients are 1, and
-                  a weighted sum of its three terms otherwise; DPO when both are 0
-  selm_loss,      two related online methods for comparison: DPO plus an exploration bonus on a
-  xpo_loss        response of the reference (SELM, XPO)
-  reverse_kl,     SAIL-RevKL's penalty KL(pi_ref || pi_theta), an unbiased estimate on samples of the
-  revkl_proxy     reference, and the RevKL authors' token proxy as their code computes it
-  sample          policy sampling with the model's KV cache, in plain PyTorch
-  sample_token    one token per row from softmax(logits / temperature)
+  sequence_logps      L(y) = log pi(y | x), summed over the response tokens
+  pair_value          what a pair is worth in J: l = log sigmoid(beta h), or a tie's fair-coin value
+  dpo_loss            the DPO loss (Rafailov et al. 2023, eq. 7)
+  sail_loss           SAIL's surrogate: DPO + the label term + the response term (below)
+  official_sail_loss  the same with the official code's response term, for comparison
+  selm_loss, xpo_loss two related online methods: DPO plus a bonus on a response of the reference
+  reverse_kl,         SAIL-RevKL's penalty KL(pi_ref || pi_theta), unbiased on samples of the
+  revkl_proxy         reference, and the RevKL authors' token proxy as their code computes it
+  sample              policy sampling with the model's KV cache, in plain PyTorch
 
-Notation (as in the README): Delta(y) = L_theta(y) - L_ref(y); for a pair,
-h = Delta(y_w) - Delta(y_l); l = log sigmoid(beta * h). SAIL maximises
-
-    J(theta) = E_{x, y1, y2 ~ pi_theta, (y_w, y_l) ~ labeller} [ l ]
-
-and because the responses (and, when self-labelling, the labels) are drawn from pi_theta itself,
+With Delta(y) = L_theta(y) - L_ref(y), a pair's margin h = Delta(y_w) - Delta(y_l) and
+l = log sigmoid(beta h), SAIL maximises J(theta) = E_{x, y1, y2 ~ pi_theta, (y_w, y_l) ~ labeller}[l].
+The responses (and, when the policy labels its own pairs, the labels) are drawn from pi_theta, so
 
     grad J = E[grad l]                              DPO's gradient on these pairs
            + E[l * (grad L(y1) + grad L(y2))]       response term  (responses from pi_theta)
            + E[l * grad l]                          label term     (labels from sigmoid(beta h))
 
-Variants: SAIL-PR (policy responses, oracle labels: response term), SAIL-PP (policy responses,
-self-labels: both terms), SAIL-DP (dataset responses, self-labels: label term).
-
-Ties and the three ways a label is drawn. Bradley-Terry says P(y1 > y2) = sigmoid(r1 - r2), so a
-label is always a coin; the cases differ only in who holds the coin.
-  * sampled oracle labels (train.py --label_mode sampled): z ~ Bernoulli(sigmoid(r1 - r2)), every
-    pair labelled, a tie (r1 = r2) a fair coin;
-  * hard oracle labels (the default): y1 wins iff r1 > r2, the limit of the sampled label as the
-    reward scale grows; a tie is then undefined, and Bradley-Terry's answer is still the fair coin.
-    Its expected value in J, 1/2 [l(h) + l(-h)] (`pair_value`), is used instead of drawing it: the
-    same J with less noise. (The official code keeps y1 as the chosen response of a tie, which is
-    the fair coin in distribution, since y1 and y2 are exchangeable samples: train.py --ties first.)
-  * self-labels (SAIL-DP, SAIL-PP): z ~ Bernoulli(sigmoid(beta h)), the policy's own implicit
-    preference; the only case whose coin depends on theta, hence the label term.
-
-What J rewards (tested in test_sail.py on a tabular policy, by gradient ascent on the enumerated J):
-  * with oracle labels (SAIL-PR), or with offline pairs mixed in (SAIL-DP and SAIL-PP at the
-    paper's routing), mass on the responses the oracle prefers: most of it on the best, not all,
-    since a pair of two equal samples is worth only -log 2, so J keeps some spread;
-  * a purely self-labelled objective (p = 1 or r = 1: no oracle, no offline pair) never sees a
-    reward. Its value per pair, E_z[l] = -H(sigmoid(beta h)), is the negative entropy of the policy's
-    own preference: it rewards being sure of its preferences, whichever they are, so it amplifies
-    what the policy already prefers (the best response or the worst alike). train.py's default mix
-    (r + p + g = 1: 70% self-labelled, no offline pair) inherits it: from a uniform start its J
-    ends on the best response, from 71% on the worst it ends on the worst;
-  * J is not concave. Sampling the pairs from pi_theta makes a response that the policy almost
-    never says a loser: its implicit reward beta Delta is very low, so each of its rare pairs has l
-    far below 0 even when the oracle prefers it. A policy concentrated on the worst response is
-    therefore a local maximum of pure SAIL-PR's J (in the tests, ascent escapes it from 71% of the
-    mass on the worst response, not from 95%; online DPO's update, with no response term, escapes).
-
-Run the tests: `python -m pytest -q test_sail.py`.
+SAIL-PR: policy responses, oracle labels (response term); SAIL-PP: policy responses, self-labels
+(both terms); SAIL-DP: dataset responses, self-labels (label term). docs/method.md says what J
+rewards (tested on a tabular policy) and how ties are valued. Tests: `python -m pytest -q test_sail.py`.
 
 Departures from the paper and the official code:
-  1. The extra terms are written as a surrogate loss with stop-gradients instead of the
-     official code's gradient hook, which divides by log pi(y), flips the sign and sums over the
-     batch (docs/official.md, 1). Its expected gradient is checked exactly against
-     autograd of J in the tests. The hook's gradient is kept, for comparison, as
-     sail_loss(response_term="official"), tested against the hook itself, with the two rows that
-     separate its sign from its size ("official-size", "official-sign").
-  2. An optional baseline b (an estimate of E[-l] that does not depend on the pair itself, such
-     as the mean of -l over the *other* pairs of the batch that carry the response term) is
-     subtracted in the response term. It leaves the expected gradient unchanged and lowers its
-     variance. The paper has none.
-  3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`), in the loss,
-     the response term's weight and the baseline, so the gradient is exact for the Bradley-Terry J.
-  4. Log-probs are those of the untempered policy (temperature 1), the distribution that the
-     DPO reward-policy equivalence refers to. With the default sampling temperature 1 the
-     response term is then exactly the score-function gradient; with another temperature it is
-     an approximation (the paper samples at 0.9).
-  5. SAIL-RevKL's penalty is estimated without bias from one sample of the reference per pair,
-     with the full-vocabulary KL at each position (`reverse_kl`). The authors' code adds a token
-     proxy on the pairs' own responses instead (`revkl_proxy`, kept for comparison, as is).
+  1. The extra terms are a surrogate loss with stop-gradients, checked exactly against autograd of
+     the enumerated J; the official code's gradient hook (opposite sign, divided by |log pi(y)|,
+     summed over the batch: docs/official.md, 1) is kept as `official_sail_loss`.
+  2. An optional baseline b, independent of the pair's own responses, is subtracted in the response
+     term: the expected gradient is unchanged and its variance lower. The paper has none.
+  3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`) in all three terms,
+     so the gradient is exact for the Bradley-Terry J.
+  4. Log-probs are the untempered policy's (temperature 1): with another sampling temperature the
+     response term is an approximation (the paper samples at 0.9).
+  5. SAIL-RevKL's penalty is estimated without bias on a sample of the reference (`reverse_kl`);
+     the authors' token proxy on the pairs' own responses is kept as `revkl_proxy`.
 """
 import contextlib
 import inspect
