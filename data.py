@@ -348,17 +348,17 @@ def load_jsonl(path, fields):
     return rows
 
 
-def load_split(path, held_out_path, loader, fraction, seed):
-    """(training rows, held-out rows): from two files, or from one file whose held-out part is a
-    random but reproducible `fraction` of its rows (at least one)."""
-    rows = loader(path)
-    if held_out_path:
-        return rows, loader(held_out_path)
-    if len(rows) < 2:
-        raise DataError(f"{path}: {len(rows)} record; too few to hold some out for evaluation: give a held-out file too")
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n = max(1, int(round(fraction * len(rows))))
-    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
+def held_out_prompts(candidates, fraction, seed, cover=()):
+    """A reproducible `fraction` (at least one) of the distinct prompts `candidates`, drawn in a
+    random order fixed by `seed`; if a list of prompts in `cover` would have none of its own held
+    out, its first prompt in that order is held out too (so every file split here gives some)."""
+    distinct = list(dict.fromkeys(candidates))  # in order of first appearance
+    order = [distinct[i] for i in np.random.default_rng(seed).permutation(len(distinct))]
+    held = set(order[:max(1, int(round(fraction * len(distinct))))])
+    for prompts in cover:
+        if not held & set(prompts):
+            held.add(next(p for p in order if p in set(prompts)))
+    return held
 
 
 def load_prompts(path):
@@ -370,20 +370,44 @@ def load_pairs(path):
 
 
 def load_inputs(cfg):
-    """Prompts and pairs, for training and held out (task, train_prompts, eval_prompts, pairs,
-    eval_pairs): the embedded task's, or JSONL files (a file without a held-out file gives up a
-    --holdout fraction of its rows to evaluation)."""
+    """Prompts and pairs for training and held out (task, train_prompts, eval_prompts, pairs,
+    eval_pairs): the embedded task's, or JSONL files. Held out means held out: the split is made by
+    prompt, so a held-out prompt reaches no training prompt, training pair or proxy-fit pair.
+      * A training file without its held-out file (--prompts without --eval_prompts, --pairs
+        without --eval_pairs) gives up a --holdout fraction of the distinct prompts, drawn once over
+        both, with every row of those prompts: the prompt split and the pair split agree.
+      * Rows of the training files whose prompt is held out by a held-out file (or by the embedded
+        task) are dropped, and counted in the line printed.
+    The split's sizes, and each file's exact-duplicate rows (kept), are printed."""
     task = make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
-    x = SimpleNamespace(task=task, train_prompts=task and task.train_prompts, eval_prompts=task and task.eval_prompts,
-                        pairs=task and task.pairs, eval_pairs=task and task.eval_pairs)
-    if cfg.prompts:
-        x.train_prompts, x.eval_prompts = load_split(cfg.prompts, cfg.eval_prompts, load_prompts, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_prompts:
-        x.eval_prompts = load_prompts(cfg.eval_prompts)
-    if cfg.pairs:
-        x.pairs, x.eval_pairs = load_split(cfg.pairs, cfg.eval_pairs, load_pairs, cfg.holdout, cfg.task_seed)
-    elif cfg.eval_pairs:
-        x.eval_pairs = load_pairs(cfg.eval_pairs)
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
+    pairs = load_pairs(cfg.pairs) if cfg.pairs else (task and task.pairs)
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (None if cfg.prompts else task.eval_prompts)
+    eval_pairs = load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (None if cfg.pairs else (task and task.eval_pairs))
+    held = set(eval_prompts or ()) | {x["prompt"] for x in eval_pairs or ()}  # held out by a file or by the embedded task
+    to_split = [[p for p in rows if p not in held] for rows, fixed in ((prompts, eval_prompts), ([x["prompt"] for x in pairs or ()], eval_pairs))
+                if fixed is None and rows]  # the prompts of each training file to split
+    if to_split:
+        held |= held_out_prompts([p for rows in to_split for p in rows], cfg.holdout, cfg.task_seed, to_split)
+    dropped = (sum(p in held for p in prompts) if eval_prompts is not None else 0,
+               sum(x["prompt"] in held for x in pairs or ()) if eval_pairs is not None else 0)
+    if eval_prompts is None:
+        eval_prompts = [p for p in prompts if p in held]
+    if eval_pairs is None and pairs:
+        eval_pairs = [x for x in pairs if x["prompt"] in held]
+    x = SimpleNamespace(task=task, train_prompts=[p for p in prompts if p not in held], eval_prompts=eval_prompts,
+                        pairs=pairs and [x for x in pairs if x["prompt"] not in held], eval_pairs=eval_pairs)
+    if not x.train_prompts:
+        raise DataError(f"{cfg.prompts or 'the training prompts'}: every prompt is held out; give more prompts, a held-out file, or a smaller --holdout")
+    if pairs and not x.pairs:
+        raise DataError(f"{cfg.pairs or 'the pairs'}: every pair's prompt is held out; give more pairs, a held-out file, or a smaller --holdout")
+    print(f"data: training {len(x.train_prompts)} prompts and {len(x.pairs or [])} pairs | held out {len(x.eval_prompts)} prompts and "
+          f"{len(x.eval_pairs or [])} pairs, split by prompt"
+          + (f" | dropped {dropped[0]} training prompts and {dropped[1]} training pairs whose prompt is held out" if any(dropped) else ""))
+    for path, rows in ((cfg.prompts, prompts), (cfg.pairs, pairs), (cfg.eval_prompts, eval_prompts), (cfg.eval_pairs, eval_pairs)):
+        repeats = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows}) if path else 0
+        if repeats:
+            print(f"data: {path} holds {repeats} exact duplicate rows (kept)")
     return x
 
 

@@ -259,7 +259,7 @@ class Labels:
     """Who won each pair: y1 until a label says otherwise (the oracle's for SAIL-PR pairs, the
     policy's own for SAIL-DP and SAIL-PP pairs)."""
     y1_wins: torch.Tensor  # (B,) bool
-    valid: torch.Tensor    # (B,) bool: False for a tied oracle label (worth its fair-coin value: sail.pair_value)
+    valid: torch.Tensor    # (B,) bool: False for a tied oracle label, which still trains, worth its fair-coin value (sail.pair_value)
     scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
     score_sum: float = 0.0  # checked for NaN / inf
     queries: int = 0

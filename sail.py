@@ -141,11 +141,11 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
     v = pair_value(h, beta, valid)  # (B,) l = log sigmoid(beta h), or a tie's value
-    label = v if valid is None else torch.where(valid, v, 0.0)  # (B,) a tie has no self-drawn label
+    v_label = v if valid is None else torch.where(valid, v, 0.0)  # (B,) v of the pairs with a label (a tie has none to draw)
     cost = (-v).detach()  # (B,) sg(-v): the response term's weight, a constant for autograd
     response = (cost - (0.0 if baseline is None else baseline)) * (policy_chosen_logps + policy_rejected_logps)  # (B,)
     losses = (-v  # E[grad l]: DPO's term, DPO eq. 7
-              - 0.5 * label_coef * label ** 2  # E[l grad l]: grad(l^2 / 2) = l grad l, the label's score term
+              - 0.5 * label_coef * v_label ** 2  # E[l grad l]: grad(l^2 / 2) = l grad l, the label's score term
               + response_coef * response)  # E[l grad(L(y1) + L(y2))]: sg(-l - b) grad L, the responses' score term
     return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                        reference_rejected_logps, beta))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import data
 import reward
 import train
+from plumbing import models
 import sail
 from sail import dpo_loss, leave_one_out_mean, official_sail_loss, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
 
@@ -716,12 +717,64 @@ def test_stream_visits_every_item_once_per_epoch():
     assert sorted(first) == list(range(10)) and sorted(second) == list(range(10)) and first != second
 
 
-def test_split_of_one_file_holds_out_a_reproducible_disjoint_fraction(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(10)])
-    train_rows, held_out = data.load_split(path, "", data.load_prompts, 0.3, seed=0)
-    assert len(train_rows) == 7 and len(held_out) == 3 and sorted(train_rows + held_out) == sorted(f"p{i}" for i in range(10))
-    assert data.load_split(path, "", data.load_prompts, 0.3, seed=0) == (train_rows, held_out)  # the same split again
-    assert data.load_split(path, "", data.load_prompts, 0.3, seed=1) != (train_rows, held_out)  # another seed, another
+def own_data(tmp_path, n_prompts=50, per_prompt=4):
+    """A user's JSONL data in the usual shape of preference data: n_prompts prompts (one of them
+    twice, an exact duplicate row) and per_prompt pairs for each."""
+    prompts = [{"prompt": f"Review of thing {i}:"} for i in range(n_prompts)]
+    pairs = [{"prompt": x["prompt"], "chosen": f" good {k} .", "rejected": f" bad {k} ."} for x in prompts for k in range(per_prompt)]
+    return write_jsonl(tmp_path / "p.jsonl", prompts + prompts[:1]), write_jsonl(tmp_path / "q.jsonl", pairs)
+
+
+def assert_held_out(x):
+    """No held-out prompt (an evaluation prompt, or the prompt of a held-out pair) reaches a training prompt or pair."""
+    held = set(x.eval_prompts) | {q["prompt"] for q in x.eval_pairs or ()}
+    assert not held & set(x.train_prompts) and not held & {q["prompt"] for q in x.pairs}
+
+
+def test_one_file_of_prompts_and_one_of_pairs_split_by_prompt(tmp_path, capsys):
+    """--prompts and --pairs without held-out files: a --holdout fraction of the distinct prompts,
+    drawn once over both files, goes to evaluation with every row of those prompts, so the prompt
+    and pair splits agree; the same seed gives the same split, another seed another."""
+    p, q = own_data(tmp_path)
+    cfg = train.parse_args(["--prompts", p, "--pairs", q])
+    x = data.load_inputs(cfg)
+    assert_held_out(x)
+    assert len(set(x.eval_prompts)) == 5 and len(x.train_prompts) == 46  # 45 prompts, one twice
+    assert {q["prompt"] for q in x.eval_pairs} == set(x.eval_prompts) and len(x.eval_pairs) == 20 and len(x.pairs) == 180
+    out = capsys.readouterr().out
+    assert "data: training 46 prompts and 180 pairs | held out 5 prompts and 20 pairs, split by prompt" in out
+    assert f"data: {p} holds 1 exact duplicate rows (kept)" in out
+    assert data.load_inputs(cfg).eval_prompts == x.eval_prompts
+    assert data.load_inputs(train.parse_args(["--prompts", p, "--pairs", q, "--task_seed", "1"])).eval_prompts != x.eval_prompts
+
+
+def test_held_out_files_drop_the_training_rows_of_their_prompts(tmp_path, capsys):
+    """With held-out files, the rows of the training files whose prompt they hold out are dropped,
+    and counted: here the held-out prompts name prompts 0 and 1 and a new one, the held-out pairs
+    prompt 2; a pair file without its held-out file still gives up a fraction of its own prompts."""
+    p, q = own_data(tmp_path)
+    ep = write_jsonl(tmp_path / "ep.jsonl", [{"prompt": "Review of thing 0:"}, {"prompt": "Review of thing 1:"}, {"prompt": "new:"}])
+    eq = write_jsonl(tmp_path / "eq.jsonl", [{"prompt": "Review of thing 2:", "chosen": " a .", "rejected": " b ."}])
+    x = data.load_inputs(train.parse_args(["--prompts", p, "--pairs", q, "--eval_prompts", ep, "--eval_pairs", eq]))
+    assert_held_out(x)
+    assert len(x.train_prompts) == 51 - 4 and len(x.pairs) == 200 - 3 * 4  # 51 rows: prompt 0 is there twice
+    assert "dropped 4 training prompts and 12 training pairs whose prompt is held out" in capsys.readouterr().out
+    x = data.load_inputs(train.parse_args(["--prompts", p, "--pairs", q, "--eval_prompts", ep]))
+    assert_held_out(x)
+    assert x.eval_prompts == ["Review of thing 0:", "Review of thing 1:", "new:"] and len(x.eval_pairs) == 4 * (2 + 5)
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "only one:"}] * 3)
+    with pytest.raises(data.DataError, match="every prompt is held out"):
+        data.load_inputs(train.parse_args(["--prompts", p]))
+
+
+def test_the_embedded_task_splits_are_disjoint_and_nothing_is_dropped(capsys):
+    x, task = data.load_inputs(train.parse_args([])), data.make_task(0)
+    assert_held_out(x)
+    assert (x.train_prompts, x.pairs, x.eval_prompts, x.eval_pairs) == (task.train_prompts, task.pairs, task.eval_prompts, task.eval_pairs)
+    assert "dropped" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,6 +958,41 @@ def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardsti
     assert row["eval_proxy_reward"] != row["eval_reward"] and 0 < row["eval_proxy_win"] < 1
     assert (summary["proxy_reward_final"], summary["proxy_win_rate_vs_sft"], summary["gold_reward_final"]) == \
         (row["eval_proxy_reward"], row["eval_proxy_win"], row["eval_reward"])
+
+
+class Fitted(Exception):
+    pass
+
+
+def test_the_proxy_is_fit_on_training_pairs_only(tmp_path, cache, monkeypatch):
+    """--proxy fit on a user's own data: the pairs it is fit on hold no held-out prompt (an
+    evaluation prompt, or a held-out pair's); the held-out pairs only measure it."""
+    from transformers import AutoTokenizer
+    p, q = own_data(tmp_path)
+    cfg = train.parse_args(["--prompts", p, "--pairs", q, "--proxy", "fit", "--cache_dir", str(tmp_path / "c")])
+    x, fit = data.load_inputs(cfg), {}
+
+    def fit_reward_model(path, pairs, held_out, *args, **kwargs):
+        fit.update(pairs=pairs, held_out=held_out)
+        raise Fitted
+
+    monkeypatch.setattr(reward, "fit_reward_model", fit_reward_model)
+    with pytest.raises(Fitted):
+        models.proxy_labeller(cfg, x, AutoTokenizer.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40")), torch.device("cpu"))
+    held = set(x.eval_prompts) | {q["prompt"] for q in x.eval_pairs}
+    assert len(fit["pairs"]) == 180 and not {q["prompt"] for q in fit["pairs"]} & held and fit["held_out"] == x.eval_pairs
+
+
+def test_a_fitted_proxy_ranks_its_own_training_pairs_through_the_path_that_labels(tmp_path, cache):
+    """The proxy that --proxy fit makes, loaded and called as it labels online pairs (an
+    HFRewardModel, padding on the right), ranks the 128 pairs it was fit on right: a fit that saw
+    its texts padded otherwise than they are scored would not."""
+    from transformers import AutoTokenizer
+    cfg = train.parse_args(["--proxy", "fit", "--proxy_pairs", "128", "--proxy_steps", "200", "--cache_dir", str(tmp_path)])
+    inputs = data.load_inputs(cfg)
+    labeller = models.proxy_labeller(cfg, inputs, AutoTokenizer.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40")),
+                                     torch.device("cpu"))
+    assert reward.pair_accuracy(labeller, inputs.pairs[:128]) >= 0.95
 
 
 def test_a_proxy_that_is_not_a_reward_model_or_not_there_is_refused(tmp_path, cache):
@@ -1238,6 +1326,47 @@ def perturbed_run(cache, argv):
 
 def gradient(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_the_loo_baseline_pools_only_the_pairs_with_a_response_term():
+    """--baseline loo on a batch of the four routes (two SAIL-PR pairs): each pair's b is the mean
+    cost -l of the step's *other* SAIL-PP and SAIL-PR pairs, whatever its own route; loo-all: of
+    all its other pairs."""
+    beta, route = 0.5, np.array([sail.OFFLINE, sail.DP, sail.PP, sail.PR, sail.PR])
+    delta = t([0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 1.0, -2.0, 0.5])  # y1 rows, then y2 rows
+    labels = SimpleNamespace(y1_wins=t([True] * 5), valid=t([True] * 5))
+    cost = [math.log1p(math.exp(-beta * (delta[i] - delta[5 + i]).item())) for i in range(5)]  # -l = log(1 + e^(-beta h))
+    for pool, members in (("loo", [2, 3, 4]), ("loo-all", [0, 1, 2, 3, 4])):
+        run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, beta=beta, response_term="exact"), device=torch.device("cpu"),
+                              response_coefs=t([0.0, 0.0, 0.02, 0.03]))
+        b = train.response_baselines(run, SimpleNamespace(route=route), labels, delta)
+        expected = [sum(cost[j] for j in members if j != i) / len([j for j in members if j != i]) for i in range(5)]
+        assert b.tolist() == pytest.approx(expected, abs=1e-6), pool
+
+
+def test_a_sail_pp_steps_logged_kl_is_the_mean_log_ratio_of_its_sampled_rows(cache):
+    """The step's logged kl: the mean of Delta(y) = L_theta(y) - L_ref(y), before the update, over
+    every row sampled from the policy (here SAIL-PP's; the offline pairs' rows are left out)."""
+    run, state = perturbed_run(cache, ["--method", "sail-pp", "--p", "0.5"])
+    before = copy.deepcopy(run.policy)
+    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    sampled = torch.from_numpy(np.concatenate([pairs.route == sail.PP] * 2))  # (2B,)
+    assert 0 < sampled.sum() < len(sampled)
+    with torch.no_grad():
+        delta = sail.sequence_logps_of(before, *pairs.batch) - sail.sequence_logps_of(run.reference, *pairs.batch)
+    assert row["kl"] == pytest.approx(delta[sampled].mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_the_revkl_proxy_takes_a_tied_pairs_y1_as_chosen_as_the_authors_code_does(cache, monkeypatch):
+    """With every oracle label a tie (--ties average: the fair coin), the authors' proxy still
+    calls y1 each pair's chosen response, as their code's strict comparison leaves it."""
+    monkeypatch.setattr(reward.GoldReward, "__call__", lambda self, prompts, responses: torch.zeros(len(responses)))
+    run, state = perturbed_run(cache, ["--method", "sail-pr", "--g", "1", "--revkl", "0.1", "--revkl_estimate", "proxy"])
+    seen, real = [], train.revkl_proxy_of_pairs
+    monkeypatch.setattr(train, "revkl_proxy_of_pairs", lambda *args: seen.append(args[4]) or real(*args))
+    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    assert not labels.valid.any() and not labels.y1_wins.any()  # ties: the loss's order is the fair coin's
+    assert len(seen) == 1 and seen[0].all()
 
 
 @pytest.mark.parametrize("estimate", ["exact", "proxy", "proxy-aligned"])

@@ -99,7 +99,7 @@ def draw_routes(run, state, B):
     or a training prompt. Returns this rank's (route (B,), dataset pair ids, prompt ids). ddp: every
     rank draws all ranks' routes, pairs and prompts from the same streams and keeps its own share."""
     routes = [np.sort(r) for r in state.route_rng.choice(4, size=B * run.world, p=run.route_probs).reshape(run.world, B)]
-    n_dataset = [int((r <= DP).sum()) for r in routes]  # per rank
+    n_dataset = [int((r <= DP).sum()) for r in routes]  # per rank: OFFLINE and DP pairs, the dataset's
     pair_ids = state.pair_stream.next(sum(n_dataset))
     prompt_ids = state.prompt_stream.next(B * run.world - sum(n_dataset))
     state.used_pairs.update(pair_ids)  # each distinct dataset pair counts its dataset's labels once (outputs.label_totals)
@@ -323,8 +323,8 @@ def revkl_backward(run, step, pairs, labels, micro, idx):
         reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
     if cfg.revkl_estimate == "exact":
         penalty = reverse_kl(policy, reference, response)  # (m,)
-    else:  # the chosen rows as the authors' code has them: it never swaps a SAIL-DP pair's texts, so there y1
-        y1_chosen = (labels.y1_wins[idx] | torch.from_numpy(pairs.route[idx.numpy()] == DP)).to(run.device)  # (m,)
+    else:  # the chosen rows as the authors' code has them: y1 for a SAIL-DP pair (it never swaps its texts) and a tie (a strict >)
+        y1_chosen = (labels.y1_wins[idx] | ~labels.valid[idx] | torch.from_numpy(pairs.route[idx.numpy()] == DP)).to(run.device)  # (m,)
         penalty = revkl_proxy_of_pairs(policy, reference, ids, response, y1_chosen, cfg.revkl_on, cfg.revkl_estimate == "proxy-aligned").expand(m)
     loss = cfg.revkl * penalty.sum() * run.world / cfg.batch_size
     stop_if_not_finite(step, {"the RevKL penalty": loss.item()}, cfg.out_dir, run.world, run.device)

@@ -66,7 +66,7 @@ class RunOptions:
     eval_prompts: str = arg("", "held-out prompts JSONL; default: the embedded task's")
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
     eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
-    holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction held out for evaluation")
+    holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction of their distinct prompts held out for evaluation, with all their rows")
     task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
     sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
     sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
