@@ -1217,6 +1217,9 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
     for prefix, r in mine.items():
         out[prefix + "reward"] = r.mean().item()
         out[prefix + "win"] = ((r > theirs[prefix]).float() + 0.5 * (r == theirs[prefix]).float()).mean().item()
+    half = len(prompts) // 2  # one response per prompt here: the first half of the prompts, then the second
+    for name, v in (("eval_reward", mine["eval_"]), ("eval_kl", kl)):
+        out[name + "_a"], out[name + "_b"] = v[:half].mean().item(), v[half:].mean().item()
     return out
 
 

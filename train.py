@@ -41,7 +41,7 @@ import reward
 from plumbing import checkpoint, distributed, models, options, outputs
 from plumbing.checkpoint import State, stream_seeds
 from plumbing.distributed import no_sync, stop_if_not_finite
-from plumbing.evaluation import eval_reverse_kl, eval_samples, make_eval_set
+from plumbing.evaluation import eval_reverse_kl, eval_samples, halves, make_eval_set
 from plumbing.microbatch import MicroBatches
 from plumbing.models import sample_responses
 from plumbing.options import RunOptions, arg
@@ -359,6 +359,7 @@ def evaluate(run, eval_set, sft_rewards):
         if sft_rewards is not None:  # against the SFT model's response to the same prompt, with the same noise
             out[prefix + "win"] = ((rewards > sft_rewards[prefix]).float() + 0.5 * (rewards == sft_rewards[prefix]).float()).mean().item()
     out.update(eval_kl=kl.mean().item(), eval_revkl=eval_reverse_kl(run, eval_set.ref_samples))
+    out.update(halves(eval_set, eval_reward=scores["eval_"], eval_kl=kl))  # eval_reward_a, _b, eval_kl_a, _b: the prompts' halves
     if eval_set.pair_batch is not None:
         logps = sequence_logps_of(policy, *eval_set.pair_batch[:3], run.amp) - eval_set.pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
@@ -400,7 +401,7 @@ def main(cfg):
     eval_set = make_eval_set(run, inputs, reference_logps)
     sft_eval, sft_rewards = evaluate(run, eval_set, None) if master else ({}, None)  # ddp: rank 0 evaluates
     sft_eval.update({prefix + "win": 0.5 for prefix in sft_rewards or ()})  # the SFT model against itself
-    print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items()))
+    print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items() if not k.endswith(("_a", "_b"))))
     state = State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[{"step": 0, **sft_eval}])
     if saved:
         checkpoint.load_checkpoint(*saved, run, state)

@@ -3,13 +3,16 @@ experiments/compare.py: every method side by side, over several seeds, from one 
 
     python -m experiments.compare                          # 15 rows x 5 seeds, 2 runs at once
     python -m experiments.compare --compare_methods online-dpo,sail-pr --g 1   # any train.py option too
+    python -m experiments.compare --compare_betas 0.03,0.1,0.3,1 --eval_every 10   # at equal KL and labels (frontier.py)
 
 Each run is `train.main` with the row's settings, in its own out_dir (runs/sail/compare/ROW-seedS);
 finished runs are reused, an interrupted one resumes. Writes results.md (means with 95% intervals
 over seeds; each row's gold reward against online DPO's and a suffixed row's against its own
 method's, paired by seed, with Holm's correction over the table), compare.json and four plots.
 A row is a method (train.METHODS) or one with a response term and a suffix of ROWS, which
-changes one thing, or a named few, from it.
+changes one thing, or a named few, from it. With --compare_betas every row runs at every beta
+(runs/sail/compare/ROW-betaB-seedS), and results.md compares the methods at equal KL and at equal
+oracle labels instead (experiments/frontier.py).
 """
 import contextlib
 import dataclasses
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 
 import data
 from data import check_writable_dir, embedded_policy
+from experiments import frontier
 from plumbing.checkpoint import refuse_changed_settings
 from plumbing.distributed import pick_device
 from plumbing.models import proxy_labeller
@@ -40,6 +44,7 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
     "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
     "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
     "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
+    "-g1": dict(g=1.0),  # every pair online: purely online SAIL-PR (or SAIL-PP with p = g = 1, mix with g = 1)
 }
 REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coefficient, at a larger one, and their proxy
     "-revkl": dict(revkl=1e-3),
@@ -60,10 +65,26 @@ class CompareOptions:
                                "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.01, -revkl0.1, -revkl-proxy, "
                                "-revkl0.1-proxy, -revkl0.1-proxy-aligned")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
+    compare_betas: str = arg("", "betas, comma-separated (e.g. 0.03,0.1,0.3,1): run every row at each and compare the methods at equal "
+                                 "KL and at equal oracle labels over all of them (experiments/frontier.py); '': the rows at --beta")
+    compare_kl_budgets: str = arg("2,5,10,20", "--compare_betas: the KL budgets (nats) of the equal-KL section")
+    compare_label_budgets: str = arg("500,1000,2000", "--compare_betas: the oracle-label budgets of the equal-labels section")
     compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
+
+    def numbers(self, name):
+        """The comma-separated numbers of option `name` (an empty list for '')."""
+        return [float(x) for x in getattr(self, name).split(",")] if getattr(self, name) else []
 
     def problems(self):
         problems = check_values(self, [(lambda x: x >= 1, ">= 1", ["compare_seeds", "compare_workers"])], {})
+        for name in ("compare_betas", "compare_kl_budgets", "compare_label_budgets"):
+            try:
+                values = self.numbers(name)
+            except ValueError:
+                problems.append(f"--{name} {getattr(self, name)!r}: give numbers separated by commas")
+                continue
+            if (not values and name != "compare_betas") or any(not math.isfinite(x) or x <= 0 for x in values):
+                problems.append(f"--{name} {getattr(self, name)!r}: give one or more numbers > 0, separated by commas")
         unknown = [m for m in self.compare_methods.split(",") if compare_row(m) is None]
         if unknown:
             problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
@@ -96,8 +117,10 @@ def compare(cfg, opts):
     root = os.path.join(cfg.out_dir, "compare")
     check_writable_dir(root)
     t0 = time.perf_counter()
-    plan = [(m, cfg.seed + k) for m in opts.compare_methods.split(",") for k in range(opts.compare_seeds)]
-    configs = {(m, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-seed{seed}")) for m, seed in plan}
+    betas = opts.numbers("compare_betas")
+    plan = [(m, b, cfg.seed + k) for m in opts.compare_methods.split(",") for b in betas or [cfg.beta] for k in range(opts.compare_seeds)]
+    configs = {(m, b, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-beta{b:g}-seed{seed}" if betas else f"{m}-seed{seed}"), beta=b)
+               for m, b, seed in plan}
     # The longest runs first (the exploring methods, then by their share of online pairs), so that
     # the workers finish together instead of one running the last long run alone.
     todo = sorted((c for c in configs.values() if not finished(c)),
@@ -121,13 +144,15 @@ def compare(cfg, opts):
             for done in tqdm(as_completed([pool.submit(compare_run, c) for c in todo]), total=len(todo), desc="compare",
                              dynamic_ncols=True):
                 done.result()
-    runs = [read_run(m, seed, configs[m, seed].out_dir) for m, seed in plan]
+    runs = [{**read_run(m, seed, configs[m, b, seed].out_dir), "beta": b} for m, b, seed in plan]
     wall = time.perf_counter() - t0
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
+    if betas:  # the methods at equal KL and at equal labels, over every beta
+        return frontier_report(cfg, opts, runs, root, machine, wall)
 
-    methods = list(dict.fromkeys(m for m, _ in plan))
+    methods = list(dict.fromkeys(m for m, _, _ in plan))
     stats = {m: method_stats([r for r in runs if r["method"] == m]) for m in methods}
     tests = comparisons(runs, methods)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {pick_device(cfg.device)}"
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
                    "stats": stats,
@@ -145,10 +170,10 @@ def compare(cfg, opts):
     return stats
 
 
-def compare_config(cfg, name, seed, out):
-    """The settings of one compared run: a row's method with its suffix's settings (ROWS)."""
+def compare_config(cfg, name, seed, out, beta):
+    """The settings of one compared run: a row's method with its suffix's settings (ROWS), at beta."""
     method, settings = compare_row(name)
-    return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, **settings)
+    return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, beta=beta, **settings)
 
 
 def finished(c):
@@ -182,6 +207,7 @@ def read_run(method, seed, out):
             if "eval_reward" in row:
                 history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
                                 "labels": row["oracle_queries"], "seconds": seconds,
+                                **{k: row[k] for k in ("eval_reward_a", "eval_reward_b", "eval_kl_a", "eval_kl_b") if k in row},
                                 **({"eval_proxy_reward": row["eval_proxy_reward"]} if "eval_proxy_reward" in row else {})})
     return {"method": method, "seed": seed, "summary": summary, "history": history}
 
@@ -451,6 +477,41 @@ def plot_compare(runs, root):
         fig.tight_layout()
         fig.savefig(os.path.join(root, name), dpi=120)
         plt.close(fig)
+
+
+def frontier_report(cfg, opts, runs, root, machine, wall):
+    """--compare_betas: results.md with each row's final figures at each beta (descriptive) and the
+    sections "Gold reward at equal KL" and "at equal oracle labels" (experiments/frontier.py, one Holm
+    family each), compare.json, frontier.png and frontier_labels.png. Returns the sections' tests."""
+    rows, betas = list(dict.fromkeys(r["method"] for r in runs)), list(dict.fromkeys(r["beta"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [f"{len(runs)} runs: {len(rows)} rows x {len(betas)} betas ({', '.join(f'{b:g}' for b in betas)}) x {len(seeds)} seeds, "
+             f"{cfg.steps} updates x {cfg.batch_size} pairs, evaluated every {cfg.eval_every} steps on the "
+             f"held-out prompts; {machine}; {opts.compare_workers} at once; this invocation took {wall / 60:.1f} min, the runs "
+             f"{sum(r['summary']['seconds'] for r in runs) / 60:.1f} min in all.", "",
+             "Where each run stops (descriptive: each row at each beta, mean over seeds of the last evaluation):", "",
+             "| row | " + " | ".join(f"beta {b:g}: gold, KL, labels" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for b in betas:
+            group = [r["summary"] for r in runs if r["method"] == row and r["beta"] == b]
+            cells.append(f"{np.mean([g['gold_reward_final'] for g in group]):.2f}, {np.mean([g['kl'] for g in group]):.1f}, "
+                         f"{np.mean([g['oracle_queries'] for g in group]):.0f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    tests = {}
+    for by, budgets, title in (("kl", opts.numbers("compare_kl_budgets"), "Gold reward at equal KL"),
+                               ("labels", opts.numbers("compare_label_budgets"), "Gold reward at equal oracle labels")):
+        section, tests[by] = frontier.budget_section(runs, budgets, by, title, interval, t_test, holm)
+        lines += section
+        frontier.plot_frontier(runs, os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot)
+    with open(os.path.join(root, "compare.json"), "w") as f:
+        json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
+                   "comparisons": tests, "runs": runs}, f, indent=1)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"compare: outputs in {root}/")
+    return tests
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 import data
 import train
-from experiments import benchmark, compare, stand_ins
+from experiments import benchmark, compare, frontier, stand_ins
 from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures)
 
 
@@ -22,6 +22,11 @@ from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures
     ("compare", ["--compare_methods", "dpo,ppo"], "--compare_methods: unknown 'ppo'"),
     ("compare", ["--compare_seeds", "0"], "--compare_seeds must be >= 1"),
     ("compare", ["--compare_workers", "0"], "--compare_workers must be >= 1"),
+    ("compare", ["--compare_betas", "0.1,0"], "--compare_betas '0.1,0': give one or more numbers > 0"),
+    ("compare", ["--compare_betas", "-1"], "--compare_betas '-1': give one or more numbers > 0"),
+    ("compare", ["--compare_betas", ","], "--compare_betas ',': give numbers separated by commas"),
+    ("compare", ["--compare_betas", "0.1,x"], "--compare_betas '0.1,x': give numbers separated by commas"),
+    ("compare", ["--compare_kl_budgets", ""], "--compare_kl_budgets '': give one or more numbers > 0"),
     ("benchmark", ["--bench_reps", "0"], "--bench_reps must be >= 1"),
     ("benchmark", ["--bench_batch_size", "0"], "--bench_batch_size must be >= 1"),
     ("benchmark", ["--bench_new_tokens", "0"], "--bench_new_tokens must be >= 1"),
@@ -53,7 +58,7 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     stats = compare.cli(argv, run=compare.compare, extra=compare.CompareOptions)
     root = tmp_path / "compare"
     names = compare.CompareOptions.compare_methods.split(",")
-    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in compare.ROWS if suffix != "-ties-first"}
+    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in compare.ROWS if suffix not in ("-ties-first", "-g1")}
     assert set(stats) == set(train.METHODS) | suffixed | {"sail-pr-ties-first"} == set(names)
     # 2 steps x 16 pairs: an online SAIL-PR pair costs an online label; a dataset pair (offline DPO or
     # SAIL-DP; a prefix of one stream for every method) the labels its dataset spent on it; SAIL-PP's
@@ -78,6 +83,65 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
     compare.cli(argv, run=compare.compare, extra=compare.CompareOptions)
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
+
+
+def point(step, labels, reward, reward_a, reward_b, kl, kl_a, kl_b):
+    return dict(step=step, labels=labels, eval_reward=reward, eval_reward_a=reward_a, eval_reward_b=reward_b, eval_kl=kl,
+                eval_kl_a=kl_a, eval_kl_b=kl_b)
+
+
+# One seed's checkpoints (the SFT model, then three evaluations), with each figure on both halves of the prompts
+POINTS = [point(0, 0, 0.5, 0.6, 0.4, 0.0, 0.0, 0.0), point(10, 160, 1.0, 1.4, 0.6, 3.0, 2.5, 3.5),
+          point(20, 320, 1.5, 1.2, 1.8, 6.0, 6.5, 5.5), point(30, 480, 2.0, 2.1, 1.9, 12.0, 11.0, 13.0)]
+
+
+def test_the_best_checkpoint_within_a_budget_is_chosen_on_one_half_and_read_on_the_other():
+    """Within KL 5 on the choosing half: the SFT model and step 10, whose gold reward there (1.4) is
+    the higher; its figure is read on the other half, 0.6 (not step 20's 1.8: its KL on the choosing
+    half is 6.5). Within 6.5, step 20 is in but worse on the choosing half (1.2). Labels likewise; the
+    earliest of two equals; the envelope is best_within at each budget."""
+    assert frontier.best_within(POINTS, 5, "kl") == (0.6, POINTS[1])
+    assert frontier.best_within(POINTS, 6.5, "kl")[0] == 0.6
+    assert frontier.best_within(POINTS, 11, "kl")[0] == 1.9 and frontier.best_within(POINTS, 1, "kl")[0] == 0.4
+    assert frontier.best_within(POINTS, 400, "labels")[0] == 0.6 and frontier.best_within(POINTS, 480, "labels")[0] == 1.9
+    equal = POINTS + [point(40, 640, 2.0, 2.1, 0.0, 9.0, 9.0, 9.0)]  # as good on the choosing half as step 30, and within 11
+    assert frontier.best_within(equal, 11, "kl")[1]["step"] == 30
+    assert frontier.envelope(POINTS, [0, 3, 12], "kl").tolist() == [0.4, 0.6, 1.9]
+
+
+def test_the_equal_budget_section_pairs_by_seed_with_holm_by_hand():
+    """Two rows x 3 seeds, each run one evaluation after the SFT model: row X's best within KL 5 is
+    that evaluation's reading-half reward (KL on the choosing half 2), within KL 1 the SFT model's.
+    The differences from online DPO by seed, their mean, t-interval and Holm-corrected p, by hand."""
+    def run(row, seed, b):
+        return {"method": row, "seed": seed, "beta": 0.1, "summary": {"gold_reward_sft": 0.5, "sft_halves": {
+                "eval_reward_a": 0.5, "eval_reward_b": 0.5, "eval_kl_a": 0.0, "eval_kl_b": 0.0}},
+                "history": [{"step": 0}, point(10, 160, b, b, b, 2.0, 2.0, 2.0)]}
+    online, other = [1.0, 1.2, 0.9], [1.5, 1.4, 1.6]
+    runs = [run("online-dpo", s, v) for s, v in enumerate(online)] + [run("sail-pr", s, v) for s, v in enumerate(other)]
+    lines, tests = frontier.budget_section(runs, [1, 5], "kl", "Gold reward at equal KL", compare.interval, compare.t_test, compare.holm)
+    d = [0.5, 0.2, 0.7]  # sail-pr minus online DPO, by seed, within KL 5
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert tests["sail-pr@5"]["difference"] == pytest.approx(mean) and tests["sail-pr@5"]["half_width"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert tests["sail-pr@1"]["difference"] == 0.0 and tests["sail-pr@1"]["p"] == 1.0  # both at the SFT model
+    assert tests["sail-pr@5"]["p_holm"] == pytest.approx(min(1.0, 2 * tests["sail-pr@5"]["p"]))  # the smaller of 2 p-values, times 2
+    assert "### Gold reward at equal KL" in lines and any(line.startswith("| sail-pr | 0.50 ± 0.00 (KL 0)") for line in lines)
+
+
+def test_compare_over_betas_writes_the_equal_kl_and_equal_labels_sections(tmp_path, cache, few_eval_pairs):
+    """--compare_betas: every row at every beta, in its own directory; results.md with both sections,
+    compare.json with their comparisons, frontier.png and frontier_labels.png."""
+    argv = ["--compare_methods", "online-dpo,sail-pr-g1", "--compare_betas", "0.1,1", "--compare_seeds", "2", "--compare_workers", "1",
+            "--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", cache, *FAST, "--eval_every", "1", "--eval_pairs", few_eval_pairs,
+            "--compare_kl_budgets", "1,100", "--compare_label_budgets", "16,1000"]
+    tests = compare.cli(argv, run=compare.compare, extra=compare.CompareOptions)
+    root = tmp_path / "compare"
+    assert json.loads((root / "sail-pr-g1-beta1-seed1" / "config.json").read_text())["beta"] == 1.0
+    results = (root / "results.md").read_text()
+    assert "### Gold reward at equal KL" in results and "### Gold reward at equal oracle labels" in results
+    assert set(tests["kl"]) == {"sail-pr-g1@1", "sail-pr-g1@100"} and set(tests["labels"]) == {"sail-pr-g1@16", "sail-pr-g1@1000"}
+    for png in ("frontier.png", "frontier_labels.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_under_the_proxy_labeller_says_where_the_gold_reward_peaks(tmp_path, cache, few_eval_pairs):

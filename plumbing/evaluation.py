@@ -1,6 +1,7 @@
 """
-plumbing/evaluation.py: the held-out set a run is evaluated on, fixed for the run, and the
-chunked pass that KL(pi_ref || pi_theta) needs. What the evaluation measures is train.evaluate.
+plumbing/evaluation.py: the held-out set a run is evaluated on, fixed for the run, its sampling,
+its two halves, and the chunked pass that KL(pi_ref || pi_theta) needs. What the evaluation
+measures is train.evaluate.
 """
 from types import SimpleNamespace
 
@@ -28,7 +29,16 @@ def make_eval_set(run, inputs, reference_logps):
         pair_batch += (reference_logps(run, pair_batch),)
     generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
     ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator, run.ref_amp)
-    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples))
+    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples),
+                           cut=len(inputs.eval_prompts) // 2 * cfg.eval_samples)  # the rows of the first half of the prompts
+
+
+def halves(eval_set, **figures):
+    """Each per-row figure (N,) averaged over the rows of the first half of the held-out prompts
+    (name_a) and of the second half (name_b): a checkpoint chosen on one half and read on the other
+    is not biased upward by the choice (experiments/frontier.py)."""
+    cut = eval_set.cut
+    return {f"{name}_{half}": v[rows].mean().item() for name, v in figures.items() for half, rows in (("a", slice(None, cut)), ("b", slice(cut, None)))}
 
 
 def eval_samples(run, eval_set, temperature, stream):

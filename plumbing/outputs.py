@@ -103,7 +103,7 @@ def log_step(metrics_file, row):
     line += f" | reward {row['oracle_reward']:.2f} | ties {row['tie_rate']:.2f}" if row["tie_rate"] is not None else ""
     line += f" | revkl {row['revkl']:.3f}" if "revkl" in row else ""  # SAIL-RevKL's penalty
     line += f" | dt {1000 * row['dt']:.0f}ms"
-    line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_"))
+    line += "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("eval_") and not k.endswith(("_a", "_b")))
     tqdm.write(line)
 
 
@@ -137,6 +137,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         **({"proxy_reward_sft": sft_eval["eval_proxy_reward"], "proxy_reward_final": final["eval_proxy_reward"],
             "proxy_win_rate_vs_sft": final["eval_proxy_win"]} if cfg.proxy else {}),
         "margin_final": final.get("eval_margin"),
+        "sft_halves": {k: v for k, v in sft_eval.items() if k.endswith(("_a", "_b"))},  # the SFT model's figures on each half of the prompts
         **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
         "seconds": time.perf_counter() - t_start, "seconds_by_phase": seconds,
         "seconds_per_step": {k: v / cfg.steps for k, v in phases.items()},

@@ -1,0 +1,119 @@
+"""
+experiments/frontier.py: methods compared where it is fair, at equal KL and at equal oracle labels.
+
+A method that moves further from the SFT model buys reward with KL, so comparing methods where
+each happens to stop mixes two things. `python -m experiments.compare --compare_betas 0.03,0.1,0.3,1`
+runs every row at every beta; this module reads those runs:
+
+  * frontier.png: the gold reward against KL(policy || SFT), each method's upper envelope over its
+    betas and checkpoints (per seed: the best gold reward of any evaluation within KL k, cross-fitted
+    as below), its mean and 95% t-band over seeds; frontier_labels.png the same against oracle labels.
+  * "Gold reward at equal KL" and "at equal oracle labels": for each budget, each method's best gold
+    reward within it, paired by seed against online DPO, Holm's correction over the section.
+
+Cross-fitting. The best of many checkpoints is biased upward if it is picked and read on the same
+samples. Every evaluation also reports its figures on each half of the held-out prompts
+(plumbing/evaluation.halves): the checkpoint (which beta, which step) is chosen on half a (its
+gold reward there, within the budget by its KL there) and its gold reward is read on half b.
+"""
+import numpy as np
+
+CHOOSE, READ = "a", "b"  # the halves of the held-out prompts: the choice is made on one, the figure read on the other
+
+
+def checkpoints(run):
+    """Every evaluation of one run, the SFT model (step 0) first: {step, labels, eval_reward, eval_kl,
+    and each on both halves}."""
+    sft = {"step": 0, "labels": 0, "eval_reward": run["summary"]["gold_reward_sft"], "eval_kl": 0.0,
+           **run["summary"]["sft_halves"], "eval_kl_a": 0.0, "eval_kl_b": 0.0}
+    return [sft] + [h for h in run["history"] if h["step"] > 0]
+
+
+def best_within(points, budget, by):
+    """Cross-fitted: among the checkpoints within the budget (by="kl": KL on the choosing half <=
+    budget; by="labels": oracle labels spent <= budget), the one with the highest gold reward on the
+    choosing half (the earliest on a tie); returns (its gold reward on the reading half, the point)."""
+    inside = [p for p in points if (p[f"eval_kl_{CHOOSE}"] if by == "kl" else p["labels"]) <= budget]
+    best = max(inside, key=lambda p: p[f"eval_reward_{CHOOSE}"])  # max keeps the first of equals
+    return best[f"eval_reward_{READ}"], best
+
+
+def envelope(points, grid, by):
+    """The upper envelope of one seed's checkpoints (all betas), cross-fitted as the tables are: at
+    each budget x of grid, best_within's gold reward (the SFT model is within every budget)."""
+    return np.array([best_within(points, x, by)[0] for x in grid])
+
+
+def by_row_and_seed(runs):
+    """{row: {seed: every checkpoint of the row's runs of that seed, over all betas}}."""
+    out = {}
+    for r in runs:
+        out.setdefault(r["method"], {}).setdefault(r["seed"], []).extend(checkpoints(r))
+    return out
+
+
+def budget_section(runs, budgets, by, title, interval, t_test, holm, baseline="online-dpo"):
+    """results.md's section: per budget, each row's cross-fitted best gold reward (mean ± half-width
+    over seeds, and the mean KL or labels of the chosen checkpoints), and its difference from the
+    baseline's, paired by seed, with Holm's correction over every comparison of the section."""
+    rows = by_row_and_seed(runs)
+    found, tests = {}, {}
+    for b in budgets:
+        for row, seeds in rows.items():
+            found[row, b] = {s: best_within(points, b, by) for s, points in seeds.items()}
+        for row in rows:
+            if row != baseline and baseline in rows:
+                d = [found[row, b][s][0] - found[baseline, b][s][0] for s in found[row, b] if s in found[baseline, b]]
+                if len(d) >= 2:
+                    tests[row, b] = (*interval(d), t_test(d))
+    adjusted = holm({k: v[2] for k, v in tests.items()})
+    unit = "nats" if by == "kl" else "labels"
+    lines = ["", f"### {title}", "",
+             f"For each budget ({unit}), each method's best gold reward within it over all its betas and evaluations, cross-fitted: "
+             f"the checkpoint is chosen on one half of the held-out prompts (its gold reward there, "
+             + ("its KL there within the budget" if by == "kl" else "its labels within the budget")
+             + ") and its gold reward read on the other half, so the maximum is not biased upward by the choice. "
+             f"Mean ± 95% t half-width over seeds; Δ: minus {baseline}'s, paired by seed, [95% t-interval], p after Holm's "
+             f"correction over the section's {len(tests)} comparisons; * where it is < 0.05. A Δ without * is not resolved "
+             "at this budget.", "",
+             "| method | " + " | ".join(f"within {b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for b in budgets:
+            values = list(found[row, b].values())
+            mean, half = interval([v[0] for v in values])
+            spent = np.mean([v[1]["eval_kl_b" if by == "kl" else "labels"] for v in values])
+            cell = f"{mean:.2f}" + ("" if half is None else f" ± {half:.2f}") + f" ({'KL' if by == 'kl' else 'labels'} {spent:.3g})"
+            if (row, b) in tests:
+                d, h, _ = tests[row, b]
+                cell += f"; Δ {d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p_Holm {adjusted[row, b]:.2g}" + (" *" if adjusted[row, b] < 0.05 else "")
+            cells.append(cell)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines, {f"{row}@{b:g}": {"difference": v[0], "half_width": v[1], "p": v[2], "p_holm": adjusted[row, b]}
+                   for (row, b), v in tests.items()}
+
+
+def plot_frontier(runs, path, by, interval, pyplot):
+    """frontier.png (by="kl") or frontier_labels.png (by="labels"): each row's upper envelope over its
+    betas and checkpoints, the mean over seeds with its 95% t-band, against KL or labels."""
+    plt = pyplot("the frontier plot")
+    if plt is None:
+        return
+    rows = by_row_and_seed(runs)
+    top = max(p["eval_kl" if by == "kl" else "labels"] for seeds in rows.values() for pts in seeds.values() for p in pts)
+    grid = np.linspace(0, top, 120)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for row, seeds in rows.items():
+        curves = np.array([envelope(points, grid, by) for points in seeds.values()])  # (S, len(grid))
+        stats = [interval(c) for c in curves.T]
+        mean, half = np.array([s[0] for s in stats]), np.array([s[1] or 0.0 for s in stats])
+        ax.plot(grid, mean, label=row)
+        ax.fill_between(grid, mean - half, mean + half, alpha=0.12)
+    ax.set(xlabel="KL budget (KL(policy || SFT) on the choosing half)" if by == "kl" else "oracle labels spent (ties and offline pairs' included)",
+           ylabel="best gold reward within the budget (the reading half)",
+           title="Gold reward " + ("at equal KL" if by == "kl" else "at equal labels") + ": the envelope over betas and checkpoints")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
