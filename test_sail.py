@@ -711,6 +711,12 @@ def test_embedded_task_is_deterministic_and_has_headroom():
     assert min(labels) == 1 and 1.2 < sum(labels) / len(labels) < 1.4
 
 
+def test_distinct_bigrams_by_hand():
+    """The repetition figure of evaluation: per response, its distinct word bigrams over its bigrams."""
+    from plumbing.evaluation import distinct_2
+    assert distinct_2([" a b a b", "a b c", "x"]) == pytest.approx((2 / 3 + 1 + 1) / 3)  # (a b), (b a), (a b): 2 of 3
+
+
 def test_stream_visits_every_item_once_per_epoch():
     s = data.Stream(10, seed=0)
     first, second = s.next(7) + s.next(3), s.next(10)
@@ -1200,10 +1206,10 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
 
     def scores(m):
         texts = data.decode(tokenizer, *draw(m, temperature, "eval")[::2])
-        return {"eval_": reward.GoldReward()(prompts, texts), **({"eval_proxy_": proxy(prompts, texts)} if proxy else {})}
+        return {"eval_": reward.GoldReward()(prompts, texts), **({"eval_proxy_": proxy(prompts, texts)} if proxy else {})}, texts
 
     with torch.no_grad():
-        mine, theirs = scores(model), scores(sft)
+        (mine, texts), (theirs, _) = scores(model), scores(sft)
         batch = draw(model, temperature, "eval") if temperature == 1 else draw(model, 1.0, "eval_kl")
         kl = sail.sequence_logps_of(model, *batch, OFF) - sail.sequence_logps_of(sft, *batch, OFF)
         ids, attention, response = draw(sft, 1.0, "eval_revkl")
@@ -1217,6 +1223,8 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
     for prefix, r in mine.items():
         out[prefix + "reward"] = r.mean().item()
         out[prefix + "win"] = ((r > theirs[prefix]).float() + 0.5 * (r == theirs[prefix]).float()).mean().item()
+    bigrams = [list(zip(y.split(), y.split()[1:])) for y in texts]
+    out["eval_distinct2"] = sum(len(set(b)) / len(b) if b else 1.0 for b in bigrams) / len(texts)
     half = len(prompts) // 2  # one response per prompt here: the first half of the prompts, then the second
     for name, v in (("eval_reward", mine["eval_"]), ("eval_kl", kl)):
         out[name + "_a"], out[name + "_b"] = v[:half].mean().item(), v[half:].mean().item()

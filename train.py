@@ -41,7 +41,7 @@ import reward
 from plumbing import checkpoint, distributed, models, options, outputs
 from plumbing.checkpoint import State, stream_seeds
 from plumbing.distributed import no_sync, stop_if_not_finite
-from plumbing.evaluation import eval_reverse_kl, eval_samples, halves, make_eval_set
+from plumbing.evaluation import distinct_2, eval_reverse_kl, eval_samples, halves, make_eval_set
 from plumbing.microbatch import MicroBatches
 from plumbing.models import sample_responses
 from plumbing.options import RunOptions, arg
@@ -348,12 +348,12 @@ def evaluate(run, eval_set, sft_rewards):
     ids, attention, response = eval_samples(run, eval_set, cfg.temperature, "eval")  # (N, T) each
     texts = data.decode(run.tokenizer, ids, response)
     scores = {"eval_": run.gold(eval_set.prompts, texts)}  # (N,) the gold reward (or --reward_model)
+    out = {"eval_distinct2": distinct_2(texts)}  # repetition: the share of distinct word bigrams per response
     if run.labeller is not run.gold:  # --proxy: the labeller's reward too
         scores["eval_proxy_"] = run.labeller(eval_set.prompts, texts)
     if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself
         ids, attention, response = eval_samples(run, eval_set, 1.0, "eval_kl")
     kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
-    out = {}
     for prefix, rewards in scores.items():  # eval_reward, eval_win (--proxy: eval_proxy_reward, eval_proxy_win)
         out[prefix + "reward"] = rewards.mean().item()
         if sft_rewards is not None:  # against the SFT model's response to the same prompt, with the same noise

@@ -21,14 +21,6 @@ import numpy as np
 CHOOSE, READ = "a", "b"  # the halves of the held-out prompts: the choice is made on one, the figure read on the other
 
 
-def checkpoints(run):
-    """Every evaluation of one run, the SFT model (step 0) first: {step, labels, eval_reward, eval_kl,
-    and each on both halves}."""
-    sft = {"step": 0, "labels": 0, "eval_reward": run["summary"]["gold_reward_sft"], "eval_kl": 0.0,
-           **run["summary"]["sft_halves"], "eval_kl_a": 0.0, "eval_kl_b": 0.0}
-    return [sft] + [h for h in run["history"] if h["step"] > 0]
-
-
 def best_within(points, budget, by):
     """Cross-fitted: among the checkpoints within the budget (by="kl": KL on the choosing half <=
     budget; by="labels": oracle labels spent <= budget), the one with the highest gold reward on the
@@ -48,7 +40,7 @@ def by_row_and_seed(runs):
     """{row: {seed: every checkpoint of the row's runs of that seed, over all betas}}."""
     out = {}
     for r in runs:
-        out.setdefault(r["method"], {}).setdefault(r["seed"], []).extend(checkpoints(r))
+        out.setdefault(r["method"], {}).setdefault(r["seed"], []).extend(r["history"])  # the SFT model (step 0) first
     return out
 
 

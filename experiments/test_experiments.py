@@ -114,9 +114,8 @@ def test_the_equal_budget_section_pairs_by_seed_with_holm_by_hand():
     that evaluation's reading-half reward (KL on the choosing half 2), within KL 1 the SFT model's.
     The differences from online DPO by seed, their mean, t-interval and Holm-corrected p, by hand."""
     def run(row, seed, b):
-        return {"method": row, "seed": seed, "beta": 0.1, "summary": {"gold_reward_sft": 0.5, "sft_halves": {
-                "eval_reward_a": 0.5, "eval_reward_b": 0.5, "eval_kl_a": 0.0, "eval_kl_b": 0.0}},
-                "history": [{"step": 0}, point(10, 160, b, b, b, 2.0, 2.0, 2.0)]}
+        return {"method": row, "seed": seed, "beta": 0.1, "history": [point(0, 0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0),
+                                                                       point(10, 160, b, b, b, 2.0, 2.0, 2.0)]}
     online, other = [1.0, 1.2, 0.9], [1.5, 1.4, 1.6]
     runs = [run("online-dpo", s, v) for s, v in enumerate(online)] + [run("sail-pr", s, v) for s, v in enumerate(other)]
     lines, tests = frontier.budget_section(runs, [1, 5], "kl", "Gold reward at equal KL", compare.interval, compare.t_test, compare.holm)

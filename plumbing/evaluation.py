@@ -41,6 +41,17 @@ def halves(eval_set, **figures):
     return {f"{name}_{half}": v[rows].mean().item() for name, v in figures.items() for half, rows in (("a", slice(None, cut)), ("b", slice(cut, None)))}
 
 
+def distinct_2(texts):
+    """Repetition of the evaluated responses: per response, the share of its word bigrams that are
+    distinct (1: no bigram repeats; a response of fewer than two words counts 1), averaged."""
+    shares = []
+    for text in texts:
+        words = text.split()
+        bigrams = list(zip(words, words[1:]))
+        shares.append(len(set(bigrams)) / len(bigrams) if bigrams else 1.0)
+    return sum(shares) / max(len(shares), 1)
+
+
 def eval_samples(run, eval_set, temperature, stream):
     """One response of the policy per row of the held-out batch, (ids, attention_mask, response_mask)
     each (N, T), from a generator seeded afresh from `stream` at every evaluation: the same noise as

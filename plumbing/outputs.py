@@ -136,7 +136,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
         **({"proxy_reward_sft": sft_eval["eval_proxy_reward"], "proxy_reward_final": final["eval_proxy_reward"],
             "proxy_win_rate_vs_sft": final["eval_proxy_win"]} if cfg.proxy else {}),
-        "margin_final": final.get("eval_margin"),
+        "margin_final": final.get("eval_margin"), "distinct2_sft": sft_eval.get("eval_distinct2"), "distinct2_final": final.get("eval_distinct2"),
         "sft_halves": {k: v for k, v in sft_eval.items() if k.endswith(("_a", "_b"))},  # the SFT model's figures on each half of the prompts
         **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
         "seconds": time.perf_counter() - t_start, "seconds_by_phase": seconds,
@@ -158,7 +158,7 @@ def print_summary(cfg, summary, sft_eval, final):
     for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("proxy reward (the labeller)", "eval_proxy_reward"),
                       ("proxy win rate vs SFT", "eval_proxy_win"), ("KL to reference", "eval_kl"),
                       ("KL(reference || policy)", "eval_revkl"),
-                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin")]:
+                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin"), ("distinct bigrams", "eval_distinct2")]:
         if key in final:
             print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
     print("time per step: " + " | ".join(f"{k} {1000 * v:.0f}ms ({100 * summary['phase_share'][k]:.0f}%)"
