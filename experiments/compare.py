@@ -515,7 +515,8 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
                                ("labels", opts.numbers("compare_label_budgets"), "Gold reward at equal oracle labels")):
         section, tests[by] = frontier.budget_section(runs, budgets, by, title, interval, t_test, holm)
         lines += section
-        frontier.plot_frontier(runs, os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot)
+        frontier.plot_frontier(runs, os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot,
+                               budgets)
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
                    "comparisons": tests, "runs": runs}, f, indent=1)

@@ -85,22 +85,23 @@ def budget_section(runs, budgets, by, title, interval, t_test, holm, baseline="o
                    for (row, b), v in tests.items()}
 
 
-def plot_frontier(runs, path, by, interval, pyplot):
+def plot_frontier(runs, path, by, interval, pyplot, budgets):
     """frontier.png (by="kl") or frontier_labels.png (by="labels"): each row's upper envelope over its
-    betas and checkpoints, the mean over seeds with its 95% t-band, against KL or labels."""
+    betas and checkpoints, the mean over seeds with its 95% t-band, against KL or labels, up to 1.5
+    times the largest budget of the section (a row's far end, KL 100 and more, would flatten the rest)."""
     plt = pyplot("the frontier plot")
     if plt is None:
         return
     rows = by_row_and_seed(runs)
     top = max(p["eval_kl" if by == "kl" else "labels"] for seeds in rows.values() for pts in seeds.values() for p in pts)
-    grid = np.linspace(0, top, 120)
+    grid = np.linspace(0, min(top, 1.5 * max(budgets)), 120)
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for row, seeds in rows.items():
         curves = np.array([envelope(points, grid, by) for points in seeds.values()])  # (S, len(grid))
         stats = [interval(c) for c in curves.T]
         mean, half = np.array([s[0] for s in stats]), np.array([s[1] or 0.0 for s in stats])
         ax.plot(grid, mean, label=row)
-        ax.fill_between(grid, mean - half, mean + half, alpha=0.12)
+        ax.fill_between(grid, mean - half, mean + half, alpha=0.08)
     ax.set(xlabel="KL budget (KL(policy || SFT) on the choosing half)" if by == "kl" else "oracle labels spent (ties and offline pairs' included)",
            ylabel="best gold reward within the budget (the reading half)",
            title="Gold reward " + ("at equal KL" if by == "kl" else "at equal labels") + ": the envelope over betas and checkpoints")
