@@ -129,7 +129,7 @@ def build_pairs(run, state, B):
         on_texts = data.decode(tok, on[0], on[2])
         texts[n_ds:B], texts[B + n_ds:] = on_texts[:n_on], on_texts[n_on:]
         generated += int(on[2].sum())
-    pairs = data.Pairs(route, prompts, texts, y1 + y2, generated)
+    pairs = data.Pairs(route, prompts, texts, y1 + y2, generated)  # batch: its blocks of rows, one tensor after pad_cat below
     reference_samples(run, state, pairs)  # HOOK (SELM/XPO, SAIL-RevKL): responses of the reference
     pairs.batch = data.pad_cat(pairs.batch, tok.pad_token_id)  # (2B [+ B], T)
     return pairs
