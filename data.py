@@ -349,12 +349,12 @@ def load_jsonl(path, fields):
 
 
 def held_out_prompts(candidates, fraction, seed, cover=()):
-    """A reproducible `fraction` (at least one) of the distinct prompts `candidates`, drawn in a
+    """A reproducible `fraction` (at least two) of the distinct prompts `candidates`, drawn in a
     random order fixed by `seed`; if a list of prompts in `cover` would have none of its own held
     out, its first prompt in that order is held out too (so every file split here gives some)."""
     distinct = list(dict.fromkeys(candidates))  # in order of first appearance
     order = [distinct[i] for i in np.random.default_rng(seed).permutation(len(distinct))]
-    held = set(order[:max(1, int(round(fraction * len(distinct))))])
+    held = set(order[:max(2, int(round(fraction * len(distinct))))])  # two at least: evaluation's two halves
     for prompts in cover:
         if not held & set(prompts):
             held.add(next(p for p in order if p in set(prompts)))
@@ -385,14 +385,15 @@ def load_inputs(cfg):
     eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (None if cfg.prompts else task.eval_prompts)
     eval_pairs = load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (None if cfg.pairs else (task and task.eval_pairs))
     held = set(eval_prompts or ()) | {x["prompt"] for x in eval_pairs or ()}  # held out by a file or by the embedded task
-    to_split = [[p for p in rows if p not in held] for rows, fixed in ((prompts, eval_prompts), ([x["prompt"] for x in pairs or ()], eval_pairs))
-                if fixed is None and rows]  # the prompts of each training file to split
+    to_split = [kept for rows, fixed in ((prompts, eval_prompts), ([x["prompt"] for x in pairs or ()], eval_pairs))
+                if fixed is None and (kept := [p for p in rows if p not in held])]  # the prompts of each training file to split
     if to_split:
         held |= held_out_prompts([p for rows in to_split for p in rows], cfg.holdout, cfg.task_seed, to_split)
     dropped = (sum(p in held for p in prompts) if eval_prompts is not None else 0,
                sum(x["prompt"] in held for x in pairs or ()) if eval_pairs is not None else 0)
     if eval_prompts is None:
         eval_prompts = [p for p in prompts if p in held]
+    eval_prompts = list(dict.fromkeys(eval_prompts))  # each held-out prompt once: evaluation halves them by prompt
     if eval_pairs is None and pairs:
         eval_pairs = [x for x in pairs if x["prompt"] in held]
     x = SimpleNamespace(task=task, train_prompts=[p for p in prompts if p not in held], eval_prompts=eval_prompts,
@@ -401,6 +402,9 @@ def load_inputs(cfg):
         raise DataError(f"{cfg.prompts or 'the training prompts'}: every prompt is held out; give more prompts, a held-out file, or a smaller --holdout")
     if pairs and not x.pairs:
         raise DataError(f"{cfg.pairs or 'the pairs'}: every pair's prompt is held out; give more pairs, a held-out file, or a smaller --holdout")
+    if len(x.eval_prompts) < 2:
+        raise DataError(f"{cfg.eval_prompts or cfg.prompts}: {len(x.eval_prompts)} distinct held-out prompt; evaluation needs two at least "
+                        "(it reports each figure on both halves of them)")
     print(f"data: training {len(x.train_prompts)} prompts and {len(x.pairs or [])} pairs | held out {len(x.eval_prompts)} prompts and "
           f"{len(x.eval_pairs or [])} pairs, split by prompt"
           + (f" | dropped {dropped[0]} training prompts and {dropped[1]} training pairs whose prompt is held out" if any(dropped) else ""))

@@ -774,6 +774,22 @@ def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path):
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "only one:"}] * 3)
     with pytest.raises(data.DataError, match="every prompt is held out"):
         data.load_inputs(train.parse_args(["--prompts", p]))
+    ep = write_jsonl(tmp_path / "ep.jsonl", [{"prompt": "x:"}, {"prompt": "x:"}])  # evaluation halves its prompts: two at least
+    with pytest.raises(data.DataError, match="1 distinct held-out prompt; evaluation needs two at least"):
+        data.load_inputs(train.parse_args(["--eval_prompts", ep]))
+
+
+def test_held_out_prompts_are_distinct_and_a_held_out_file_may_cover_a_whole_training_file(tmp_path):
+    """A prompts file written twice gives each held-out prompt once (evaluation halves them by
+    prompt, so no prompt is on both halves); a held-out pair file naming every prompt of the
+    prompts file leaves it nothing to train on: refused with one line, not a crash."""
+    prompts = [{"prompt": f"p{i}:"} for i in range(40)]
+    x = data.load_inputs(train.parse_args(["--prompts", write_jsonl(tmp_path / "p.jsonl", prompts * 2)]))
+    assert len(x.eval_prompts) == len(set(x.eval_prompts)) == 4 and len(x.train_prompts) == 72
+    two = write_jsonl(tmp_path / "two.jsonl", prompts[:2])
+    eq = write_jsonl(tmp_path / "eq.jsonl", [{"prompt": x["prompt"], "chosen": " a", "rejected": " b"} for x in prompts[:2]])
+    with pytest.raises(data.DataError, match="every prompt is held out"):
+        data.load_inputs(train.parse_args(["--prompts", two, "--eval_pairs", eq]))
 
 
 def test_the_embedded_task_splits_are_disjoint_and_nothing_is_dropped(capsys):
@@ -1470,7 +1486,7 @@ def test_bad_data_file_fails_before_training_with_file_line_field(tmp_path):
 
 def test_long_prompts_are_cut_and_reported(tmp_path, cache, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review of the pizza:"}, {"prompt": "very " * 40 + "the cake:"}])
-    held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Rate the soup:"}])
+    held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Rate the soup:"}, {"prompt": "How was the tea?"}])
     train.main(train.parse_args(["--prompts", prompts, "--eval_prompts", held_out, "--g", "1", "--steps", "1", "--max_prompt_len", "8",
                                  "--out_dir", str(tmp_path / "o"), "--cache_dir", cache, *FAST]))
     assert "note: 1 of 2 training prompts are longer than --max_prompt_len 8 tokens and keep their last 8" in capsys.readouterr().out

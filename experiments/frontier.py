@@ -15,6 +15,9 @@ Cross-fitting. The best of many checkpoints is biased upward if it is picked and
 samples. Every evaluation also reports its figures on each half of the held-out prompts
 (plumbing/evaluation.halves): the checkpoint (which beta, which step) is chosen on half a (its
 gold reward there, within the budget by its KL there) and its gold reward is read on half b.
+Nothing from half b enters the choice, so that reading is unbiased; the budget itself gates on
+half a's KL, an estimate, so "equal KL" holds approximately (the tables show half b's KL). The
+"envelope" is best_within at each budget: cross-fitted, it need not rise monotonically.
 """
 import numpy as np
 
@@ -93,7 +96,7 @@ def plot_frontier(runs, path, by, interval, pyplot, budgets):
     if plt is None:
         return
     rows = by_row_and_seed(runs)
-    top = max(p["eval_kl" if by == "kl" else "labels"] for seeds in rows.values() for pts in seeds.values() for p in pts)
+    top = max(p["eval_kl_a" if by == "kl" else "labels"] for seeds in rows.values() for pts in seeds.values() for p in pts)
     grid = np.linspace(0, min(top, 1.5 * max(budgets)), 120)
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for row, seeds in rows.items():
