@@ -312,11 +312,12 @@ def paired_difference(group, baseline):
 
 def comparisons(runs, methods):
     """Every paired comparison of the table, {(row, against): (mean, half-width, p, p Holm)}: each
-    row against online DPO, and each row with a suffix (ROWS) against its method's own row; Holm's
-    correction is over all of them at once."""
+    row against online DPO, each row with a suffix (ROWS) against its method's own row, and the
+    RevKL authors' proxy against the same proxy aligned; Holm's correction is over all of them at once."""
     of = {m: [r for r in runs if r["method"] == m] for m in methods}
     pairs = [(m, "online-dpo") for m in methods if m != "online-dpo" and "online-dpo" in of]
     pairs += [(m, compare_row(m)[0]) for m in methods if compare_row(m)[1] and compare_row(m)[0] in of]
+    pairs += [(m, m + "-aligned") for m in methods if m.endswith("-proxy") and m + "-aligned" in of]
     found = {p: paired_difference(of[p[0]], of[p[1]]) for p in pairs}
     found = {p: v for p, v in found.items() if v is not None}
     adjusted = holm({p: v[2] for p, v in found.items()})
@@ -354,6 +355,8 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
                      f"{st['oracle_queries'][0]:.0f} | "
                      f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
                      f"{st['seconds_per_step'][0]:.3f} |")
+    direct = [(a, b) for a, b in tests if b not in ("online-dpo", compare_row(a)[0])]  # neither column's: proxy vs aligned
+    lines += [""] + [f"Δ {a} minus {b}, paired by seed: {diff(tests[a, b])}." for a, b in direct]
     lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in experiments/compare.py): "
               "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "
               "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "

@@ -85,6 +85,21 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == stamps
 
 
+def test_the_authors_proxy_is_compared_with_the_same_proxy_aligned_directly():
+    """With both rows in the table, the misaligned proxy's gold reward minus the aligned one's,
+    paired by seed, is one of the table's comparisons (in its Holm family), by hand."""
+    def run(row, seed, gold):
+        return {"method": row, "seed": seed, "summary": {"gold_reward_final": gold}}
+    rows = ["sail-pr", "sail-pr-revkl0.1-proxy", "sail-pr-revkl0.1-proxy-aligned"]
+    golds = {"sail-pr": [2.0, 2.1, 1.9], "sail-pr-revkl0.1-proxy": [0.5, 1.0, 0.0], "sail-pr-revkl0.1-proxy-aligned": [2.0, 2.2, 1.8]}
+    runs = [run(m, s, g) for m in rows for s, g in enumerate(golds[m])]
+    tests = compare.comparisons(runs, rows)
+    assert set(tests) == {("sail-pr-revkl0.1-proxy", "sail-pr"), ("sail-pr-revkl0.1-proxy-aligned", "sail-pr"),
+                          ("sail-pr-revkl0.1-proxy", "sail-pr-revkl0.1-proxy-aligned")}
+    d, half, p, p_holm = tests["sail-pr-revkl0.1-proxy", "sail-pr-revkl0.1-proxy-aligned"]
+    assert d == pytest.approx(-1.5) and half == pytest.approx(4.303 * 0.3 / math.sqrt(3)) and p_holm >= p  # d = -1.5, -1.2, -1.8
+
+
 def point(step, labels, reward, reward_a, reward_b, kl, kl_a, kl_b):
     return dict(step=step, labels=labels, eval_reward=reward, eval_reward_a=reward_a, eval_reward_b=reward_b, eval_kl=kl,
                 eval_kl_a=kl_a, eval_kl_b=kl_b)
