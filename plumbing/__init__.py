@@ -9,6 +9,7 @@ is called from train.py and never calls back into it.
   distributed.py  the device, data parallelism (torchrun) and the stops on a non-finite value
   models.py       the policy, its frozen reference, the oracle and the proxy labeller, LoRA, the optimiser
   microbatch.py   --grad_accum: the step's pairs cut into micro-batches
+  evaluation.py   the held-out set, its sampling, its two halves, distinct-2, the chunked KL(pi_ref || pi_theta)
   outputs.py      the step's metrics line, metrics.jsonl, the samples shown, summary.json, the plot, timing
 
 Its tests are in plumbing/test_plumbing.py (`python -m pytest -q plumbing`).
