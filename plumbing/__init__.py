@@ -3,7 +3,7 @@ plumbing/: what a run of train.py needs that is not the algorithm (nanochat's pa
 scripts over a package). A learner reads sail.py, reward.py, data.py and train.py; this package
 is called from train.py and never calls back into it.
 
-  options.py      the run's options (device, models, data, caching, evaluation, checkpoints, LoRA),
+  options.py      the run's options (the extensions', device, models, data, cache, evaluation, checkpoints, LoRA),
                   every option's valid range, the one command line and its config files
   checkpoint.py   the run's state between steps (random streams, counters), checkpoints and resume
   distributed.py  the device, data parallelism (torchrun) and the stops on a non-finite value
