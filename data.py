@@ -355,9 +355,9 @@ def held_out_prompts(candidates, fraction, seed, cover=()):
     distinct = list(dict.fromkeys(candidates))  # in order of first appearance
     order = [distinct[i] for i in np.random.default_rng(seed).permutation(len(distinct))]
     held = set(order[:max(2, int(round(fraction * len(distinct))))])  # two at least: evaluation's two halves
-    for prompts in cover:
-        if not held & set(prompts):
-            held.add(next(p for p in order if p in set(prompts)))
+    for prompts in map(set, cover):
+        if not held & prompts:
+            held.add(next(p for p in order if p in prompts))
     return held
 
 
@@ -378,12 +378,17 @@ def load_inputs(cfg):
         both, with every row of those prompts: the prompt split and the pair split agree.
       * Rows of the training files whose prompt is held out by a held-out file (or by the embedded
         task) are dropped, and counted in the line printed.
-    The split's sizes, and each file's exact-duplicate rows (kept), are printed."""
+    The split's sizes, and each file's exact-duplicate rows (kept; a held-out prompt is evaluated
+    once), are printed."""
     task = make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
     prompts = load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
     pairs = load_pairs(cfg.pairs) if cfg.pairs else (task and task.pairs)
     eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (None if cfg.prompts else task.eval_prompts)
     eval_pairs = load_pairs(cfg.eval_pairs) if cfg.eval_pairs else (None if cfg.pairs else (task and task.eval_pairs))
+    for path, rows in ((cfg.prompts, prompts), (cfg.pairs, pairs), (cfg.eval_prompts, eval_prompts), (cfg.eval_pairs, eval_pairs)):
+        repeats = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows}) if path else 0
+        if repeats:  # kept: a repeated pair is a weight the data chose (held-out prompts are evaluated once, below)
+            print(f"data: {path} holds {repeats} exact duplicate rows")
     held = set(eval_prompts or ()) | {x["prompt"] for x in eval_pairs or ()}  # held out by a file or by the embedded task
     to_split = [kept for rows, fixed in ((prompts, eval_prompts), ([x["prompt"] for x in pairs or ()], eval_pairs))
                 if fixed is None and (kept := [p for p in rows if p not in held])]  # the prompts of each training file to split
@@ -395,9 +400,9 @@ def load_inputs(cfg):
         eval_prompts = [p for p in prompts if p in held]
     eval_prompts = list(dict.fromkeys(eval_prompts))  # each held-out prompt once: evaluation halves them by prompt
     if eval_pairs is None and pairs:
-        eval_pairs = [x for x in pairs if x["prompt"] in held]
+        eval_pairs = [q for q in pairs if q["prompt"] in held]
     x = SimpleNamespace(task=task, train_prompts=[p for p in prompts if p not in held], eval_prompts=eval_prompts,
-                        pairs=pairs and [x for x in pairs if x["prompt"] not in held], eval_pairs=eval_pairs)
+                        pairs=pairs and [q for q in pairs if q["prompt"] not in held], eval_pairs=eval_pairs)
     if not x.train_prompts:
         raise DataError(f"{cfg.prompts or 'the training prompts'}: every prompt is held out; give more prompts, a held-out file, or a smaller --holdout")
     if pairs and not x.pairs:
@@ -408,10 +413,6 @@ def load_inputs(cfg):
     print(f"data: training {len(x.train_prompts)} prompts and {len(x.pairs or [])} pairs | held out {len(x.eval_prompts)} prompts and "
           f"{len(x.eval_pairs or [])} pairs, split by prompt"
           + (f" | dropped {dropped[0]} training prompts and {dropped[1]} training pairs whose prompt is held out" if any(dropped) else ""))
-    for path, rows in ((cfg.prompts, prompts), (cfg.pairs, pairs), (cfg.eval_prompts, eval_prompts), (cfg.eval_pairs, eval_pairs)):
-        repeats = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows}) if path else 0
-        if repeats:
-            print(f"data: {path} holds {repeats} exact duplicate rows (kept)")
     return x
 
 
