@@ -131,13 +131,18 @@ def build_tokenizer(texts, vocab_size=512):
 EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response tokens
 
 
+def embedded_path(cfg):
+    """Where the embedded SFT model of these settings is cached."""
+    return os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+
+
 def embedded_policy(cfg, task, device):
     """(model, tokenizer, seconds SFT took): the embedded SFT model, loaded from --cache_dir, or a
     tiny GPT-2 built, fine-tuned on task.sft and saved there. cfg: the run's Config (its sft_*,
     task_seed, cache_dir, max_prompt_len and max_new_tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    path = os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+    path = embedded_path(cfg)
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"sft: loading the cached SFT model from {path}")
         what = "--cache_dir holds a broken SFT model (delete it to train it again):"

@@ -67,8 +67,8 @@ def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext()):
     pass; amp: an autocast context, or none. Position ids count real tokens only, so left padding
     never shifts a prompt."""
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    with amp:
-        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position).logits  # (B, T, V)
+    with amp:  # use_cache=False: a single pass keeps no KV cache
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False).logits  # (B, T, V)
 
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
@@ -314,12 +314,13 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     """
     B = prompt_ids.shape[0]
     # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
-    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward  # peft: the model inside
-    cache = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    parameters = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward).parameters
+    cache = "cache" if "cache" in parameters else "past_key_values"  # (peft: the model inside)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits are all we need
     # Left padding shifts where each prompt starts; position ids must count real tokens only,
     # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, use_cache=True, **last)
     next_position = position[:, -1:] + 1  # (B, 1)
     Tp = prompt_ids.shape[1]
     attention = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], 1)  # (B, Tp + max_new_tokens)

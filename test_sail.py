@@ -980,6 +980,8 @@ def test_the_proxy_labels_the_online_pairs_and_the_gold_reward_stays_the_yardsti
     assert row["eval_proxy_reward"] != row["eval_reward"] and 0 < row["eval_proxy_win"] < 1
     assert (summary["proxy_reward_final"], summary["proxy_win_rate_vs_sft"], summary["gold_reward_final"]) == \
         (row["eval_proxy_reward"], row["eval_proxy_win"], row["eval_reward"])
+    assert summary["proxy_accuracy"] == reward.pair_accuracy(run.labeller, inputs.eval_pairs) and summary["proxy_fit_pairs"] == 512
+    assert summary["gold_labels"] == row["gold_labels"] == int(run.pair_labels[:512].sum())  # online DPO: the proxy's fit pairs alone
 
 
 class Fitted(Exception):

@@ -10,9 +10,11 @@ finished runs are reused, an interrupted one resumes. Writes results.md (means w
 over seeds; each row's gold reward against online DPO's and a suffixed row's against its own
 method's, paired by seed, with Holm's correction over the table), compare.json and four plots.
 A row is a method (train.METHODS) or one with a response term and a suffix of ROWS, which
-changes one thing, or a named few, from it. With --compare_betas every row runs at every beta
-(runs/sail/compare/ROW-betaB-seedS), and results.md compares the methods at equal KL and at equal
-oracle labels instead (experiments/frontier.py).
+changes one thing, or a named few, from it; any row may end in a suffix of LABELLED (-rm, -rm512)
+to be labelled by a reward model fit for each seed instead of the gold reward. With
+--compare_betas every row runs at every beta (runs/sail/compare/ROW-betaB-seedS), and results.md
+compares the methods at equal KL and at equal gold labels instead (experiments/frontier.py), with
+a proxy row's interaction with its labeller, and the early-stopping rule at --beta.
 """
 import contextlib
 import dataclasses
@@ -45,6 +47,11 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
     "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
     "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
     "-g1": dict(g=1.0),  # every pair online: purely online SAIL-PR (or SAIL-PP with p = g = 1, mix with g = 1)
+    "-gamma0": dict(gamma=0.0),  # no response term: the same routing, offline and online pairs trained by DPO alone
+}
+LABELLED = {  # any row above labelled by a proxy instead of the gold reward: a reward model fit for each seed (--proxy fit)
+    "-rm": dict(proxy="fit"),  # fit on every offline pair
+    "-rm512": dict(proxy="fit", proxy_pairs=512),  # on the first 512: a weaker proxy (held-out accuracy ~0.8 on the embedded task)
 }
 REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coefficient, at a larger one, and their proxy
     "-revkl": dict(revkl=1e-3),
@@ -62,8 +69,9 @@ class CompareOptions:
                                "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
                                "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
                                "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first; "
-                               "or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, -revkl0.01, -revkl0.1, -revkl-proxy, "
-                               "-revkl0.1-proxy, -revkl0.1-proxy-aligned")
+                               "-gamma0 (no response term), -g1; or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, "
+                               "-revkl0.01, -revkl0.1, -revkl-proxy, -revkl0.1-proxy, -revkl0.1-proxy-aligned; any row ending -rm "
+                               "or -rm512: labelled by a reward model fit for each seed on all or 512 offline pairs (LABELLED)")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
     compare_betas: str = arg("", "betas, comma-separated (e.g. 0.03,0.1,0.3,1): run every row at each and compare the methods at equal "
                                  "KL and at equal oracle labels over all of them (experiments/frontier.py); '': the rows at --beta")
@@ -93,8 +101,12 @@ class CompareOptions:
 
 
 def compare_row(name):
-    """A compared row's (method, its settings) from its name, e.g. sail-pr-official-size or
-    sail-pp-revkl0.1; None if unknown."""
+    """A compared row's (method, its settings) from its name, e.g. sail-pr-official-size,
+    sail-pp-revkl0.1 or (labelled by a fitted proxy) sail-pr-gamma0-rm; None if unknown."""
+    for suffix, labeller in LABELLED.items():
+        if name.endswith(suffix) and compare_row(name.removesuffix(suffix)) is not None:
+            method, settings = compare_row(name.removesuffix(suffix))
+            return method, {**settings, **labeller}
     if name in METHODS:
         return name, {}
     for suffix in sorted(ROWS, key=len, reverse=True):
@@ -128,13 +140,16 @@ def compare(cfg, opts):
     if opts.compare_workers == 1 or len(todo) < 2:
         for c in tqdm(todo, desc="compare", dynamic_ncols=True):
             compare_run(c)
-    else:  # several processes; the SFT model (and a proxy to fit) is cached first, so that no two of them train it
+    else:  # several processes; the SFT model (and the proxies to fit) are cached first, so that no two of them train one
         with contextlib.redirect_stdout(io.StringIO()):
             tokenizer = embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))[1] if cfg.model == "embedded" else None
-            if cfg.proxy == "fit":  # and the proxy, fit once
+            fits = {c.seed: c for c in todo if c.proxy == "fit"}  # one proxy per seed (models.proxy_labeller)
+            if fits:
                 from transformers import AutoTokenizer
                 tokenizer = data.prepare_tokenizer(tokenizer or AutoTokenizer.from_pretrained(cfg.model))
-                proxy_labeller(cfg, data.load_inputs(cfg), tokenizer, pick_device(cfg.device))
+                inputs = data.load_inputs(cfg)
+                for c in tqdm(fits.values(), desc="proxies", dynamic_ncols=True):
+                    proxy_labeller(c, inputs, tokenizer, pick_device(cfg.device))
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -208,7 +223,8 @@ def read_run(method, seed, out):
             seconds += row["dt"]
             if "eval_reward" in row:
                 history.append({"step": row["step"], "eval_reward": row["eval_reward"], "eval_kl": row["eval_kl"],
-                                "labels": row["oracle_queries"], "seconds": seconds,
+                                # the gold labels spent (--proxy: the proxy's fit pairs and the offline pairs', not its queries)
+                                "labels": row.get("gold_labels", row["oracle_queries"]), "seconds": seconds,
                                 **{k: row[k] for k in ("eval_reward_a", "eval_reward_b", "eval_kl_a", "eval_kl_b") if k in row},
                                 **({"eval_proxy_reward": row["eval_proxy_reward"]} if "eval_proxy_reward" in row else {})})
     return {"method": method, "seed": seed, "summary": summary, "history": history}
@@ -494,10 +510,28 @@ def plot_compare(runs, root):
         plt.close(fig)
 
 
+def early_stopping_table(runs, beta):
+    """results.md's early-stopping section (frontier.early_stopping): per row at one beta, the
+    checkpoint chosen on one half of the held-out prompts against the last, read on the other."""
+    found = frontier.early_stopping(runs, interval, t_test, holm)
+    lines = ["", f"### Early stopping (beta {beta:g})", "",
+             "The rule: evaluate every --eval_every steps and keep the checkpoint with the highest gold reward on half a of the "
+             "held-out prompts (with a proxy labeller, these are gold labels spent on evaluation, not counted above). Read on "
+             "half b, against keeping the last checkpoint: the gain paired by seed [95% t-interval], p after Holm's correction "
+             f"over the {len(found)} rows; * where it is < 0.05.", "",
+             "| row | chosen step (mean) | gold, chosen | gold, last | gain |", "|---|---|---|---|---|"]
+    for row, (steps, chosen, last, (d, h, _, p)) in found.items():
+        gain = "—" if h is None else f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p_Holm {p:.2g}" + (" *" if p < 0.05 else "")
+        lines.append(f"| {row} | {np.mean(steps):.0f} | {np.mean(chosen):.2f} | {np.mean(last):.2f} | {gain} |")
+    return lines
+
+
 def frontier_report(cfg, opts, runs, root, machine, wall):
     """--compare_betas: results.md with each row's final figures at each beta (descriptive) and the
-    sections "Gold reward at equal KL" and "at equal oracle labels" (experiments/frontier.py, one Holm
-    family each), compare.json, frontier.png and frontier_labels.png. Returns the sections' tests."""
+    sections "Gold reward at equal KL" and "at equal gold labels" (experiments/frontier.py, one Holm
+    family each, the method x labeller interactions included), early stopping at --beta, and with
+    proxy rows (LABELLED) their accuracy and over-optimisation; compare.json, frontier.png,
+    frontier_labels.png (and frontier_proxy.png). Returns the sections' tests."""
     rows, betas = list(dict.fromkeys(r["method"] for r in runs)), list(dict.fromkeys(r["beta"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"{len(runs)} runs: {len(rows)} rows x {len(betas)} betas ({', '.join(f'{b:g}' for b in betas)}) x {len(seeds)} seeds, "
@@ -513,13 +547,33 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
             cells.append(f"{np.mean([g['gold_reward_final'] for g in group]):.2f}, {np.mean([g['kl'] for g in group]):.1f}, "
                          f"{np.mean([g['oracle_queries'] for g in group]):.0f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    proxied = [r for r in runs if r["method"].endswith(tuple(LABELLED))]
+    if proxied:  # one proxy per seed (and fit size): its accuracy on the held-out pairs, against their gold labels
+        for suffix in LABELLED:
+            fits = {r["seed"]: r["summary"] for r in proxied if r["method"].endswith(suffix)}
+            if fits:
+                mean, half = interval([f["proxy_accuracy"] for f in fits.values()])
+                lines += ["", f"Rows ending {suffix}: labelled by a proxy fit on {fits[seeds[0]]['proxy_fit_pairs']} offline pairs, one "
+                          f"fit for each seed (its seed drawn from the run's), held-out pair accuracy {mean:.3f} ± {half or 0:.3f} "
+                          f"(95% t over the {len(fits)} proxies: " + ", ".join(f"{f['proxy_accuracy']:.3f}" for f in fits.values())
+                          + "). Their gold labels are the proxy's fit pairs' and the offline pairs' trained on (a pair in both "
+                          "charged once); the proxy's own queries are not gold labels."]
     tests = {}
     for by, budgets, title in (("kl", opts.numbers("compare_kl_budgets"), "Gold reward at equal KL"),
-                               ("labels", opts.numbers("compare_label_budgets"), "Gold reward at equal oracle labels")):
-        section, tests[by] = frontier.budget_section(runs, budgets, by, title, interval, t_test, holm)
+                               ("labels", opts.numbers("compare_label_budgets"), "Gold reward at equal gold labels")):
+        section, tests[by] = frontier.budget_section(runs, budgets, by, title, interval, t_test, holm, suffixes=tuple(LABELLED))
         lines += section
-        frontier.plot_frontier(runs, os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot,
-                               budgets)
+        frontier.plot_frontier([r for r in runs if r not in proxied] if by == "kl" else runs,
+                               os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot,
+                               budgets, tuple(LABELLED))
+    if proxied:  # the proxy rows with online DPO's two, at equal KL
+        frontier.plot_frontier(proxied + [r for r in runs if r["method"] == "online-dpo"], os.path.join(root, "frontier_proxy.png"), "kl",
+                               interval, pyplot, opts.numbers("compare_kl_budgets"), tuple(LABELLED))
+    at_beta = [r for r in runs if r["beta"] == cfg.beta]
+    if at_beta and all("eval_reward_a" in p for r in at_beta for p in r["history"]):
+        lines += early_stopping_table(at_beta, cfg.beta)
+        if proxied:
+            lines += overoptimisation_table([r for r in at_beta if r in proxied], list(dict.fromkeys(r["method"] for r in proxied)))
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
                    "comparisons": tests, "runs": runs}, f, indent=1)

@@ -14,7 +14,7 @@ import torch
 
 import data
 import train
-from experiments import benchmark, compare, frontier, stand_ins
+from experiments import benchmark, compare, frontier, peer_trl, stand_ins
 from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures)
 
 
@@ -32,10 +32,13 @@ from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures
     ("benchmark", ["--bench_new_tokens", "0"], "--bench_new_tokens must be >= 1"),
     ("benchmark", ["--bench_model", "gpt3"], "--bench_model 'gpt3': choose one of embedded, gpt2"),
     ("stand_ins", ["--stand_ins", ""], "--stand_ins: name a directory"),
+    ("peer_trl", ["--peer_seeds", "0"], "--peer_seeds must be >= 1"),
+    ("peer_trl", ["--peer_timing_reps", "-1"], "--peer_timing_reps must be >= 0"),
 ])
 def test_bad_experiment_options_are_refused(module, argv, message):
     """Each experiment's own options are checked as train.py's are: one line naming the option."""
-    options = {"compare": compare.CompareOptions, "benchmark": benchmark.BenchOptions, "stand_ins": stand_ins.StandInOptions}[module]
+    options = {"compare": compare.CompareOptions, "benchmark": benchmark.BenchOptions, "stand_ins": stand_ins.StandInOptions,
+               "peer_trl": peer_trl.PeerOptions}[module]
     with pytest.raises(SystemExit) as refused:
         train.cli(argv, run=lambda *a: pytest.fail("ran"), extra=options)
     assert message in str(refused.value)
@@ -58,7 +61,7 @@ def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, 
     stats = compare.cli(argv, run=compare.compare, extra=compare.CompareOptions)
     root = tmp_path / "compare"
     names = compare.CompareOptions.compare_methods.split(",")
-    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in compare.ROWS if suffix not in ("-ties-first", "-g1")}
+    suffixed = {f"{m}{suffix}" for m in ("sail-pr", "sail-pp") for suffix in compare.ROWS if suffix not in ("-ties-first", "-g1", "-gamma0")}
     assert set(stats) == set(train.METHODS) | suffixed | {"sail-pr-ties-first"} == set(names)
     # 2 steps x 16 pairs: an online SAIL-PR pair costs an online label; a dataset pair (offline DPO or
     # SAIL-DP; a prefix of one stream for every method) the labels its dataset spent on it; SAIL-PP's
@@ -142,6 +145,47 @@ def test_the_equal_budget_section_pairs_by_seed_with_holm_by_hand():
     assert "### Gold reward at equal KL" in lines and any(line.startswith("| sail-pr | 0.50 ± 0.00 (KL 0)") for line in lines)
 
 
+def test_the_method_by_labeller_interaction_is_paired_by_seed_by_hand():
+    """Gold and proxy (-rm) rows of online DPO and SAIL-PR, 3 seeds, one evaluation each after the
+    SFT model. A proxy row is compared with online-dpo-rm, a gold row with online-dpo, and the
+    interaction is (sail-pr-rm - online-dpo-rm) - (sail-pr - online-dpo) per seed; all six tests
+    (two budgets) share one Holm family."""
+    def run(row, seed, b):
+        return {"method": row, "seed": seed, "beta": 0.1, "history": [point(0, 0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0),
+                                                                       point(10, 160, b, b, b, 2.0, 2.0, 2.0)]}
+    values = {"online-dpo": [1.0, 1.2, 0.9], "sail-pr": [1.5, 1.4, 1.6], "online-dpo-rm": [0.6, 0.7, 0.55], "sail-pr-rm": [1.3, 1.0, 1.5]}
+    runs = [run(row, s, v) for row, vs in values.items() for s, v in enumerate(vs)]
+    lines, tests = frontier.budget_section(runs, [1, 5], "kl", "Gold reward at equal KL", compare.interval, compare.t_test, compare.holm,
+                                           suffixes=("-rm",))
+    assert set(tests) == {f"{r}@{b}" for r in ("sail-pr", "sail-pr-rm") for b in (1, 5)} | {"sail-pr-rm@1 interaction", "sail-pr-rm@5 interaction"}
+    assert tests["sail-pr-rm@5"]["difference"] == pytest.approx((0.7 + 0.3 + 0.95) / 3)  # against online-dpo-rm, not online-dpo
+    d = [0.2, 0.1, 0.25]  # (0.7, 0.3, 0.95) under the proxy minus (0.5, 0.2, 0.7) under gold labels
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    x = tests["sail-pr-rm@5 interaction"]
+    assert x["difference"] == pytest.approx(mean) and x["half_width"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    t = mean / (sd / math.sqrt(3))
+    assert x["p"] == pytest.approx(compare.incomplete_beta(1.0, 0.5, 2 / (2 + t * t)))
+    p = sorted(v["p"] for v in tests.values())  # Holm over the six: the smallest times 6, the next times 5 (non-decreasing)
+    assert min(v["p_holm"] for v in tests.values()) == pytest.approx(min(1.0, 6 * p[0]))
+    assert tests["sail-pr-rm@1 interaction"]["difference"] == 0.0  # within KL 1: the SFT model for all four
+    table = lines[lines.index(next(x for x in lines if x.startswith("Method × labeller"))):]
+    assert any(x.startswith("| sail-pr-rm | +0.00 [+0.00, +0.00], p_Holm 1 | +0.18 [") for x in table)
+
+
+def test_early_stopping_chooses_on_one_half_and_reads_on_the_other_by_hand():
+    """Per seed: the evaluation with the highest gold reward on half a, read on half b, against the
+    last evaluation read on half b. Seed 0 chooses step 10 (1.0 on a) and reads 0.8 against the last's
+    1.2; seed 1 chooses its last (gain 0); seed 2 step 10 (1.4 against 0.6)."""
+    def run(seed, a10, b10, a20, b20):
+        return {"method": "online-dpo", "seed": seed, "history": [point(0, 0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0), point(10, 1, 0, a10, b10, 1, 1, 1),
+                                                                  point(20, 2, 0, a20, b20, 2, 2, 2)]}
+    runs = [run(0, 1.0, 0.8, 0.9, 1.2), run(1, 0.7, 0.9, 1.1, 1.0), run(2, 1.5, 1.4, 1.0, 0.6)]
+    steps, chosen, last, (d, h, p, p_holm) = frontier.early_stopping(runs, compare.interval, compare.t_test, compare.holm)["online-dpo"]
+    assert steps.tolist() == [10, 20, 10] and chosen.tolist() == [0.8, 1.0, 1.4] and last.tolist() == [1.2, 1.0, 0.6]
+    gains = [-0.4, 0.0, 0.8]
+    assert d == pytest.approx(sum(gains) / 3) and p == p_holm == pytest.approx(compare.t_test(gains))
+
+
 def test_compare_over_betas_writes_the_equal_kl_and_equal_labels_sections(tmp_path, cache, few_eval_pairs):
     """--compare_betas: every row at every beta, in its own directory; results.md with both sections,
     compare.json with their comparisons, frontier.png and frontier_labels.png."""
@@ -152,7 +196,8 @@ def test_compare_over_betas_writes_the_equal_kl_and_equal_labels_sections(tmp_pa
     root = tmp_path / "compare"
     assert json.loads((root / "sail-pr-g1-beta1-seed1" / "config.json").read_text())["beta"] == 1.0
     results = (root / "results.md").read_text()
-    assert "### Gold reward at equal KL" in results and "### Gold reward at equal oracle labels" in results
+    assert "### Gold reward at equal KL" in results and "### Gold reward at equal gold labels" in results
+    assert "### Early stopping (beta 0.1)" in results
     assert set(tests["kl"]) == {"sail-pr-g1@1", "sail-pr-g1@100"} and set(tests["labels"]) == {"sail-pr-g1@16", "sail-pr-g1@1000"}
     for png in ("frontier.png", "frontier_labels.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -286,3 +331,52 @@ def test_the_readme_recipes_run_as_written_on_tiny_stand_ins(tmp_path, tiny_stan
     assert (AutoConfig.from_pretrained(cfg.model).model_type, AutoConfig.from_pretrained(cfg.reward_model).model_type) == archs
     assert summary["oracle_queries"] > 0 and math.isfinite(summary["gold_reward_final"]) and summary["peak_memory_gb"] > 0
     assert AutoConfig.from_pretrained(tmp_path / "out" / "policy").model_type == archs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# peer_trl.py without TRL: the settings it passes, its seed, its tables, the one-line error
+
+def test_trl_gets_the_projects_settings_where_its_defaults_differ():
+    """OnlineDPOConfig's arguments from train.py's defaults: the learning rate at a constant
+    schedule (TRL: 5e-7, linear decay), fp32 and no gradient checkpointing (TRL: bf16, on),
+    temperature 1 (TRL: 0.9), 24 new tokens (TRL: 64), 16 prompts x 2 completions, no
+    accumulation, dropout off, no missing-EOS penalty, sampling from the whole vocabulary."""
+    cfg = train.parse_args([])
+    got = peer_trl.trl_settings(cfg, 0, "out")
+    assert {k: got[k] for k in ("learning_rate", "lr_scheduler_type", "bf16", "fp16", "gradient_checkpointing", "temperature", "max_new_tokens",
+                                "per_device_train_batch_size", "gradient_accumulation_steps", "disable_dropout", "missing_eos_penalty",
+                                "top_k", "top_p", "beta", "max_steps", "max_grad_norm", "weight_decay", "loss_type")} == \
+        dict(learning_rate=5e-4, lr_scheduler_type="constant", bf16=False, fp16=False, gradient_checkpointing=False, temperature=1.0,
+             max_new_tokens=24, per_device_train_batch_size=16, gradient_accumulation_steps=1, disable_dropout=True, missing_eos_penalty=None,
+             top_k=0, top_p=1.0, beta=[0.1], max_steps=150, max_grad_norm=1.0, weight_decay=0.0, loss_type="sigmoid")
+    assert got["max_length"] == cfg.max_prompt_len + cfg.max_new_tokens and got["seed"] == got["data_seed"] == peer_trl.trl_seed(0)
+
+
+def test_trls_seed_comes_from_the_root_seed_and_shares_no_stream():
+    seeds = [peer_trl.trl_seed(s) for s in range(5)]
+    streams = {v % 2 ** 32 for s in range(5) for v in train.stream_seeds(s).values()}
+    assert len(set(seeds)) == 5 and not set(seeds) & streams and peer_trl.trl_seed(3) == peer_trl.trl_seed(3)
+
+
+def test_the_peer_table_pairs_each_row_with_trls_by_seed_by_hand():
+    """Two seeds: the project minus TRL per seed, their mean and t-interval (df 1: t = 12.706),
+    Holm over the table's 4 figures x 1 row."""
+    fig = lambda g, w, kl, rk: dict(gold_reward_final=g, win_rate_vs_sft=w, kl=kl, reverse_kl=rk)
+    rows = {"project online DPO": [fig(2.8, 0.95, 6.0, 13.0), fig(2.9, 0.94, 7.0, 14.0)],
+            "TRL OnlineDPOTrainer": [fig(2.7, 0.95, 6.5, 19.0), fig(2.6, 0.93, 5.5, 20.0)]}
+    lines, tests = peer_trl.quality_table(rows)
+    gold = tests["project online DPO gold_reward_final"]
+    assert gold["difference"] == pytest.approx(0.2) and gold["half_width"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    assert tests["project online DPO reverse_kl"]["difference"] == pytest.approx(-6.0) and tests["project online DPO reverse_kl"]["p"] == 0.0
+    assert gold["p_holm"] == pytest.approx(min(1.0, 3 * gold["p"]))  # the 2nd smallest of 4 (reverse_kl's p is 0): times 3
+    assert lines[2].startswith("| project online DPO | 2.850 ± ") and lines[4].startswith("| project online DPO − TRL, paired by seed | +0.200 [")
+    timing = peer_trl.timing_table({"TRL": [(120.0, {"generate": 80.0}), (130.0, {"generate": 90.0})]})
+    assert timing[2] == "| TRL | 120, 130 | 125 | generate 85 |"
+
+
+def test_peer_trl_without_trl_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "trl.experimental.online_dpo", None)
+    with pytest.raises(SystemExit, match="pip install -r experiments/requirements-peer.txt"):
+        peer_trl.import_trl()

@@ -68,7 +68,8 @@ class State:
 # prompts and pairs are drawn alike on every rank (each keeps its share); ddp: each rank samples
 # and labels with streams of its own.
 STREAMS = [("route", False), ("prompt", False), ("pair", False), ("sampling", True), ("label", True), ("explore", True),
-           ("eval", False), ("lora", False), ("global", False), ("eval_kl", False), ("revkl", True), ("eval_revkl", False)]
+           ("eval", False), ("lora", False), ("global", False), ("eval_kl", False), ("revkl", True), ("eval_revkl", False),
+           ("proxy_fit", False)]  # appended last: a stream's seed depends on its index, so the others keep theirs
 
 
 def stream_seeds(seed, rank=0):

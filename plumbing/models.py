@@ -123,8 +123,9 @@ def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
     path = cfg.proxy
     if cfg.proxy == "fit":
         pairs = inputs.pairs[:cfg.proxy_pairs or None]
+        seed = stream_seeds(cfg.seed)["proxy_fit"]  # each --seed its own proxy: the labeller's randomness is in the intervals
         # what it was fit on and how: the pairs, the tokenizer, the seed of its start and batches
-        made_of = [pairs, sorted(tokenizer.get_vocab().items()), cfg.task_seed, cfg.proxy_width, cfg.proxy_steps]
+        made_of = [pairs, sorted(tokenizer.get_vocab().items()), seed, cfg.proxy_width, cfg.proxy_steps]
         digest = hashlib.sha1(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:10]
         path = os.path.join(cfg.cache_dir, f"proxy-pairs{len(pairs)}-width{cfg.proxy_width}-{digest}")
         if world > 1 and rank:  # ddp: rank 0 fits and caches it first
@@ -133,14 +134,16 @@ def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
             check_writable_dir(cfg.cache_dir, "--cache_dir")
             t0 = time.perf_counter()
             reward.fit_reward_model(path, pairs, inputs.eval_pairs, copy.deepcopy(tokenizer), width=cfg.proxy_width,
-                                    steps=cfg.proxy_steps, seed=cfg.task_seed, device=device)
+                                    steps=cfg.proxy_steps, seed=seed, device=device)
             print(f"proxy: fit on {len(pairs)} pairs and saved to {path} in {time.perf_counter() - t0:.1f}s")
         if world > 1 and not rank:
             dist.barrier()
     proxy = reward.HFRewardModel(path, device, cfg.reward_batch_size, what="--proxy")
+    # its fit pairs (fit: the first --proxy_pairs offline pairs) cost gold labels: outputs.label_totals charges them
+    proxy.fit_pairs = len(pairs) if cfg.proxy == "fit" else 0
+    proxy.held_out_accuracy = reward.pair_accuracy(proxy, inputs.eval_pairs) if inputs.eval_pairs else None
     if inputs.eval_pairs:
-        print(f"proxy: {path} | held-out pair accuracy {reward.pair_accuracy(proxy, inputs.eval_pairs):.3f} "
-              f"({len(inputs.eval_pairs)} pairs)")
+        print(f"proxy: {path} | held-out pair accuracy {proxy.held_out_accuracy:.3f} ({len(inputs.eval_pairs)} pairs)")
     return proxy
 
 
@@ -161,7 +164,26 @@ def load_policy(cfg, inputs, device, rank=0, world=1):
         raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
     data.prepare_tokenizer(tokenizer)
     disable_dropout(policy)
+    fuse_gelu(policy)
     return policy, tokenizer, sft_seconds
+
+
+def fuse_gelu(model):
+    """GPT-2's GELU (`gelu_new`) is seven element-wise operations in Python; transformers'
+    `gelu_pytorch_tanh` is the same function (the same tanh approximation) in one kernel, equal to
+    it within float rounding (2.4e-7 at most on a million normal inputs), and a quarter of the
+    embedded model's forward and backward on a CPU (docs/benchmark.md). Swapped in for alignment
+    only (the SFT phase and the cached SFT model keep theirs), and written in the config, so that a
+    saved policy loads as it ran. Other activations are left as they are."""
+    from transformers.activations import ACT2FN
+
+    slow, fast = type(ACT2FN["gelu_new"]), ACT2FN["gelu_pytorch_tanh"]
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is slow:
+                setattr(module, name, fast)
+    if getattr(model.config, "activation_function", None) == "gelu_new":
+        model.config.activation_function = "gelu_pytorch_tanh"
 
 
 # LoRA's target modules per architecture: every linear map of attention and MLP, as in the LoRA

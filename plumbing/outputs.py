@@ -59,10 +59,17 @@ def step_metrics(run, state, step, pairs, labels, h, delta, penalty, grad_norm, 
 def label_totals(run, state):
     """The oracle labels spent so far, the same way for every pair: each online label (a tie too),
     and for each distinct dataset pair trained on (offline DPO or SAIL-DP), the labels its dataset
-    spent on it (the ties dropped before it included: data.make_task)."""
+    spent on it (the ties dropped before it included: data.make_task). --proxy: the labeller's
+    queries are counted there too, and gold_labels counts the gold labels alone: those of the
+    distinct dataset pairs trained on or used to fit the proxy (the first fit_pairs; a pair in both
+    is charged once), the proxy's queries not."""
     spent = run.pair_labels[list(state.used_pairs)].sum() if state.used_pairs else 0
     n_used = len(state.used_pairs)
-    return {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
+    out = {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
+    if run.labeller is not run.gold:
+        gold = state.used_pairs | set(range(getattr(run.labeller, "fit_pairs", 0)))
+        out["gold_labels"] = int(run.pair_labels[sorted(gold)].sum()) if gold else 0
+    return out
 
 
 class Clock:
@@ -135,7 +142,8 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"], "reverse_kl": final.get("eval_revkl"),
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
         **({"proxy_reward_sft": sft_eval["eval_proxy_reward"], "proxy_reward_final": final["eval_proxy_reward"],
-            "proxy_win_rate_vs_sft": final["eval_proxy_win"]} if cfg.proxy else {}),
+            "proxy_win_rate_vs_sft": final["eval_proxy_win"], "proxy_accuracy": run.labeller.held_out_accuracy,
+            "proxy_fit_pairs": run.labeller.fit_pairs} if cfg.proxy else {}),
         "margin_final": final.get("eval_margin"), "distinct2_sft": sft_eval.get("eval_distinct2"), "distinct2_final": final.get("eval_distinct2"),
         "sft_halves": {k: v for k, v in sft_eval.items() if k.endswith(("_a", "_b"))},  # the SFT model's figures on each half of the prompts
         **label_totals(run, state),  # oracle_queries, ties: all the labels spent, the offline pairs' included
@@ -166,7 +174,8 @@ def print_summary(cfg, summary, sft_eval, final):
           + f" | tokens/s generated {summary['tokens_per_second']['generated']:.0f}, trained {summary['tokens_per_second']['trained']:.0f}")
     s = summary["seconds_by_phase"]
     ties = f" ({summary['ties']} ties)" if summary["ties"] else ""
-    print(f"oracle queries {summary['oracle_queries']}{ties} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
+    gold = f" | gold labels {summary['gold_labels']} (the proxy's fit pairs and the offline pairs')" if "gold_labels" in summary else ""
+    print(f"oracle queries {summary['oracle_queries']}{ties}{gold} | time: sft {s['sft']:.0f}s, align {s['align']:.0f}s, "
           f"total {summary['seconds']:.0f}s | peak memory {summary['peak_memory_gb']:.2f} GB | outputs in {cfg.out_dir}/")
 
 

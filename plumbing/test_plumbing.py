@@ -173,6 +173,38 @@ def test_every_random_stream_has_its_own_numbers():
     assert len({tuple(x.tolist()) for x in first}) == len(first)
     assert train.stream_seeds(3) == train.stream_seeds(3)  # a function of the seed alone: runs are repeatable
 
+def test_each_seed_fits_its_own_proxy_from_its_own_stream(tmp_path, cache, monkeypatch):
+    """--proxy fit: the proxy's start and batches are seeded from the run's root seed (its proxy_fit
+    stream), so replicate seeds resample the labeller too; two seeds, two fits, two cache entries."""
+    from transformers import AutoTokenizer
+    tokenizer, seen = AutoTokenizer.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40")), []
+
+    def fit_reward_model(path, pairs, held_out, *args, seed, **kwargs):
+        seen.append((path, seed, len(pairs)))
+        raise RuntimeError("fit")
+
+    monkeypatch.setattr(reward, "fit_reward_model", fit_reward_model)
+    for s in (0, 1):
+        cfg = train.parse_args(["--proxy", "fit", "--proxy_pairs", "64", "--seed", str(s), "--cache_dir", str(tmp_path)])
+        with pytest.raises(RuntimeError):
+            models.proxy_labeller(cfg, data.load_inputs(cfg), tokenizer, torch.device("cpu"))
+    assert [x[1:] for x in seen] == [(train.stream_seeds(0)["proxy_fit"], 64), (train.stream_seeds(1)["proxy_fit"], 64)]
+    assert seen[0][0] != seen[1][0]
+
+
+def test_the_gold_labels_under_a_proxy_charge_its_fit_pairs_and_the_offline_pairs_once():
+    """label_totals by hand: dataset pairs 0-4 cost 1, 2, 1, 3, 1 labels; the proxy was fit on the
+    first 2, and the run trained on pairs 1 and 3 offline after 10 proxy queries. oracle_queries
+    counts every label (10 + 2 + 3 = 15); gold_labels the gold ones, pairs 0, 1 and 3 once each (1 + 2 + 3)."""
+    import numpy as np
+    state = SimpleNamespace(used_pairs={1, 3}, oracle_queries=10, ties=0)
+    gold, proxy = object(), SimpleNamespace(fit_pairs=2)
+    run = SimpleNamespace(pair_labels=np.array([1, 2, 1, 3, 1]), labeller=proxy, gold=gold)
+    assert outputs.label_totals(run, state) == {"oracle_queries": 15, "ties": 3, "gold_labels": 6}
+    assert outputs.label_totals(SimpleNamespace(pair_labels=run.pair_labels, labeller=gold, gold=gold), state) == {"oracle_queries": 15, "ties": 3}
+    assert outputs.label_totals(run, SimpleNamespace(used_pairs=set(), oracle_queries=10, ties=0))["gold_labels"] == 3  # the fit alone
+
+
 def test_same_seed_same_run(tmp_path, cache, few_eval_pairs):
     argv = ["--steps", "2", "--method", "mix", "--g", "0.5", "--p", "0.3", "--r", "0.2", "--cache_dir", cache, *FAST,
             "--eval_pairs", few_eval_pairs]
@@ -339,6 +371,7 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
     sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
+    models.fuse_gelu(sft)  # as the run loads it
     sft_logps = sail.sequence_logps_of(sft, *batch, OFF)  # (12,)
     # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
