@@ -47,14 +47,16 @@ import torch.nn.functional as F
 def sequence_logps(logits, labels, mask):
     """Summed log-probabilities of the response tokens of each sequence.
 
-    logits: (B, T, V) model outputs on `labels`; labels: (B, T) the input ids; mask: (B, T),
-    1 on response tokens at their own positions in `labels` (0 on prompt, padding, after-EOS).
+    logits: (B, K, V) model outputs at the last K <= T positions of `labels` (K = T: all of them;
+    fewer when no response token is predicted before those); labels: (B, T) the input ids; mask:
+    (B, T), 1 on response tokens at their own positions in `labels` (0 on prompt, padding, after-EOS).
     Returns (B,), float32 (float64 for float64 logits).
     """
+    T, K = labels.shape[1], logits.shape[1]
     # Position t predicts token t+1. bf16/fp16 logits go to fp32 before log_softmax (float64 stays).
-    logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
-    labels, mask = labels[:, 1:], mask[:, 1:].bool()  # (B, T-1)
-    logps = logits.log_softmax(-1).gather(2, labels.unsqueeze(2)).squeeze(2)  # (B, T-1)
+    logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))  # (B, K-1, V)
+    logps = logits.log_softmax(-1).gather(2, labels[:, T - K + 1:].unsqueeze(2)).squeeze(2)  # (B, K-1)
+    logps, mask = F.pad(logps, (T - K, 0)), mask[:, 1:].bool()  # (B, T-1): 0 where no logits were computed
     # Sum, not mean: log pi(y|x) of a whole response is the sum of its token log-probs, and the
     # DPO/SAIL implicit reward beta * log pi(y|x) / ref(y|x) is defined on that sequence log-prob.
     # torch.where rather than multiplying by the mask, so a non-finite value at a masked position
@@ -62,18 +64,34 @@ def sequence_logps(logits, labels, mask):
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
 
 
-def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext()):
+def forward_takes(model, name):
+    """Does the Hugging Face model inside `model` (ddp's .module, LoRA's base model, the LoRA
+    reference's policy) take the keyword `name` in its forward?"""
+    for attr in ("module", "policy"):
+        inner = getattr(model, attr, None)
+        model = model if inner is None else inner
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(model.forward).parameters
+
+
+def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext(), keep=0):
     """The logits (B, T, V) of one batch (ids, attention_mask: (B, T)) through `model`, one forward
-    pass; amp: an autocast context, or none. Position ids count real tokens only, so left padding
-    never shifts a prompt."""
+    pass; keep > 0: those of the last `keep` positions only (B, keep, V), which the model computes
+    alone where it can (transformers' logits_to_keep); amp: an autocast context, or none. Position
+    ids count real tokens only, so left padding never shifts a prompt."""
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    last = {"logits_to_keep": keep} if keep and forward_takes(model, "logits_to_keep") else {}
     with amp:  # use_cache=False: a single pass keeps no KV cache
-        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False).logits  # (B, T, V)
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False, **last).logits
+    return logits[:, -keep:] if keep else logits  # (B, keep or T, V)
 
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
-    """`sequence_logps` of one batch (each (B, T)) through `model`. Returns (B,)."""
-    return sequence_logps(logits_of(model, ids, attention_mask, amp), ids, response_mask)  # (B,)
+    """`sequence_logps` of one batch (each (B, T)) through `model`, with logits computed only from
+    the position before the batch's first response token on (the prompts' own logits are never
+    used: at this size their output layer and log_softmax were a fifth of the pass). Returns (B,)."""
+    T, first = ids.shape[1], int(response_mask.any(0).int().argmax())  # the first column holding a response token
+    return sequence_logps(logits_of(model, ids, attention_mask, amp, keep=min(T, T - first + 1)), ids, response_mask)  # (B,)
 
 
 def disable_dropout(model):
@@ -314,9 +332,8 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     """
     B = prompt_ids.shape[0]
     # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
-    parameters = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward).parameters
-    cache = "cache" if "cache" in parameters else "past_key_values"  # (peft: the model inside)
-    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits are all we need
+    cache = "cache" if forward_takes(model, "cache") else "past_key_values"
+    last = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}  # the prompt's last logits are all we need
     # Left padding shifts where each prompt starts; position ids must count real tokens only,
     # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)

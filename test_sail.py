@@ -322,6 +322,30 @@ def tiny_causal_lm(arch, vocab=32, seed=0):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_logps_from_the_response_positions_alone_equal_those_from_every_position(arch):
+    """sequence_logps_of asks the model for the logits from the position before the first response
+    token on (logits_to_keep); the sum runs over the same width as with every position's logits,
+    so the log-probs are the same bit for bit, and so are their gradients."""
+    model, amp = tiny_causal_lm(arch), torch.autocast("cpu", enabled=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 30, (6, 12), generator=g)
+    attention = torch.ones_like(ids)
+    attention[:2, :3] = 0  # left padding
+    response = torch.zeros_like(ids)
+    response[:, 7:11], response[4, 5:] = 1, 1  # responses from column 5 on: logits from position 4
+    assert sail.forward_takes(model, "logits_to_keep")
+    grads = []
+    for logps in (lambda: sail.sequence_logps(sail.logits_of(model, ids, attention, amp), ids, response),
+                  lambda: sail.sequence_logps_of(model, ids, attention, response, amp)):
+        model.zero_grad()
+        value = logps()
+        value.sum().backward()
+        grads.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0]) and all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+    assert sail.logits_of(model, ids, attention, amp, keep=8).shape == (6, 8, 32)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_padding_invariance_of_logps_and_sampling(arch):
     """A sequence's log-prob must not change with its neighbours or its padding."""
     model, amp = tiny_causal_lm(arch), torch.autocast("cpu", enabled=False)
