@@ -12,7 +12,8 @@ runs every row at every beta; this module reads those runs:
     reward within it, paired by seed against online DPO labelled the same way; for a row labelled
     by a proxy (compare.LABELLED) whose gold-labelled twin ran too, the interaction (the row's gap
     to online DPO under the proxy minus the same gap under gold labels); Holm's correction over the
-    section. Gold labels: the oracle's, the offline pairs', and a proxy's fit pairs'.
+    section; none where both sides hold only the SFT model within the budget (0 by construction).
+    Gold labels: the oracle's, the offline pairs', and a proxy's fit pairs'.
   * early_stopping: the checkpoint chosen on one half of the prompts against the last, read on the other.
 
 Cross-fitting. The best of many checkpoints is biased upward if it is picked and read on the same
@@ -57,9 +58,15 @@ def labeller_of(row, suffixes):
 
 
 def paired(found, b, rows):
-    """Per seed that every row of `rows` ran: [each row's best gold reward within budget b]."""
-    seeds = set.intersection(*(set(found[r, b]) for r in rows))
-    return [[found[r, b][s][0] for r in rows] for s in sorted(seeds)]
+    """Per seed that every row of `rows` ran: [each row's best gold reward within budget b]; None
+    where some pair of rows (0 and 1, 2 and 3) both hold only the SFT model within b, every seed:
+    their difference is 0 by construction, nothing to test (a proxy's fit labels alone can exceed
+    a label budget)."""
+    seeds = sorted(set.intersection(*(set(found[r, b]) for r in rows)))
+    at_sft = [all(found[r, b][s][1]["step"] == 0 for s in seeds) for r in rows]
+    if any(at_sft[k] and at_sft[k + 1] for k in range(0, len(rows), 2)):
+        return None
+    return [[found[r, b][s][0] for r in rows] for s in seeds]
 
 
 def budget_section(runs, budgets, by, title, interval, t_test, holm, baseline="online-dpo", suffixes=()):
@@ -76,13 +83,13 @@ def budget_section(runs, budgets, by, title, interval, t_test, holm, baseline="o
             found[row, b] = {s: best_within(points, b, by) for s, points in seeds.items()}
         for row in rows:
             base = baseline + labeller_of(row, suffixes)
-            if row != base and base in rows:
+            if row != base and base in rows and paired(found, b, [row, base]) is not None:
                 d = [x - y for x, y in paired(found, b, [row, base])]
                 if len(d) >= 2:
                     tests["vs", row, b] = (*interval(d), t_test(d))
             gold = row.removesuffix(labeller_of(row, suffixes))
             quad = [row, base, gold, baseline]  # the row and its baseline under the proxy, then the same under gold labels
-            if gold != row and row != base and all(r in rows for r in quad):
+            if gold != row and row != base and all(r in rows for r in quad) and paired(found, b, quad) is not None:
                 d = [(x - y) - (z - w) for x, y, z, w in paired(found, b, quad)]
                 if len(d) >= 2:
                     tests["x", row, b] = (*interval(d), t_test(d))

@@ -15,13 +15,15 @@ reward function TRL calls is the gold reward, and TRL's final policy is evaluate
 own `train.evaluate` on the same held-out prompts with the same random streams as the project's
 runs of that seed. The table pairs each project row with TRL's by seed (Holm over the table).
 
-Time: at one thread, interleaved (project, TRL, TRL with the project's one-kernel GELU, SAIL-PR
-with every pair online and at the paper's routing; then again), each run --steps updates with no
-evaluation in between; the time per step is the wall time of one update from its start to the
+Time: at one thread, interleaved (each run in turn, then again), each run --steps updates with
+no evaluation in between; the time per step is the wall time of one update from its start to the
 optimiser's step (the project: `alignment_step`; TRL: its callbacks' on_step_begin to
-on_step_end), with each one's phases. TRL gets the SFT model as from_pretrained loads it; the
-project swaps GPT-2's GELU for the same function in one kernel (plumbing/models.fuse_gelu), so
-the third row says how much of the difference that is.
+on_step_end), with each one's phases and the tokens it sampled per step. How long a step takes
+depends on how long the responses are, which depends on what each run's policy has learned, so
+each is timed twice: "frozen" (learning rate 1e-12: the updates round away, both sample the SFT
+model at every step, the same work in distribution: the implementations compared) and
+"trained" (as in the quality table), with SAIL-PR with every pair online (online DPO's work plus
+its extra terms) and online DPO with --ties first (TRL's tie rule) beside them.
 
 Departures, by design: TRL's loss forward passes no position_ids (left padding shifts GPT-2's
 positions of a padded prompt; the project counts real tokens only), and TRL's logged
@@ -42,10 +44,10 @@ import data
 from data import check_writable_dir
 from experiments.compare import holm, interval, t_test
 from plumbing.evaluation import make_eval_set
-from plumbing.models import fuse_gelu
 from plumbing.options import arg, check_values
 from train import cli, evaluate, main, reference_logps, setup_run
 
+FROZEN = 1e-12  # the timing's "frozen" learning rate: every update rounds away, both sample the SFT model throughout
 PEER_KEY = (7, 0, 0)  # TRL's seed: a spawn key of the run's root seed that no stream of train.py uses (theirs have 2 entries)
 FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate vs SFT", "kl": "KL", "reverse_kl": "KL(ref ‖ policy)"}
 
@@ -92,13 +94,15 @@ class StepTimer:
     backward, clipping and the optimiser), and its phases, by wrapping the trainer's methods."""
 
     def __init__(self, trainer):
-        self.steps, self.phases, self.t0 = [], {}, None
+        self.steps, self.phases, self.t0, self.generated = [], {}, None, 0
         forwards = []
 
         def timed(name, fn):
             def wrapper(*args, **kwargs):
                 t = time.perf_counter()
                 out = fn(*args, **kwargs)
+                if name == "generate":  # its completion_mask: the tokens sampled, each response's EOS included
+                    self.generated += int(out[3].sum())
                 key = name if name != "forward" else ("policy forward", "reference forward")[len(forwards) % 2]
                 forwards.append(1) if name == "forward" else None
                 self.phases[key] = self.phases.get(key, 0.0) + time.perf_counter() - t
@@ -122,11 +126,11 @@ class StepTimer:
         return Callback()
 
 
-def trl_run(cfg, seed, out_dir, evaluated=True, fused=False):
+def trl_run(cfg, seed, out_dir, evaluated=True):
     """TRL's OnlineDPOTrainer from the cached SFT model (policy and reference, as from_pretrained
-    loads them; fused: with the project's one-kernel GELU, models.fuse_gelu), the gold reward as its
-    reward function, the training prompts; then (evaluated) its policy through train.evaluate with
-    this seed's held-out set and streams. Returns (figures as in summary.json, ms per step, ms per phase)."""
+    loads them), the gold reward as its reward function, the training prompts; then (evaluated) its
+    policy through train.evaluate with this seed's held-out set and streams. Returns (figures as in
+    summary.json, ms per step, {phase: ms per step, "tokens sampled": per step})."""
     OnlineDPOConfig, OnlineDPOTrainer = import_trl()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -147,8 +151,6 @@ def trl_run(cfg, seed, out_dir, evaluated=True, fused=False):
 
     path = cfg.model if cfg.model != "embedded" else data.embedded_path(cfg)
     policy, ref = (AutoModelForCausalLM.from_pretrained(path).to(device) for _ in range(2))  # as a TRL user loads them
-    for model in (policy, ref) if fused else ():
-        fuse_gelu(model)
     trainer = OnlineDPOTrainer(model=policy, ref_model=ref, reward_funcs=gold_reward, processing_class=tokenizer,
                                args=OnlineDPOConfig(**trl_settings(cfg, seed, out_dir)),
                                train_dataset=Dataset.from_dict({"prompt": list(inputs.train_prompts)}))
@@ -163,7 +165,8 @@ def trl_run(cfg, seed, out_dir, evaluated=True, fused=False):
         figures = {"gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
                    "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"], "reverse_kl": final["eval_revkl"]}
     steps = len(timer.steps)
-    return figures, 1000 * sum(timer.steps) / steps, {k: 1000 * v / steps for k, v in timer.phases.items()}
+    return figures, 1000 * sum(timer.steps) / steps, {**{k: 1000 * v / steps for k, v in timer.phases.items()},
+                                                      "tokens sampled": timer.generated / steps}
 
 
 def project_run(cfg, seed, out_dir, **settings):
@@ -172,7 +175,9 @@ def project_run(cfg, seed, out_dir, **settings):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         summary = main(c)
-    return summary, 1000 * sum(summary["seconds_per_step"].values()), {k: 1000 * v for k, v in summary["seconds_per_step"].items()}
+    per_step = summary["seconds_per_step"]
+    sampled = summary["tokens_per_second"]["generated"] * per_step["generate"]  # per step
+    return summary, 1000 * sum(per_step.values()), {**{k: 1000 * v for k, v in per_step.items()}, "tokens sampled": sampled}
 
 
 def quality_table(rows, peer="TRL OnlineDPOTrainer"):
@@ -195,13 +200,16 @@ def quality_table(rows, peer="TRL OnlineDPOTrainer"):
 
 
 def timing_table(times):
-    """results.md's timing table: {name: [(ms per step, {phase: ms}) per repetition]}: each one's
-    per-repetition times, their mean, and its mean phases."""
-    lines = ["| | ms per step, each repetition | mean | phases (ms per step, mean over repetitions) |", "|---|---|---|---|"]
+    """results.md's timing table: {name: [(ms per step, {phase: ms, "tokens sampled": n}) per
+    repetition]}: each one's per-repetition times, their mean, its mean phases, the tokens it
+    sampled per step and its generation time per sampled token."""
+    lines = ["| | ms per step, each repetition | mean | phases (ms per step, mean over repetitions) | tokens sampled per step | "
+             "generation, ms per sampled token |", "|---|---|---|---|---|---|"]
     for name, reps in times.items():
         phases = {k: np.mean([p[k] for _, p in reps]) for k in reps[0][1]}
+        tokens = phases.pop("tokens sampled")
         lines.append(f"| {name} | {', '.join(f'{t:.0f}' for t, _ in reps)} | {np.mean([t for t, _ in reps]):.0f} | "
-                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()) + " |")
+                     + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()) + f" | {tokens:.0f} | {phases['generate'] / tokens:.3f} |")
     return lines
 
 
@@ -227,11 +235,13 @@ def peer(cfg, opts):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         quiet = dataclasses.replace(cfg, eval_every=cfg.steps, sample_every=cfg.steps + 1, save_every=cfg.steps)
-        runs = {"project online DPO": lambda out: project_run(quiet, cfg.seed, out),
-                "TRL OnlineDPOTrainer": lambda out: trl_run(quiet, cfg.seed, out, evaluated=False),
-                "TRL, with the project's one-kernel GELU": lambda out: trl_run(quiet, cfg.seed, out, evaluated=False, fused=True),
-                "project SAIL-PR, every pair online (--g 1)": lambda out: project_run(quiet, cfg.seed, out, method="sail-pr", g=1.0),
-                "project SAIL-PR (g 0.3: 70% offline pairs)": lambda out: project_run(quiet, cfg.seed, out, method="sail-pr")}
+        frozen = dataclasses.replace(quiet, lr=FROZEN)
+        runs = {"project online DPO, frozen": lambda out: project_run(frozen, cfg.seed, out),
+                "TRL OnlineDPOTrainer, frozen": lambda out: trl_run(frozen, cfg.seed, out, evaluated=False),
+                "project SAIL-PR, every pair online (--g 1), frozen": lambda out: project_run(frozen, cfg.seed, out, method="sail-pr", g=1.0),
+                "project online DPO, trained": lambda out: project_run(quiet, cfg.seed, out),
+                "TRL OnlineDPOTrainer, trained": lambda out: trl_run(quiet, cfg.seed, out, evaluated=False),
+                "project online DPO --ties first, trained": lambda out: project_run(quiet, cfg.seed, out, ties="first")}
         for rep in range(opts.peer_timing_reps):  # interleaved: each in turn, then again
             for k, (name, go) in enumerate(runs.items()):
                 times.setdefault(name, []).append(go(os.path.join(root, f"time-{k}-{rep}"))[1:])

@@ -164,26 +164,8 @@ def load_policy(cfg, inputs, device, rank=0, world=1):
         raise SystemExit(f"error: --model {cfg.model}: its tokenizer has no EOS token, so no response could end")
     data.prepare_tokenizer(tokenizer)
     disable_dropout(policy)
-    fuse_gelu(policy)
     return policy, tokenizer, sft_seconds
 
-
-def fuse_gelu(model):
-    """GPT-2's GELU (`gelu_new`) is seven element-wise operations in Python; transformers'
-    `gelu_pytorch_tanh` is the same function (the same tanh approximation) in one kernel, equal to
-    it within float rounding (2.4e-7 at most on a million normal inputs), and a quarter of the
-    embedded model's forward and backward on a CPU (docs/benchmark.md). Swapped in for alignment
-    only (the SFT phase and the cached SFT model keep theirs), and written in the config, so that a
-    saved policy loads as it ran. Other activations are left as they are."""
-    from transformers.activations import ACT2FN
-
-    slow, fast = type(ACT2FN["gelu_new"]), ACT2FN["gelu_pytorch_tanh"]
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is slow:
-                setattr(module, name, fast)
-    if getattr(model.config, "activation_function", None) == "gelu_new":
-        model.config.activation_function = "gelu_pytorch_tanh"
 
 
 # LoRA's target modules per architecture: every linear map of attention and MLP, as in the LoRA

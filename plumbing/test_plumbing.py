@@ -371,7 +371,6 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
     sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
-    models.fuse_gelu(sft)  # as the run loads it
     sft_logps = sail.sequence_logps_of(sft, *batch, OFF)  # (12,)
     # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
