@@ -530,8 +530,8 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
     """--compare_betas: results.md with each row's final figures at each beta (descriptive) and the
     sections "Gold reward at equal KL" and "at equal gold labels" (experiments/frontier.py, one Holm
     family each, the method x labeller interactions included), early stopping at --beta, and with
-    proxy rows (LABELLED) their accuracy and over-optimisation; compare.json, frontier.png,
-    frontier_labels.png (and frontier_proxy.png). Returns the sections' tests."""
+    proxy rows (LABELLED) their accuracy and over-optimisation at --beta; compare.json, frontier.png,
+    frontier_labels.png (and frontier_proxy.png, overoptimisation.png). Returns the sections' tests."""
     rows, betas = list(dict.fromkeys(r["method"] for r in runs)), list(dict.fromkeys(r["beta"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"{len(runs)} runs: {len(rows)} rows x {len(betas)} betas ({', '.join(f'{b:g}' for b in betas)}) x {len(seeds)} seeds, "
@@ -539,13 +539,13 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
              f"held-out prompts; {machine}; {opts.compare_workers} at once; this invocation took {wall / 60:.1f} min, the runs "
              f"{sum(r['summary']['seconds'] for r in runs) / 60:.1f} min in all.", "",
              "Where each run stops (descriptive: each row at each beta, mean over seeds of the last evaluation):", "",
-             "| row | " + " | ".join(f"beta {b:g}: gold, KL, labels" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
+             "| row | " + " | ".join(f"beta {b:g}: gold, KL, gold labels" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
     for row in rows:
         cells = []
         for b in betas:
             group = [r["summary"] for r in runs if r["method"] == row and r["beta"] == b]
             cells.append(f"{np.mean([g['gold_reward_final'] for g in group]):.2f}, {np.mean([g['kl'] for g in group]):.1f}, "
-                         f"{np.mean([g['oracle_queries'] for g in group]):.0f}")
+                         f"{np.mean([g.get('gold_labels', g['oracle_queries']) for g in group]):.0f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     proxied = [r for r in runs if r["method"].endswith(tuple(LABELLED))]
     if proxied:  # one proxy per seed (and fit size): its accuracy on the held-out pairs, against their gold labels
@@ -573,7 +573,9 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
     if at_beta and all("eval_reward_a" in p for r in at_beta for p in r["history"]):
         lines += early_stopping_table(at_beta, cfg.beta)
         if proxied:
-            lines += overoptimisation_table([r for r in at_beta if r in proxied], list(dict.fromkeys(r["method"] for r in proxied)))
+            rows_rm = list(dict.fromkeys(r["method"] for r in proxied))
+            lines += overoptimisation_table([r for r in at_beta if r in proxied], rows_rm)
+            plot_overoptimisation([r for r in at_beta if r in proxied], rows_rm, root)
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
                    "comparisons": tests, "runs": runs}, f, indent=1)

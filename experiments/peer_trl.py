@@ -55,7 +55,7 @@ FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate vs S
 @dataclass
 class PeerOptions:
     peer_seeds: int = arg(5, "seeds (--seed, --seed + 1, ...): each runs the project's online DPO, with --ties first, and TRL's")
-    peer_timing_reps: int = arg(2, "interleaved timing repetitions at one thread (0: no timing)")
+    peer_timing_reps: int = arg(3, "interleaved timing repetitions at one thread (0: no timing)")
 
     def problems(self):
         return check_values(self, [(lambda x: x >= 1, ">= 1", ["peer_seeds"]), (lambda x: x >= 0, ">= 0", ["peer_timing_reps"])], {})
