@@ -50,7 +50,7 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
     "-gamma0": dict(gamma=0.0),  # no response term: the same routing, offline and online pairs trained by DPO alone
 }
 LABELLED = {  # any row above labelled by a proxy instead of the gold reward: a reward model fit for each seed (--proxy fit)
-    "-rm": dict(proxy="fit"),  # fit on every offline pair
+    "-rm": dict(proxy="fit", proxy_pairs=0),  # fit on every offline pair
     "-rm512": dict(proxy="fit", proxy_pairs=512),  # on the first 512: a weaker proxy (held-out accuracy ~0.8 on the embedded task)
 }
 REVKL_ROWS = {  # SAIL-RevKL's penalty added to any method: at the authors' coefficient, at a larger one, and their proxy
@@ -118,6 +118,21 @@ def compare_row(name):
     return None
 
 
+def labeller_suffix(row):
+    """The row's LABELLED suffix (-rm, -rm512), or '' (labelled by the gold reward)."""
+    return frontier.labeller_of(row, tuple(LABELLED))
+
+
+def baseline_of(row):
+    """The row a row's Δ is taken against: online DPO labelled the same way."""
+    return "online-dpo" + labeller_suffix(row)
+
+
+def own_row(row):
+    """The row a suffixed row changes one thing from: a labelled row's gold-labelled twin, else its method's row."""
+    return row.removesuffix(labeller_suffix(row)) if labeller_suffix(row) else compare_row(row)[0]
+
+
 def compare(cfg, opts):
     """`python -m experiments.compare`: every method from the same SFT model, with the same number of
     updates and pairs per update, over several seeds; --compare_workers runs at once. Finished runs
@@ -143,7 +158,7 @@ def compare(cfg, opts):
     else:  # several processes; the SFT model (and the proxies to fit) are cached first, so that no two of them train one
         with contextlib.redirect_stdout(io.StringIO()):
             tokenizer = embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))[1] if cfg.model == "embedded" else None
-            fits = {c.seed: c for c in todo if c.proxy == "fit"}  # one proxy per seed (models.proxy_labeller)
+            fits = {(c.seed, c.proxy_pairs, c.proxy_width, c.proxy_steps): c for c in todo if c.proxy == "fit"}  # one per seed and fit
             if fits:
                 from transformers import AutoTokenizer
                 tokenizer = data.prepare_tokenizer(tokenizer or AutoTokenizer.from_pretrained(cfg.model))
@@ -298,7 +313,7 @@ def holm(pvalues):
 
 
 FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate", "kl": "KL", "reverse_kl": "KL(ref || policy)",
-           "oracle_queries": "labels", "tie_rate": "tie rate", "distinct2_final": "distinct-2"}
+           "oracle_queries": "labels", "gold_labels": "gold labels", "tie_rate": "tie rate", "distinct2_final": "distinct-2"}
 BOUNDED = {"win_rate_vs_sft": (0.0, 1.0), "kl": (0.0, math.inf), "reverse_kl": (0.0, math.inf), "tie_rate": (0.0, 1.0),
            "distinct2_final": (0.0, 1.0)}  # with a range
 
@@ -331,8 +346,8 @@ def comparisons(runs, methods):
     row against online DPO, each row with a suffix (ROWS) against its method's own row, and the
     RevKL authors' proxy against the same proxy aligned; Holm's correction is over all of them at once."""
     of = {m: [r for r in runs if r["method"] == m] for m in methods}
-    pairs = [(m, "online-dpo") for m in methods if m != "online-dpo" and "online-dpo" in of]
-    pairs += [(m, compare_row(m)[0]) for m in methods if compare_row(m)[1] and compare_row(m)[0] in of]
+    pairs = [(m, base) for m in methods for base in [baseline_of(m)] if m != base and base in of]
+    pairs += [(m, own_row(m)) for m in methods if compare_row(m)[1] and own_row(m) in of]
     pairs += [(m, m + "-aligned") for m in methods if m.endswith("-proxy") and m + "-aligned" in of]
     found = {p: paired_difference(of[p[0]], of[p[1]]) for p in pairs}
     found = {p: v for p, v in found.items() if v is not None}
@@ -363,15 +378,15 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
              f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
              "its interval says how large it may be either way.", "",
              f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its method's row "
-             "| win rate vs SFT | KL to SFT | KL(SFT ‖ policy) | distinct-2 | oracle labels | tie rate | s/step |", "|---" * 11 + "|"]
+             "| win rate vs SFT | KL to SFT | KL(SFT ‖ policy) | distinct-2 | oracle labels (-rm: gold labels) | tie rate | s/step |", "|---" * 11 + "|"]
     for m, st in stats.items():
-        own = compare_row(m)[0] if compare_row(m)[1] else None
-        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, 'online-dpo')))} | {diff(tests.get((m, own)))} | "
+        own = own_row(m) if compare_row(m)[1] else None
+        lines.append(f"| {m} | {pm(st['gold_reward_final'])} | {diff(tests.get((m, baseline_of(m))))} | {diff(tests.get((m, own)))} | "
                      f"{pm(st['win_rate_vs_sft'])} | {pm(st['kl'], 1)} | {pm(st['reverse_kl'], 1)} | {pm(st['distinct2_final'])} | "
-                     f"{st['oracle_queries'][0]:.0f} | "
+                     f"{(st['oracle_queries'] if st['gold_labels'][0] is None else st['gold_labels'])[0]:.0f} | "
                      f"{'n/a' if st['tie_rate'][0] is None else format(st['tie_rate'][0], '.2f')} | "
                      f"{st['seconds_per_step'][0]:.3f} |")
-    direct = [(a, b) for a, b in tests if b not in ("online-dpo", compare_row(a)[0])]  # neither column's: proxy vs aligned
+    direct = [(a, b) for a, b in tests if b not in (baseline_of(a), own_row(a))]  # neither column's: proxy vs aligned
     lines += [""] + [f"Δ {a} minus {b}, paired by seed: {diff(tests[a, b])}." for a, b in direct]
     lines += ["", "Rows with a suffix change one thing, or the named few, from their method's row (ROWS in experiments/compare.py): "
               "-ties-first, the tie handling alone (y1 chosen, as in the official code); -official-sign, that and the response "

@@ -12,7 +12,8 @@ runs every row at every beta; this module reads those runs:
     reward within it, paired by seed against online DPO labelled the same way; for a row labelled
     by a proxy (compare.LABELLED) whose gold-labelled twin ran too, the interaction (the row's gap
     to online DPO under the proxy minus the same gap under gold labels); Holm's correction over the
-    section; none where both sides hold only the SFT model within the budget (0 by construction).
+    section; none where both sides of a difference hold only the SFT model within the budget (0 by
+    construction: a comparison with nothing to test, or an interaction repeating a gold row's test).
     Gold labels: the oracle's, the offline pairs', and a proxy's fit pairs'.
   * early_stopping: the checkpoint chosen on one half of the prompts against the last, read on the other.
 
@@ -60,8 +61,9 @@ def labeller_of(row, suffixes):
 def paired(found, b, rows):
     """Per seed that every row of `rows` ran: [each row's best gold reward within budget b]; None
     where some pair of rows (0 and 1, 2 and 3) both hold only the SFT model within b, every seed:
-    their difference is 0 by construction, nothing to test (a proxy's fit labels alone can exceed
-    a label budget)."""
+    that pair's difference is 0 by construction, so a comparison of two rows has nothing to test,
+    and an interaction would only repeat the other pair's test, negated (a proxy's fit labels
+    alone can exceed a label budget)."""
     seeds = sorted(set.intersection(*(set(found[r, b]) for r in rows)))
     at_sft = [all(found[r, b][s][1]["step"] == 0 for s in seeds) for r in rows]
     if any(at_sft[k] and at_sft[k + 1] for k in range(0, len(rows), 2)):

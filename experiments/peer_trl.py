@@ -9,21 +9,25 @@ implementation people already use, on the same task, side by side: quality and t
 Quality: for each seed, three runs from the same cached SFT model: the project's online DPO
 (`train.main`), the same with --ties first (TRL's tie handling: y1 is a tie's winner, so the one
 deliberate difference goes), and TRL's trainer with the settings of `trl_settings` (its defaults
-overridden where they differ from the project's: learning rate and its constant schedule, fp32,
-no gradient checkpointing, temperature, lengths, batch, dropout off, no missing-EOS penalty). The
+overridden where they differ from the project's: learning rate and its constant schedule, fp32
+(bf16 on a GPU that has it, as the project's autocast), no gradient checkpointing, temperature, lengths, batch, dropout off, no missing-EOS penalty). The
 reward function TRL calls is the gold reward, and TRL's final policy is evaluated by the project's
 own `train.evaluate` on the same held-out prompts with the same random streams as the project's
 runs of that seed. The table pairs each project row with TRL's by seed (Holm over the table).
 
 Time: at one thread, interleaved (each run in turn, then again), each run --steps updates with
-no evaluation in between; the time per step is the wall time of one update from its start to the
-optimiser's step (the project: `alignment_step`; TRL: its callbacks' on_step_begin to
-on_step_end), with each one's phases and the tokens it sampled per step. How long a step takes
+no evaluation in between; the time per step is the wall time of one update (the project:
+`alignment_step`, with its metrics line; TRL: its callbacks' on_step_begin to on_step_end, with
+its statistics), with each one's phases and the tokens it sampled per step. How long a step takes
 depends on how long the responses are, which depends on what each run's policy has learned, so
-each is timed twice: "frozen" (learning rate 1e-12: the updates round away, both sample the SFT
-model at every step, the same work in distribution: the implementations compared) and
+each is timed twice: "frozen" (learning rate 1e-12: each update moves a weight by about 1e-12,
+both sample the SFT model at every step, the same work in distribution: the implementations
+compared) and
 "trained" (as in the quality table), with SAIL-PR with every pair online (online DPO's work plus
 its extra terms) and online DPO with --ties first (TRL's tie rule) beside them.
+
+Options TRL's side would not follow (--lora_rank, --proxy, --reward_model, --revkl,
+--weight_decay, --grad_accum, --label_mode sampled) are refused in one line.
 
 Departures, by design: TRL's loss forward passes no position_ids (left padding shifts GPT-2's
 positions of a padded prompt; the project counts real tokens only), and TRL's logged
@@ -45,9 +49,10 @@ from data import check_writable_dir
 from experiments.compare import holm, interval, t_test
 from plumbing.evaluation import make_eval_set
 from plumbing.options import arg, check_values
+import train
 from train import cli, evaluate, main, reference_logps, setup_run
 
-FROZEN = 1e-12  # the timing's "frozen" learning rate: every update rounds away, both sample the SFT model throughout
+FROZEN = 1e-12  # the timing's "frozen" learning rate: updates of ~1e-12, both sample the SFT model throughout
 PEER_KEY = (7, 0, 0)  # TRL's seed: a spawn key of the run's root seed that no stream of train.py uses (theirs have 2 entries)
 FIGURES = {"gold_reward_final": "gold reward", "win_rate_vs_sft": "win rate vs SFT", "kl": "KL", "reverse_kl": "KL(ref ‖ policy)"}
 
@@ -85,7 +90,8 @@ def trl_settings(cfg, seed, out_dir):
                 max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 1e30, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                 beta=[cfg.beta], loss_type="sigmoid", temperature=cfg.temperature, top_k=0, top_p=1.0,
                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_prompt_len + cfg.max_new_tokens, missing_eos_penalty=None,
-                bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True, use_cpu=cfg.device == "cpu",
+                bf16=cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # as the project's autocast
+                fp16=False, gradient_checkpointing=False, disable_dropout=True, use_cpu=cfg.device == "cpu",
                 report_to=[], save_strategy="no", logging_steps=10, dataloader_num_workers=0, disable_tqdm=True)
 
 
@@ -170,14 +176,27 @@ def trl_run(cfg, seed, out_dir, evaluated=True):
 
 
 def project_run(cfg, seed, out_dir, **settings):
-    """The project's online DPO (or settings' method: train.main) at this seed, its output in out_dir/log.txt."""
-    c = dataclasses.replace(cfg, **{"method": "online-dpo", **settings, "seed": seed, "out_dir": out_dir})
+    """The project's online DPO (or settings' method: train.main) at this seed, from scratch, its
+    output in out_dir/log.txt; its time per step is the wall time of train.alignment_step (the
+    step's phases and its metrics line), as TRL's spans its step callbacks."""
+    c = dataclasses.replace(cfg, **{"method": "online-dpo", **settings, "seed": seed, "out_dir": out_dir, "resume": "no"})
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        summary = main(c)
+    steps, step = [], train.alignment_step
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = step(*args, **kwargs)
+        steps.append(time.perf_counter() - t)
+        return out
+    train.alignment_step = timed  # main calls it by this name
+    try:
+        with open(os.path.join(out_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            summary = main(c)
+    finally:
+        train.alignment_step = step
     per_step = summary["seconds_per_step"]
     sampled = summary["tokens_per_second"]["generated"] * per_step["generate"]  # per step
-    return summary, 1000 * sum(per_step.values()), {**{k: 1000 * v for k, v in per_step.items()}, "tokens sampled": sampled}
+    return summary, 1000 * sum(steps) / len(steps), {**{k: 1000 * v for k, v in per_step.items()}, "tokens sampled": sampled}
 
 
 def quality_table(rows, peer="TRL OnlineDPOTrainer"):
@@ -215,6 +234,11 @@ def timing_table(times):
 
 def peer(cfg, opts):
     """`python -m experiments.peer_trl`: the quality table over --peer_seeds, then the timing."""
+    unmapped = {"--lora_rank": cfg.lora_rank, "--proxy": cfg.proxy, "--reward_model": cfg.reward_model, "--revkl": cfg.revkl,
+                "--weight_decay": cfg.weight_decay, "--grad_accum": cfg.grad_accum - 1, "--label_mode sampled": cfg.label_mode != "hard"}
+    for name, value in unmapped.items():
+        if value:
+            raise SystemExit(f"error: experiments/peer_trl.py does not pass {name} to TRL; run it without")
     import_trl()  # before any minute is spent
     root = os.path.join(cfg.out_dir, "peer_trl")
     check_writable_dir(root)

@@ -380,3 +380,11 @@ def test_peer_trl_without_trl_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl.experimental.online_dpo", None)
     with pytest.raises(SystemExit, match="pip install -r experiments/requirements-peer.txt"):
         peer_trl.import_trl()
+
+
+@pytest.mark.parametrize("argv,name", [(["--lora_rank", "4"], "--lora_rank"), (["--proxy", "fit"], "--proxy"),
+                                       (["--weight_decay", "0.1"], "--weight_decay"), (["--grad_accum", "2"], "--grad_accum")])
+def test_peer_trl_refuses_options_it_does_not_pass_to_trl(argv, name):
+    """An option TRL's side would silently ignore is refused in one line, before TRL is even imported."""
+    with pytest.raises(SystemExit, match=f"error: experiments/peer_trl.py does not pass {name} to TRL"):
+        train.cli(argv, run=peer_trl.peer, extra=peer_trl.PeerOptions)
