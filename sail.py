@@ -88,8 +88,8 @@ def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext(), keep=0):
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
     """`sequence_logps` of one batch (each (B, T)) through `model`, with logits computed only from
-    the position before the batch's first response token on (the prompts' own logits are never
-    used: at this size their output layer and log_softmax were a fifth of the pass). Returns (B,)."""
+    the position before the batch's first response token on: the prompts' own logits are never
+    used, so their output layer and log_softmax are skipped (docs/benchmark.md). Returns (B,)."""
     T, first = ids.shape[1], int(response_mask.any(0).int().argmax())  # the first column holding a response token
     return sequence_logps(logits_of(model, ids, attention_mask, amp, keep=min(T, T - first + 1)), ids, response_mask)  # (B,)
 
