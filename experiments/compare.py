@@ -562,13 +562,14 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
             cells.append(f"{np.mean([g['gold_reward_final'] for g in group]):.2f}, {np.mean([g['kl'] for g in group]):.1f}, "
                          f"{np.mean([g.get('gold_labels', g['oracle_queries']) for g in group]):.0f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    proxied = [r for r in runs if r["method"].endswith(tuple(LABELLED))]
+    gold = [r for r in runs if not labeller_suffix(r["method"])]
+    proxied = [r for r in runs if labeller_suffix(r["method"])]
     if proxied:  # one proxy per seed (and fit size): its accuracy on the held-out pairs, against their gold labels
         for suffix in LABELLED:
-            fits = {r["seed"]: r["summary"] for r in proxied if r["method"].endswith(suffix)}
+            fits = {r["seed"]: r["summary"] for r in proxied if labeller_suffix(r["method"]) == suffix}
             if fits:
                 mean, half = interval([f["proxy_accuracy"] for f in fits.values()])
-                lines += ["", f"Rows ending {suffix}: labelled by a proxy fit on {fits[seeds[0]]['proxy_fit_pairs']} offline pairs, one "
+                lines += ["", f"Rows ending {suffix}: labelled by a proxy fit on {next(iter(fits.values()))['proxy_fit_pairs']} offline pairs, one "
                           f"fit for each seed (its seed drawn from the run's), held-out pair accuracy {mean:.3f} ± {half or 0:.3f} "
                           f"(95% t over the {len(fits)} proxies: " + ", ".join(f"{f['proxy_accuracy']:.3f}" for f in fits.values())
                           + "). Their gold labels are the proxy's fit pairs' and the offline pairs' trained on (a pair in both "
@@ -578,7 +579,7 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
                                ("labels", opts.numbers("compare_label_budgets"), "Gold reward at equal gold labels")):
         section, tests[by] = frontier.budget_section(runs, budgets, by, title, interval, t_test, holm, suffixes=tuple(LABELLED))
         lines += section
-        frontier.plot_frontier([r for r in runs if r not in proxied] if by == "kl" else runs,
+        frontier.plot_frontier(gold if by == "kl" else runs,
                                os.path.join(root, "frontier.png" if by == "kl" else "frontier_labels.png"), by, interval, pyplot,
                                budgets, tuple(LABELLED))
     if proxied:  # the proxy rows with online DPO's two, at equal KL
@@ -588,9 +589,9 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
     if at_beta and all("eval_reward_a" in p for r in at_beta for p in r["history"]):
         lines += early_stopping_table(at_beta, cfg.beta)
         if proxied:
-            rows_rm = list(dict.fromkeys(r["method"] for r in proxied))
-            lines += overoptimisation_table([r for r in at_beta if r in proxied], rows_rm)
-            plot_overoptimisation([r for r in at_beta if r in proxied], rows_rm, root)
+            rows_rm, proxied_at_beta = list(dict.fromkeys(r["method"] for r in proxied)), [r for r in proxied if r["beta"] == cfg.beta]
+            lines += overoptimisation_table(proxied_at_beta, rows_rm)
+            plot_overoptimisation(proxied_at_beta, rows_rm, root)
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"machine": machine, "wall_seconds": wall, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)},
                    "comparisons": tests, "runs": runs}, f, indent=1)

@@ -47,6 +47,7 @@ import torch
 import data
 from data import check_writable_dir
 from experiments.compare import holm, interval, t_test
+from plumbing.distributed import pick_device
 from plumbing.evaluation import make_eval_set
 from plumbing.options import arg, check_values
 import train
@@ -100,8 +101,7 @@ class StepTimer:
     backward, clipping and the optimiser), and its phases, by wrapping the trainer's methods."""
 
     def __init__(self, trainer):
-        self.steps, self.phases, self.t0, self.generated = [], {}, None, 0
-        forwards = []
+        self.steps, self.phases, self.t0, self.generated, self.forwards = [], {}, None, 0, 0
 
         def timed(name, fn):
             def wrapper(*args, **kwargs):
@@ -109,8 +109,9 @@ class StepTimer:
                 out = fn(*args, **kwargs)
                 if name == "generate":  # its completion_mask: the tokens sampled, each response's EOS included
                     self.generated += int(out[3].sum())
-                key = name if name != "forward" else ("policy forward", "reference forward")[len(forwards) % 2]
-                forwards.append(1) if name == "forward" else None
+                key = name
+                if name == "forward":  # each step runs the policy's, then the reference's
+                    key, self.forwards = ("policy forward", "reference forward")[self.forwards % 2], self.forwards + 1
                 self.phases[key] = self.phases.get(key, 0.0) + time.perf_counter() - t
                 return out
             return wrapper
@@ -144,7 +145,7 @@ def trl_run(cfg, seed, out_dir, evaluated=True):
     cfg = dataclasses.replace(cfg, method="online-dpo", seed=seed, out_dir=out_dir)
     check_writable_dir(out_dir)
     inputs = data.load_inputs(cfg)
-    device = torch.device("cpu" if cfg.device == "cpu" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     run = setup_run(cfg, inputs, device)  # the SFT policy, its frozen reference, the gold reward; nothing trained yet
     eval_set = make_eval_set(run, inputs, reference_logps)
     sft_eval, sft_rewards = evaluate(run, eval_set, None) if evaluated else ({}, None)

@@ -66,9 +66,9 @@ def label_totals(run, state):
     spent = run.pair_labels[list(state.used_pairs)].sum() if state.used_pairs else 0
     n_used = len(state.used_pairs)
     out = {"oracle_queries": state.oracle_queries + int(spent), "ties": state.ties + int(spent) - n_used}
-    if run.labeller is not run.gold:
-        gold = state.used_pairs | set(range(getattr(run.labeller, "fit_pairs", 0)))
-        out["gold_labels"] = int(run.pair_labels[sorted(gold)].sum()) if gold else 0
+    if run.labeller is not run.gold:  # the fit pairs (the first n), then the pairs trained on beyond them
+        n = getattr(run.labeller, "fit_pairs", 0)
+        out["gold_labels"] = int(run.pair_labels[:n].sum()) + int(run.pair_labels[[i for i in state.used_pairs if i >= n]].sum())
     return out
 
 
