@@ -33,7 +33,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -230,12 +230,12 @@ def encode_responses(tokenizer, prompts, responses, max_prompt_len, max_response
 
 @dataclass
 class Pairs:
-    """The B preference pairs of one training step (train.build_pairs; ddp: this rank's share).
-    `batch` holds their responses as rows, in this order (row i and row B + i are pair i's two):
+    """The B preference pairs of one training step (train.build_pairs). `batch` holds their responses
+    as rows, in this order (row i and row B + i are pair i's two):
 
         rows 0 .. B-1     y1 of every pair: the dataset pairs first (y1 their chosen response), then the online ones
         rows B .. 2B-1    y2 of every pair, in the same order (a dataset pair's rejected response)
-        rows 2B .. 3B-1   SELM and XPO only: y~, a response of the reference to each pair's prompt
+        rows 2B .. 3B-1   SELM and XPO only (extensions/): y~, a response of the reference to each pair's prompt
 
     Each row is its prompt (left-padded), its response, then padding: docs/usage.md draws a batch."""
     route: np.ndarray  # (B,) sail.OFFLINE, DP, PP or PR, sorted: dataset pairs first, then online pairs
@@ -243,7 +243,8 @@ class Pairs:
     texts: list        # (2B,) y1 of every pair, then y2
     batch: tuple       # (ids, attention_mask, response_mask), each (2B [+ B], T)
     generated: int     # tokens sampled for it
-    ref_samples: tuple = None  # SAIL-RevKL (exact): one y ~ pi_ref per pair, each (B, T')
+    pair_ids: list     # the dataset pairs' ids (each costs its dataset's labels: plumbing/outputs.label_totals)
+    extension: dict = field(default_factory=dict)  # what an extension keeps of the step (SAIL-RevKL's samples and penalty)
 
 
 def pad_cat(batches, pad_id):

@@ -261,7 +261,6 @@ class Labels:
     y1_wins: torch.Tensor  # (B,) bool
     valid: torch.Tensor    # (B,) bool: False for a tied oracle label, which still trains, worth its fair-coin value (sail.pair_value)
     scores: torch.Tensor   # (2B,) the oracle's rewards of the rows it labelled, NaN elsewhere
-    score_sum: float = 0.0  # checked for NaN / inf
     queries: int = 0
     ties: int = 0
 

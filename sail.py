@@ -6,10 +6,7 @@ Large Language Models", arXiv 2406.15567), as short pure functions on tensors.
   pair_value          what a pair is worth in J: l = log sigmoid(beta h), or a tie's fair-coin value
   dpo_loss            the DPO loss (Rafailov et al. 2023, eq. 7)
   sail_loss           SAIL's surrogate: DPO + the label term + the response term (below)
-  official_sail_loss  the same with the official code's response term, for comparison
-  selm_loss, xpo_loss two related online methods: DPO plus a bonus on a response of the reference
-  reverse_kl,         SAIL-RevKL's penalty KL(pi_ref || pi_theta), unbiased on samples of the
-  revkl_proxy         reference, and the RevKL authors' token proxy as their code computes it
+  leave_one_out_mean  the response term's baseline
   sample              policy sampling with the model's KV cache, in plain PyTorch
 
 With Delta(y) = L_theta(y) - L_ref(y), a pair's margin h = Delta(y_w) - Delta(y_l) and
@@ -22,20 +19,20 @@ The responses (and, when the policy labels its own pairs, the labels) are drawn 
 
 SAIL-PR: policy responses, oracle labels (response term); SAIL-PP: policy responses, self-labels
 (both terms); SAIL-DP: dataset responses, self-labels (label term). docs/method.md says what J
-rewards (tested on a tabular policy) and how ties are valued. Tests: `python -m pytest -q test_sail.py`.
+rewards (tested on a tabular policy) and how ties are valued. The methods beyond the SAIL family
+(SELM, XPO, SAIL-RevKL, the official code's response term) have their math in extensions/.
+Tests: `python -m pytest -q test_sail.py`.
 
 Departures from the paper and the official code:
   1. The extra terms are a surrogate loss with stop-gradients, checked exactly against autograd of
-     the enumerated J; the official code's gradient hook (opposite sign, divided by |log pi(y)|,
-     summed over the batch: docs/official.md, 1) is kept as `official_sail_loss`.
+     the enumerated J (the official code's gradient hook, opposite in sign and divided by
+     |log pi(y)|, is kept for comparison as extensions/official.py).
   2. An optional baseline b, independent of the pair's own responses, is subtracted in the response
      term: the expected gradient is unchanged and its variance lower. The paper has none.
   3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`) in all three terms,
      so the gradient is exact for the Bradley-Terry J.
   4. Log-probs are the untempered policy's (temperature 1): with another sampling temperature the
      response term is an approximation (the paper samples at 0.9).
-  5. SAIL-RevKL's penalty is estimated without bias on a sample of the reference (`reverse_kl`);
-     the authors' token proxy on the pairs' own responses is kept as `revkl_proxy`.
 """
 import contextlib
 import inspect
@@ -64,32 +61,21 @@ def sequence_logps(logits, labels, mask):
     return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
 
 
-def forward_takes(model, name):
-    """Does the Hugging Face model inside `model` (ddp's .module, LoRA's base model, the LoRA
-    reference's policy) take the keyword `name` in its forward?"""
-    for attr in ("module", "policy"):
-        inner = getattr(model, attr, None)
-        model = model if inner is None else inner
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(model.forward).parameters
-
-
 def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext(), keep=0):
-    """The logits (B, T, V) of one batch (ids, attention_mask: (B, T)) through `model`, one forward
-    pass; keep > 0: those of the last `keep` positions only (B, keep, V), which the model computes
-    alone where it can (transformers' logits_to_keep); amp: an autocast context, or none. Position
-    ids count real tokens only, so left padding never shifts a prompt."""
+    """Why: one forward pass with position ids counted over real tokens, so that left padding never
+    shifts a prompt (GPT-2's positions are learned). The logits (B, T, V) of ids, attention_mask
+    (B, T); keep > 0: those of the last `keep` positions only (B, keep, V); amp: an autocast context."""
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    last = {"logits_to_keep": keep} if keep and forward_takes(model, "logits_to_keep") else {}
     with amp:  # use_cache=False: a single pass keeps no KV cache
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False, **last).logits
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False,
+                       **keep_only(model, keep)).logits  # keep_only: the model computes the last `keep` alone where it can
     return logits[:, -keep:] if keep else logits  # (B, keep or T, V)
 
 
 def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
-    """`sequence_logps` of one batch (each (B, T)) through `model`, with logits computed only from
-    the position before the batch's first response token on: the prompts' own logits are never
-    used, so their output layer and log_softmax are skipped (docs/benchmark.md). Returns (B,)."""
+    """Why: L(y) of a batch of rows through a model, the quantity every loss here is built from.
+    `sequence_logps` of one batch (each (B, T)), with logits from the position before the batch's
+    first response token on (the prompts' own logits are never used). Returns (B,)."""
     T, first = ids.shape[1], int(response_mask.any(0).int().argmax())  # the first column holding a response token
     return sequence_logps(logits_of(model, ids, attention_mask, amp, keep=min(T, T - first + 1)), ids, response_mask)  # (B,)
 
@@ -169,132 +155,6 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
                                        reference_rejected_logps, beta))
 
 
-RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")
-
-
-def official_sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-                       label_coef=0.0, response_coef=0.0, baseline=None, valid=None, variant="official"):
-    """sail_loss with the official code's response term (docs/official.md, 1), for comparison.
-    Per response y of the pair, the gradient added to L(y) is
-        "official"       -coef * (-v) / |L(y)|      the official code's hook: the opposite sign,
-                                                    divided by |L(y)|, no baseline
-        "official-size"  +coef * (-v) / |L(y)|      the exact sign at the official size
-        "official-sign"  -coef * (-v - b)           the official sign at the exact size
-    against sail_loss's +coef * (-v - b). The hook acts on the gradient whatever the loss's
-    reduction, so it is summed over the batch: a caller that averages the losses over N pairs
-    passes the official sizes' response_coef times N. Arguments and returns as in sail_loss."""
-    args = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
-    if variant == "official-sign":
-        return sail_loss(*args, label_coef, -response_coef, baseline, valid)
-    if variant not in ("official", "official-size"):
-        raise ValueError(f"variant must be one of {', '.join(RESPONSE_TERMS[1:])}, got {variant!r}")
-    losses, chosen_rewards, rejected_rewards = sail_loss(*args, label_coef, 0.0, None, valid)  # DPO and the label term
-    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
-    cost = (-pair_value(h, beta, valid)).detach()  # (B,)
-    # sg(-v / |L(y)|) * L(y) per response (a response of probability 1, L = 0, would divide by zero: the clamp keeps it finite)
-    response = sum(cost / L.detach().abs().clamp(min=1e-6) * L for L in (policy_chosen_logps, policy_rejected_logps))  # (B,)
-    sign = -1.0 if variant == "official" else 1.0  # the official hook's sign is flipped
-    return losses + sign * response_coef * response, chosen_rewards, rejected_rewards
-
-
-def selm_bonus(policy_explore_logps, reference_explore_logps, beta, alpha):
-    """SELM's optimism bonus alpha * beta * Delta(y~) (B,) on a response y~ of the reference."""
-    return alpha * beta * (policy_explore_logps - reference_explore_logps)
-
-
-def xpo_bonus(policy_explore_logps, alpha):
-    """XPO's bonus alpha * log pi_theta(y~) (B,) on a sample y~ of the reference."""
-    return alpha * policy_explore_logps
-
-
-def selm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-              policy_explore_logps, reference_explore_logps, alpha, valid=None):
-    """SELM (Zhang et al. 2024, arXiv 2405.19332): DPO plus an optimism bonus on a response of
-    the reference, loss = -l + alpha * beta * Delta(y~), y~ the reference's greedy response.
-
-    Each *_logps argument: (B,) summed response log-probs; the explore ones are of y~ under the
-    policy and the reference. Minimising the bonus lowers the policy's implicit reward of what the
-    reference would already say, pushing probability towards unexplored responses. valid: as in
-    dpo_loss (a tied pair keeps its bonus, which does not depend on the label).
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
-    """
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                        reference_chosen_logps, reference_rejected_logps, beta, valid)
-    return losses + selm_bonus(policy_explore_logps, reference_explore_logps, beta, alpha), chosen_rewards, rejected_rewards
-
-
-def xpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-             policy_explore_logps, alpha, valid=None):
-    """XPO (Xie et al. 2024, arXiv 2405.21046): loss = -l + alpha * log pi_theta(y~), y~ ~ pi_ref.
-
-    Each *_logps argument: (B,) summed response log-probs; policy_explore_logps is log pi_theta of
-    a fresh sample y~ of the reference (the log pi_ref(y~) part of SELM's bonus has no gradient).
-    valid: as in selm_loss.
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
-    """
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                        reference_chosen_logps, reference_rejected_logps, beta, valid)
-    return losses + xpo_bonus(policy_explore_logps, alpha), chosen_rewards, rejected_rewards  # (B,) -l + alpha log pi(y~)
-
-
-REVKL_ESTIMATES = ("exact", "proxy", "proxy-aligned")
-
-
-def reverse_kl(policy_logits, reference_logits, response_mask):
-    """SAIL-RevKL's penalty (Wu et al. 2026, arXiv 2606.31524): KL(pi_ref || pi_theta) of each row,
-    for rows y ~ pi_ref (sampled at temperature 1), as the sum over its response positions of the
-    full-vocabulary KL between the next-token distributions,
-
-        sum_t KL(pi_ref(. | x, y<t) || pi_theta(. | x, y<t)).
-
-    Its expectation over y ~ pi_ref is the sequence-level KL(pi_ref || pi_theta) (the chain rule of
-    KL: each position's log-ratio averaged over its token given the prefix), and since y's
-    distribution does not depend on theta, its gradient's expectation is that KL's gradient,
-    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both. Each position's term is averaged over
-    its next token exactly, which usually gives less variance than the plain log-ratio
-    log pi_ref(y) - log pi_theta(y), though not always (a later position's KL depends on the
-    earlier tokens). On samples of the policy it would estimate neither: the prefixes must come
-    from pi_ref.
-    policy_logits, reference_logits: (B, T, V) on the rows; response_mask: (B, T), as in
-    sequence_logps (position t predicts token t + 1). Returns (B,)."""
-    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
-    log_p = policy_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
-    log_r = reference_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
-    kl = torch.where(log_r > -torch.inf, log_r.exp() * (log_r - log_p), 0.0).sum(-1)  # (B, T-1) each next token's KL (0 log 0 = 0)
-    return torch.where(response_mask[:, 1:].bool(), kl, 0.0).sum(-1)  # (B,)
-
-
-def revkl_proxy(policy_logits, reference_logits, ids, response_mask, aligned=False):
-    """The SAIL-RevKL authors' token-level proxy, as their code computes it (`_token_kl_ref_pi` in
-    xudongwu-0/SAIL, cdpo/cdpo_trainer.py): the mean over every response token of the batch
-    (pooled over rows, not per sequence) of log pi_ref(y_t) - log pi_theta(y_t), on whatever
-    responses the batch holds (their code: chosen, rejected, or the mean of the two).
-    Their code scores token t with the logits *at* position t, which predict token t + 1 (their
-    log-prob helper shifts; this one does not): aligned=True shifts, as sequence_logps does.
-    Aligned or not, it is not KL(pi_ref || pi_theta) or its gradient: aligned, its expectation on
-    responses of the policy is about minus the per-token KL(pi_theta || pi_ref), and its gradient,
-    -mean_t grad log pi_theta(y_t), is maximum likelihood of the batch's responses (about zero in
-    expectation on the policy's own samples); misaligned, it raises the probability of each
-    response token's repeating itself.
-    policy_logits, reference_logits: (B, T, V); ids, response_mask: (B, T). Returns a scalar."""
-    if aligned:
-        policy_logits, reference_logits, ids, response_mask = policy_logits[:, :-1], reference_logits[:, :-1], ids[:, 1:], response_mask[:, 1:]
-    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
-    log_p, log_r = (x.to(float_type).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-                    for x in (policy_logits, reference_logits))
-    mask = response_mask.bool()
-    return torch.where(mask, log_r - log_p, 0.0).sum() / mask.sum().clamp(min=1)
-
-
-def revkl_proxy_of_pairs(policy_logits, reference_logits, ids, response_mask, y1_chosen, on="both", aligned=False):
-    """revkl_proxy on a batch of m pairs as the authors' code applies it: on the chosen responses, the
-    rejected ones, or the mean of the two (on="both"). Rows: y1 of every pair, then y2 (2m);
-    y1_chosen: (m,) bool, which of each pair's responses their code calls chosen. Returns a scalar."""
-    chosen = torch.cat([y1_chosen, ~y1_chosen])  # (2m,)
-    parts = [rows for name, rows in (("chosen", chosen), ("rejected", ~chosen)) if on in (name, "both")]
-    return sum(revkl_proxy(policy_logits, reference_logits, ids, response_mask * rows[:, None], aligned) for rows in parts) / len(parts)
-
-
 def _implicit_rewards(pc, pr, rc, rr, beta):
     return beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
@@ -333,7 +193,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     B = prompt_ids.shape[0]
     # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
     cache = "cache" if forward_takes(model, "cache") else "past_key_values"
-    last = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}  # the prompt's last logits are all we need
+    last = keep_only(model, 1)  # the prompt's last logits are all we need
     # Left padding shifts where each prompt starts; position ids must count real tokens only,
     # or GPT-2-style models (learned absolute positions) see every padded prompt "late".
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
@@ -359,3 +219,23 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     ids = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1)  # (B, Tp + n)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + n) after-EOS padding masked
     return ids, attention_mask, torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers-version shims (off the learner's path)
+
+def forward_takes(model, name):
+    """Does the Hugging Face model inside `model` (ddp's .module, LoRA's base model, the LoRA
+    reference's policy) take the keyword `name` in its forward?"""
+    for attr in ("module", "policy"):
+        inner = getattr(model, attr, None)
+        model = model if inner is None else inner
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(model.forward).parameters
+
+
+def keep_only(model, keep):
+    """{"logits_to_keep": keep} where the model takes it (transformers >= 4.50), else {}: then it
+    computes every position's logits, and logits_of keeps the last `keep`."""
+    return {"logits_to_keep": keep} if keep and forward_takes(model, "logits_to_keep") else {}

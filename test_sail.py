@@ -33,9 +33,14 @@ import torch.nn.functional as F
 import data
 import reward
 import train
+from extensions import step as extended
 from plumbing import models
 import sail
-from sail import dpo_loss, leave_one_out_mean, official_sail_loss, sail_loss, sample, sample_token, selm_loss, sequence_logps, xpo_loss
+from extensions import revkl as ext_revkl
+from extensions.official import RESPONSE_TERMS, official_sail_loss
+from extensions.selm import selm_loss
+from extensions.xpo import xpo_loss
+from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sample_token, sequence_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 t = torch.tensor
@@ -176,7 +181,7 @@ def test_official_ties_keep_the_sample_order_and_get_the_hook():
     """A tied SAIL-PR pair under --ties first (the -official rows): y1 stays chosen and the pair is a
     preference, as the official trainer's strict `<` swap leaves it, so the official hook and the DPO
     term act on (y1, y2); under --ties average it is marked a tie (the fair coin). Either way it is a
-    query and a tie. The gradient of train.pair_losses then equals the official code's hook's."""
+    query and a tie. The gradient of the official term's pair losses (extensions/step.py) then equals the official code's hook's."""
     prompts, texts = ["p0", "p1"], ["a", "b", "c", "d"]  # pair 0: (a, c), a tie; pair 1: (b, d), d better
     pairs = SimpleNamespace(route=np.array([sail.PR, sail.PR]), prompts=prompts, texts=texts)
     oracle = lambda p, y: t([1.0, 0.0, 1.0, 2.0])  # noqa: E731  scores of a, b, c, d
@@ -199,7 +204,8 @@ def test_official_ties_keep_the_sample_order_and_get_the_hook():
         return -F.softplus(theta) - 1.5  # (4,) log-probs < 0, functions of the parameters
 
     ours = theta0.clone().requires_grad_()
-    train.pair_losses(run, pairs, labels["first"], None, torch.arange(2), logps(ours), ref).mean().backward()
+    idx, pairs.extension = torch.arange(2), {}
+    extended.pair_losses(run, train, pairs, labels["first"], None, idx, logps(ours), ref).mean().backward()
     hooked = theta0.clone().requires_grad_()
     L = logps(hooked)
     L_w, L_l = torch.stack([L[0], L[3]]), torch.stack([L[2], L[1]])  # pair 0: y1 chosen (the tie); pair 1: y2 chosen
@@ -478,7 +484,7 @@ def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=RE
     dataset's own on offline pairs (every pair i > j of the oracle, equally likely; SAIL-DP draws
     its responses from them too). With extra_terms its gradient is -grad J (the exactness tests);
     without, it is online DPO's expected update (no response term). routing: (N, 4). revkl: the
-    coefficient of SAIL-RevKL's penalty, sail.reverse_kl of the one-token responses: exactly
+    coefficient of SAIL-RevKL's penalty, extensions/revkl.reverse_kl of the one-token responses: exactly
     KL(pi_ref || pi_theta) here, pi_ref uniform."""
     N, K = theta.shape
     L = torch.log_softmax(theta, -1)  # (N, K)
@@ -501,7 +507,7 @@ def tabular_expected_loss(theta, routing, beta=0.3, extra_terms=True, rewards=RE
     pr = loss(w, l, response_coef=coef, valid=(rewards[i] != rewards[j]).expand(N, -1))
     per_route = torch.stack([(dataset * loss(i, j)).sum(-1), (dataset * self_labelled).sum(-1),
                              (on_policy * pp).sum(-1), (on_policy * pr).sum(-1)], -1)  # (N, 4)
-    penalty = sail.reverse_kl(torch.stack([theta, theta], 1), torch.zeros(N, 2, K, dtype=theta.dtype), t([[0, 1]] * N))  # (N,)
+    penalty = ext_revkl.reverse_kl(torch.stack([theta, theta], 1), torch.zeros(N, 2, K, dtype=theta.dtype), t([[0, 1]] * N))  # (N,)
     return (routing * per_route).sum() + revkl * penalty.sum()
 
 
@@ -589,7 +595,7 @@ def two_token_logits(first, second, noise):
 
 
 def test_reverse_kl_is_unbiased_for_the_kl_and_its_gradient_on_samples_of_the_reference():
-    """E_{y ~ pi_ref}[sail.reverse_kl] is the enumerated sequence-level KL(pi_ref || pi_theta) of
+    """E_{y ~ pi_ref}[extensions/revkl.reverse_kl] is the enumerated sequence-level KL(pi_ref || pi_theta) of
     the responses, and so is the gradient's expectation (float64), whatever the positions outside
     the response mask hold (a prompt token and padding where the two models differ). In this
     example a sample's estimate varies less than the plain log-ratio's (usual, not guaranteed).
@@ -602,7 +608,7 @@ def test_reverse_kl_is_unbiased_for_the_kl_and_its_gradient_on_samples_of_the_re
     log_pi, log_ref = sequence_logps(policy, ids, mask), sequence_logps(reference, ids, mask)  # (K^2,) every y
     assert log_ref.exp().sum().item() == pytest.approx(1.0)  # the responses' distribution, prompt and padding left out
     kl = (log_ref.exp() * (log_ref - log_pi)).sum()  # enumerated KL(pi_ref || pi_theta)
-    estimate = sail.reverse_kl(policy, reference, mask)  # (K^2,) per response
+    estimate = ext_revkl.reverse_kl(policy, reference, mask)  # (K^2,) per response
     expected = (log_ref.exp() * estimate).sum()  # y ~ pi_ref
     assert expected.item() == pytest.approx(kl.item(), rel=1e-12)
     for a, b in zip(torch.autograd.grad(expected, theta, retain_graph=True), torch.autograd.grad(kl, theta, retain_graph=True)):
@@ -612,7 +618,7 @@ def test_reverse_kl_is_unbiased_for_the_kl_and_its_gradient_on_samples_of_the_re
     assert variance[0] < variance[1]
     on_policy = (log_pi.exp() * estimate).sum()  # prefixes from pi_theta: not this KL
     assert abs(on_policy.item() - kl.item()) > 1e-2
-    assert sail.reverse_kl(reference, reference, mask).abs().max() < 1e-12  # pi_theta = pi_ref: 0
+    assert ext_revkl.reverse_kl(reference, reference, mask).abs().max() < 1e-12  # pi_theta = pi_ref: 0
 
 
 def test_revkl_proxy_by_hand():
@@ -626,12 +632,12 @@ def test_revkl_proxy_by_hand():
     ids, response = t([[0, 1, 0], [0, 0, 1]]), t([[0, 1, 1], [0, 0, 1]])
     # row 1: token 1 at position 1: log 1/2 - log 1/4 = log 2; token 0 at position 2: log 1/2 - log 1/4 = log 2
     # row 2: token 1 at position 2: log 1/2 - log 3/4 = log 2/3; pooled over the 3 tokens
-    assert sail.revkl_proxy(policy, reference, ids, response).item() == pytest.approx((2 * math.log(2) + math.log(2 / 3)) / 3)
+    assert ext_revkl.revkl_proxy(policy, reference, ids, response).item() == pytest.approx((2 * math.log(2) + math.log(2 / 3)) / 3)
     # aligned, row 1: token 1 from position 0: log 1/4 - log 1/2; token 0 from position 1: log 1/2 - log 3/4
     # row 2: token 1 from position 1: log 1/2 - log 1/4
     aligned = (math.log(1 / 2) + math.log(2 / 3) + math.log(2)) / 3
-    assert sail.revkl_proxy(policy, reference, ids, response, aligned=True).item() == pytest.approx(aligned)
-    assert sail.revkl_proxy(policy, policy, ids, response).item() == 0.0
+    assert ext_revkl.revkl_proxy(policy, reference, ids, response, aligned=True).item() == pytest.approx(aligned)
+    assert ext_revkl.revkl_proxy(policy, policy, ids, response).item() == 0.0
 
 
 def test_sails_objective_with_the_revkl_penalty_ends_on_the_best_response_and_escapes_the_local_maximum():
@@ -1239,7 +1245,7 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
     """train.py's evaluation from its definition: one response per held-out prompt from a generator
     seeded with the evaluation stream's seed; the mean gold reward (and a proxy's); the mean
     log-ratio to the SFT model of responses drawn at temperature 1 (those, or at another
-    temperature others, from the evaluation's KL stream: a KL estimate); KL(SFT || policy), sail.reverse_kl on responses of the SFT model drawn at
+    temperature others, from the evaluation's KL stream: a KL estimate); KL(SFT || policy), extensions/revkl.reverse_kl on responses of the SFT model drawn at
     temperature 1 from its own stream; the win rates against the SFT model's responses drawn with
     the same noise (a tie is half a win); the implicit-reward accuracy and margin on the held-out pairs."""
     def draw(m, temperature, stream):
@@ -1255,7 +1261,7 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
         batch = draw(model, temperature, "eval") if temperature == 1 else draw(model, 1.0, "eval_kl")
         kl = sail.sequence_logps_of(model, *batch, OFF) - sail.sequence_logps_of(sft, *batch, OFF)
         ids, attention, response = draw(sft, 1.0, "eval_revkl")
-        revkl = sail.reverse_kl(sail.logits_of(model, ids, attention), sail.logits_of(sft, ids, attention), response)
+        revkl = ext_revkl.reverse_kl(sail.logits_of(model, ids, attention), sail.logits_of(sft, ids, attention), response)
         rows = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                      [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
         delta = sail.sequence_logps_of(model, *rows, OFF) - sail.sequence_logps_of(sft, *rows, OFF)
@@ -1320,11 +1326,104 @@ def test_response_coefficients_of_each_term(cache):
               "--rho", "0.11", "--pi", "0.23", "--gamma", "0.37", "--response_scale", "0.5"]
     inputs = data.load_inputs(train.parse_args(common))
     runs = {term: train.setup_run(train.parse_args(common + ["--response_term", term]), inputs, torch.device("cpu"))
-            for term in sail.RESPONSE_TERMS}
+            for term in RESPONSE_TERMS}
     for term, run in runs.items():
         assert run.label_coefs.tolist() == pytest.approx([0, 0.11, 0.23, 0])
         scale = 8 if term in ("official", "official-size") else 0.5
         assert run.response_coefs.tolist() == pytest.approx([0, 0, scale * 0.23, scale * 0.37]), term
+
+
+@pytest.mark.parametrize("method", ["dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp", "mix", "selm", "xpo"])
+def test_every_methods_routes_and_coefficients(method):
+    """Each method's route probabilities (OFFLINE, DP, PP, PR) and each route's label- and
+    response-term coefficients, at distinct option values: online DPO, SELM and XPO have no
+    response term (gamma 0), every other method the paper's terms on its own routes."""
+    cfg = train.parse_args(["--method", method, "--r", "0.125", "--p", "0.25", "--g", "0.375", "--rho", "0.11", "--pi", "0.23",
+                            "--gamma", "0.37", "--response_scale", "0.5"])
+    routes = {"dpo": [1, 0, 0, 0], "online-dpo": [0, 0, 0, 1], "sail-pr": [0.625, 0, 0, 0.375], "sail-pp": [0.75, 0, 0.25, 0],
+              "sail-dp": [0.875, 0.125, 0, 0], "mix": [0.25, 0.125, 0.25, 0.375], "selm": [0, 0, 0, 1], "xpo": [0, 0, 0, 1]}
+    assert list(train.METHODS[method](cfg)) == pytest.approx(routes[method])
+    label, response = train.coefficients(cfg, cfg.response_scale)
+    assert label.tolist() == pytest.approx([0, 0.11, 0.23, 0])
+    gamma = 0.0 if method in ("online-dpo", "selm", "xpo") else 0.37
+    assert response.tolist() == pytest.approx([0, 0, 0.5 * 0.23, 0.5 * gamma])
+
+
+@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "dpo"])
+def test_the_extended_step_is_the_sail_step_on_a_plain_run(cache, method):
+    """extensions/step.py's step with nothing to add (one device, one micro-batch, no extension) gives
+    train.alignment_step's bits: the same pairs, labels, Delta, gradient and updated weights."""
+    out = []
+    for step in (train.alignment_step, lambda run, state: extended.alignment_step(run, state, sail_step=train)):
+        run, state = perturbed_run(cache, ["--method", *method.split()])
+        assert not extended.needed(run)
+        pairs, labels, delta, grad_norm = step(run, state)
+        out.append((pairs.batch, labels.y1_wins, labels.valid, delta, grad_norm, gradient(run.policy),
+                    torch.cat([p.detach().flatten() for p in run.policy.parameters()])))
+    assert all(torch.equal(x, y) for x, y in zip(out[0][0], out[1][0]))  # the rows
+    assert all(torch.equal(x, y) for x, y in zip(out[0][1:], out[1][1:]))  # labels, Delta, gradient, weights
+    assert out[0][5].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "online-dpo"])
+def test_one_alignment_step_by_hand(cache, method):
+    """train.alignment_step checked against the README's pseudocode from what it returns, whatever
+    order it draws its random numbers in (docs/exercises.md, 8: write the step): each dataset pair's
+    rows are its dataset texts; each online pair's two rows are samples that end in EOS or at the
+    length limit; SAIL-PR labels are the gold reward's (hard; a tie marked); Delta is
+    L_theta - L_ref at the policy before the step; the gradient is that of the mean of the loss
+    written out here from the README (not sail_loss), with the leave-one-out baseline over the
+    pairs with a response term; the update is one AdamW step on it."""
+    run, state = perturbed_run(cache, ["--method", *method.split(), "--lr", "1e-3"])
+    cfg, B = run.cfg, run.cfg.batch_size
+    before = copy.deepcopy(run.policy)
+    pairs, labels, delta, grad_norm = train.alignment_step(run, state)
+    route, (ids, attention, response) = pairs.route, pairs.batch
+    # 1. routes and responses
+    assert len(route) == B and ids.shape[0] == 2 * B and len(pairs.texts) == 2 * B
+    dataset = np.flatnonzero(route <= sail.DP)
+    assert list(dataset) == list(range(len(dataset)))  # the dataset pairs first
+    for i, x in zip(dataset, [run.pairs[j] for j in pairs.pair_ids]):
+        assert (pairs.prompts[i], pairs.texts[i], pairs.texts[B + i]) == (x["prompt"], x["chosen"], x["rejected"])
+    online = np.flatnonzero(route >= sail.PP)
+    rows = np.r_[online, B + online]  # their y1 rows, then their y2 rows
+    assert [pairs.texts[i] for i in rows] == data.decode(run.tokenizer, ids[rows], response[rows])
+    for i in online:
+        assert pairs.prompts[i] in run.train_prompts
+        for row in (i, B + i):
+            n = int(response[row].sum())
+            last = ids[row][response[row].bool()][-1]
+            assert 0 < n <= cfg.max_new_tokens and (last == run.tokenizer.eos_token_id or n == cfg.max_new_tokens)
+    # 2. oracle labels of the SAIL-PR pairs: hard, a tie marked invalid
+    for i in np.flatnonzero(route == sail.PR):
+        r1, r2 = reward.GoldReward()([pairs.prompts[i]] * 2, [pairs.texts[i], pairs.texts[B + i]]).tolist()
+        assert (bool(labels.y1_wins[i]), bool(labels.valid[i])) == (r1 > r2, r1 != r2)
+    assert labels.valid[route != sail.PR].all()
+    # 3. Delta at the policy before the step
+    with torch.no_grad():
+        ref = sail.sequence_logps_of(run.reference, ids, attention, response)
+    logps = sail.sequence_logps_of(before, ids, attention, response)  # (2B,) with its graph
+    assert torch.allclose(delta, (logps - ref).detach(), rtol=1e-5, atol=1e-5)
+    # 4. + 5. each pair's loss written out (the self-labels are the step's own draws), the mean's gradient
+    w = labels.y1_wins
+    L_w, L_l = torch.where(w, logps[:B], logps[B:]), torch.where(w, logps[B:], logps[:B])
+    h = (L_w - torch.where(w, ref[:B], ref[B:])) - (L_l - torch.where(w, ref[B:], ref[:B]))
+    ell = F.logsigmoid(cfg.beta * h)
+    v = torch.where(labels.valid, ell, 0.5 * (ell + F.logsigmoid(-cfg.beta * h)))  # a tie: the fair coin's value
+    label_coef = t([0.0, cfg.rho, cfg.pi, 0.0])[route]
+    gamma = 0.0 if cfg.method == "online-dpo" else cfg.gamma
+    response_coef = cfg.response_scale * t([0.0, 0.0, cfg.pi, gamma])[route]
+    cost, pool = (-v).detach(), response_coef > 0
+    b = t([cost[pool & (torch.arange(B) != i)].mean().item() if (pool & (torch.arange(B) != i)).any() else 0.0 for i in range(B)])
+    loss = -v - 0.5 * label_coef * torch.where(labels.valid, v, 0.0) ** 2 + response_coef * (cost - b) * (L_w + L_l)
+    loss.mean().backward()
+    assert torch.allclose(gradient(run.policy), gradient(before), rtol=1e-4, atol=1e-6)
+    assert grad_norm.item() == pytest.approx(gradient(before).norm().item(), rel=1e-4)
+    # 6. one AdamW step on the step's gradient (no clipping here: --grad_clip 0)
+    for p, q in zip(before.parameters(), run.policy.parameters()):
+        p.grad = q.grad.clone()
+    torch.optim.AdamW(before.parameters(), lr=1e-3, weight_decay=0.0).step()
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(run.policy.parameters(), before.parameters()))
 
 
 def test_each_routes_loss_and_self_labels_by_hand():
@@ -1348,7 +1447,7 @@ def test_each_routes_loss_and_self_labels_by_hand():
                       pairs, labels, sure)
     assert labels.y1_wins.tolist() == [True, False, True, True]  # offline and SAIL-PR untouched; DP: y2, PP: y1
     b = t([0.0, 0.0, 0.3, 0.2])
-    losses = train.pair_losses(run, pairs, labels, b, torch.arange(4), logps, ref)
+    losses = train.pair_losses(run, route, labels.y1_wins, labels.valid, b, logps, ref)
     L = logps.tolist()
 
     def ell(h):
@@ -1402,7 +1501,7 @@ def test_a_sail_pp_steps_logged_kl_is_the_mean_log_ratio_of_its_sampled_rows(cac
     every row sampled from the policy (here SAIL-PP's; the offline pairs' rows are left out)."""
     run, state = perturbed_run(cache, ["--method", "sail-pp", "--p", "0.5"])
     before = copy.deepcopy(run.policy)
-    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    row, (pairs, labels) = train.train_step(run, state, 1)
     sampled = torch.from_numpy(np.concatenate([pairs.route == sail.PP] * 2))  # (2B,)
     assert 0 < sampled.sum() < len(sampled)
     with torch.no_grad():
@@ -1415,9 +1514,9 @@ def test_the_revkl_proxy_takes_a_tied_pairs_y1_as_chosen_as_the_authors_code_doe
     calls y1 each pair's chosen response, as their code's strict comparison leaves it."""
     monkeypatch.setattr(reward.GoldReward, "__call__", lambda self, prompts, responses: torch.zeros(len(responses)))
     run, state = perturbed_run(cache, ["--method", "sail-pr", "--g", "1", "--revkl", "0.1", "--revkl_estimate", "proxy"])
-    seen, real = [], train.revkl_proxy_of_pairs
-    monkeypatch.setattr(train, "revkl_proxy_of_pairs", lambda *args: seen.append(args[4]) or real(*args))
-    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    seen, real = [], ext_revkl.revkl_proxy_of_pairs
+    monkeypatch.setattr(ext_revkl, "revkl_proxy_of_pairs", lambda *args: seen.append(args[4]) or real(*args))
+    row, (pairs, labels) = train.train_step(run, state, 1)
     assert not labels.valid.any() and not labels.y1_wins.any()  # ties: the loss's order is the fair coin's
     assert len(seen) == 1 and seen[0].all()
 
@@ -1426,28 +1525,28 @@ def test_the_revkl_proxy_takes_a_tied_pairs_y1_as_chosen_as_the_authors_code_doe
 def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate):
     """--revkl c changes nothing else in a step (the same pairs, labels and losses: the reference's
     samples have a stream of their own) and adds c times the gradient of the mean penalty over the
-    step's pairs, recomputed here: exact, sail.reverse_kl on one sample of the reference per pair,
+    step's pairs, recomputed here: exact, extensions/revkl.reverse_kl on one sample of the reference per pair,
     drawn at temperature 1 (the policy samples at 0.7 here) from the revkl stream; proxy, the mean
-    of sail.revkl_proxy on the chosen rows and on the rejected rows (--revkl_on both; a SAIL-DP
+    of extensions/revkl.revkl_proxy on the chosen rows and on the rejected rows (--revkl_on both; a SAIL-DP
     pair's chosen row is its dataset's, as in the authors' code)."""
     c, argv = 0.5, ["--method", "mix", "--r", "0.25", "--p", "0.25", "--g", "0.5", "--temperature", "0.7"]
     run, state = perturbed_run(cache, argv)
-    row_off = train.alignment_step(run, state, 1)[0]
+    row_off = train.train_step(run, state, 1)[0]
     grad_off = gradient(run.policy)
     run, state = perturbed_run(cache, argv + ["--revkl", str(c), "--revkl_estimate", estimate])
     before = copy.deepcopy(run.policy)
-    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    row, (pairs, labels) = train.train_step(run, state, 1)
     assert {k: row[k] for k in row_off if k not in ("revkl", "grad_norm") and not k.startswith(("dt", "t_", "generated"))} == \
         {k: row_off[k] for k in row_off if k not in ("grad_norm",) and not k.startswith(("dt", "t_", "generated"))}
     if estimate == "exact":
-        ids, attention, response = pairs.ref_samples  # (8, T) one y ~ pi_ref per pair
+        ids, attention, response = pairs.extension["revkl_samples"]  # (8, T) one y ~ pi_ref per pair
         prompts = data.encode_prompts(run.tokenizer, pairs.prompts, 32)
         drawn = sample(run.reference, *prompts, max_new_tokens=24, temperature=1.0, eos_token_id=run.tokenizer.eos_token_id,
                        generator=torch.Generator().manual_seed(train.stream_seeds(0)["revkl"]))
-        assert all(torch.equal(a, b) for a, b in zip(drawn, pairs.ref_samples)) and response.sum() > 0
+        assert all(torch.equal(a, b) for a, b in zip(drawn, pairs.extension["revkl_samples"])) and response.sum() > 0
         with torch.no_grad():
             reference = sail.logits_of(run.reference, ids, attention)
-        penalty = sail.reverse_kl(sail.logits_of(before, ids, attention), reference, response).mean()
+        penalty = ext_revkl.reverse_kl(sail.logits_of(before, ids, attention), reference, response).mean()
     else:
         ids, attention, response = pairs.batch  # (16, T): y1 rows, then y2 rows
         with torch.no_grad():
@@ -1456,7 +1555,7 @@ def test_revkl_adds_its_penalty_to_the_step_as_computed_by_hand(cache, estimate)
         first = labels.y1_wins | torch.from_numpy(pairs.route == sail.DP)  # (8,)
         assert not torch.equal(first, labels.y1_wins)  # a SAIL-DP pair whose self-label chose y2: it counts as chosen
         chosen = torch.cat([first, ~first])  # (16,)
-        penalty = sum(sail.revkl_proxy(policy, reference, ids, response * rows[:, None], estimate == "proxy-aligned")
+        penalty = sum(ext_revkl.revkl_proxy(policy, reference, ids, response * rows[:, None], estimate == "proxy-aligned")
                       for rows in (chosen, ~chosen)) / 2
     (c * penalty).backward()
     assert row["revkl"] == pytest.approx(penalty.item(), rel=1e-5, abs=1e-7)

@@ -5,7 +5,7 @@ experiments/benchmark.py: where the time of the loop's own step goes, against tr
     python -m experiments.benchmark --bench_model gpt2       # a real configuration with random weights
 
 Measured in one process, medians of --bench_reps interleaved repetitions: sail.sample against
-model.generate; train.alignment_step with each as its sampler, phase by phase; the cost of SAIL's
+model.generate; train.train_step with each as its sampler, phase by phase; the cost of SAIL's
 extra terms; on the embedded model, the gradient variance each --baseline leaves; peak memory.
 """
 import dataclasses
@@ -27,7 +27,7 @@ from plumbing.checkpoint import State
 from plumbing.distributed import pick_device
 from plumbing.options import arg, check_values
 from plumbing.outputs import peak_memory
-from train import alignment_step, cli, setup_run
+from train import cli, setup_run, train_step
 
 
 @dataclass
@@ -160,7 +160,7 @@ def time_steps(run, inputs, reps):
     for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
         for name, (r, sampler) in plan.items():
             r.sampler = sampler
-            row = alignment_step(r, states[name], rep + 1)[0]
+            row = train_step(r, states[name], rep + 1)[0]
             if rep:
                 times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
                 if name == "ours":
@@ -183,14 +183,14 @@ def baseline_variance(cfg, inputs, device, batches, train_steps=50):
     for at in (0, train_steps):
         if at:  # the second measurement: train first, with the run's own learning rate and clipping
             for step in range(train_steps):
-                alignment_step(trainer, state, step + 1)
+                train_step(trainer, state, step + 1)
         weights = trainer.policy.state_dict()
         for name, r in runs.items():
             r.policy.load_state_dict(weights)
             st = State.new(r.cfg, r, len(inputs.train_prompts), len(inputs.pairs), history=[])
             grads = []
             for k in tqdm(range(batches), desc=f"variance, --baseline {name}", dynamic_ncols=True, leave=False):
-                alignment_step(r, st, k + 1)
+                train_step(r, st, k + 1)
                 grads.append(torch.cat([p.grad.flatten() for p in r.policy.parameters()]).double())
             g = torch.stack(grads)  # (batches, parameters)
             out[f"step{at}_{name}"] = {"variance": (g - g.mean(0)).pow(2).sum(1).mean().item() * batches / (batches - 1),

@@ -38,7 +38,8 @@ from plumbing.models import proxy_labeller
 from plumbing.options import arg, check_values
 from plumbing.outputs import pyplot
 from sail import PP
-from train import EXPLORE, METHODS, cli, main
+from extensions.step import EXPLORE
+from train import METHODS, cli, main
 
 OFFICIAL = ("sail-pr", "sail-pp", "mix")  # methods with a response term: a compared row can add a suffix
 ROWS = {  # the compared rows' suffixes: what each changes from the method's own row, one thing or a named few
@@ -393,8 +394,8 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
               "term's sign (the official hook's, at the exact term's size: mean, --response_scale, baseline); -official-size, "
               "that and the term's size (the hook's: summed over the batch, divided by |log pi(y)|, no baseline) at the exact "
               "sign; -official, both: the official code's term and tie handling. -revkl adds SAIL-RevKL's penalty "
-              "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, sail.reverse_kl), -revkl0.01 at 0.01, -revkl0.1 at 0.1; "
-              "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (sail.revkl_proxy), and -revkl0.1-proxy-aligned the proxy with its logits aligned to its tokens.", "",
+              "KL(SFT ‖ policy) at the authors' coefficient 1e-3 (the exact estimate, extensions/revkl.reverse_kl), -revkl0.01 at 0.01, -revkl0.1 at 0.1; "
+              "-revkl-proxy and -revkl0.1-proxy, the authors' token proxy instead (extensions/revkl.revkl_proxy), and -revkl0.1-proxy-aligned the proxy with its logits aligned to its tokens.", "",
               "What the runs of one seed share: the SFT model (every run), the held-out prompts and the evaluation's "
               "generator (the same sampling noise for every method and for the SFT baseline), and every random stream's seed "
               "(each drawn from the seed by np.random.SeedSequence, so no two streams of a run, and no two seeds, share numbers). "

@@ -178,23 +178,23 @@ def trl_run(cfg, seed, out_dir, evaluated=True):
 
 def project_run(cfg, seed, out_dir, **settings):
     """The project's online DPO (or settings' method: train.main) at this seed, from scratch, its
-    output in out_dir/log.txt; its time per step is the wall time of train.alignment_step (the
+    output in out_dir/log.txt; its time per step is the wall time of train.train_step (the
     step's phases and its metrics line), as TRL's spans its step callbacks."""
     c = dataclasses.replace(cfg, **{"method": "online-dpo", **settings, "seed": seed, "out_dir": out_dir, "resume": "no"})
     os.makedirs(out_dir, exist_ok=True)
-    steps, step = [], train.alignment_step
+    steps, step = [], train.train_step
 
     def timed(*args, **kwargs):
         t = time.perf_counter()
         out = step(*args, **kwargs)
         steps.append(time.perf_counter() - t)
         return out
-    train.alignment_step = timed  # main calls it by this name
+    train.train_step = timed  # main calls it by this name
     try:
         with open(os.path.join(out_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             summary = main(c)
     finally:
-        train.alignment_step = step
+        train.train_step = step
     per_step = summary["seconds_per_step"]
     sampled = summary["tokens_per_second"]["generated"] * per_step["generate"]  # per step
     return summary, 1000 * sum(steps) / len(steps), {**{k: 1000 * v for k, v in per_step.items()}, "tokens sampled": sampled}

@@ -4,7 +4,12 @@ plumbing/distributed.py: the device, data parallelism and the stops on a non-fin
 Data parallel (ddp): `torchrun --nproc_per_node=N train.py ...` starts N copies of train.py; each
 rank samples, labels and trains on its own share of every step's pairs, DDP averages the
 gradients, and rank 0 alone evaluates, prints and writes. With one process every helper here is
-a no-op.
+a no-op. The step never sees the ranks: `share_draws` makes train.draw_routes on each rank draw its
+share of one draw for all ranks, and extensions/step.py (which every ddp run takes) runs the loss's
+forward through DDP (`wrap_ddp`) and averages over the ranks' pairs.
+
+Non-finite values (`stop_on_non_finite`): a NaN or inf oracle reward, or gradient, stops the run
+before the update, with the last good checkpoint kept; the step needs no check of its own.
 """
 import contextlib
 import gc
@@ -14,6 +19,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+import data
 
 from plumbing.checkpoint import latest_checkpoint, rng_states
 
@@ -58,6 +65,52 @@ def wrap_ddp(run):
     if run.world > 1:
         device = run.device
         run.train_policy = torch.nn.parallel.DistributedDataParallel(run.policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def share_draws(run, state):
+    """ddp: every rank draws the routes, dataset pairs and prompts of all ranks' pairs from the same
+    streams (the same seeds) and keeps its own share, so that N ranks of B pairs draw what one
+    process of N x B pairs would, rank by rank. No-op on one process."""
+    if run.world > 1:
+        state.route_rng = ShareOfRoutes(state.route_rng, run.rank, run.world)
+        state.pair_stream, state.prompt_stream = (ShareOfStream(s, run.rank, run.world) for s in (state.pair_stream, state.prompt_stream))
+
+
+class ShareOfRoutes:
+    """A numpy Generator's `choice` of size B for each rank: one draw of size N x B, the rank's row."""
+
+    def __init__(self, rng, rank, world):
+        self.rng, self.rank, self.world = rng, rank, world
+
+    @property
+    def bit_generator(self):  # its state is the generator's (checkpoints)
+        return self.rng.bit_generator
+
+    def choice(self, a, size, p):
+        return self.rng.choice(a, size=size * self.world, p=p).reshape(self.world, size)[self.rank]  # (size,)
+
+
+class ShareOfStream(data.Stream):
+    """A data.Stream whose `next(k)` on each rank takes the ranks' k together, then keeps this rank's slice."""
+
+    def __init__(self, stream, rank, world):
+        super().__init__(stream.n, stream.seed)
+        self.epoch, self.pos, self.rank, self.world = stream.epoch, stream.pos, rank, world
+
+    def next(self, k):
+        counts = [None] * self.world
+        dist.all_gather_object(counts, k)
+        start = sum(counts[:self.rank])
+        return super().next(sum(counts))[start:start + k]
+
+
+def all_ranks_ids(ids, world):
+    """The list `ids` of every rank, concatenated in rank order (ids itself on one process)."""
+    if world == 1:
+        return ids
+    every = [None] * world
+    dist.all_gather_object(every, list(ids))
+    return [i for rank_ids in every for i in rank_ids]
 
 
 def all_ranks_sum(x, world):
@@ -110,7 +163,47 @@ def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
         bad = (all_ranks_sum(torch.tensor(bad, dtype=torch.float64, device=device), world) > 0).tolist()
     for (name, value), stop in zip(values.items(), bad):
         if stop:
-            kept = latest_checkpoint(out_dir)
-            raise SystemExit(f"error: step {step}: {name} is {value if not math.isfinite(value) else 'not finite on another rank'}; "
-                             "stopped before the update. "
-                             + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+            raise SystemExit(not_finite_message(step, name, value if not math.isfinite(value) else "not finite on another rank", out_dir))
+
+
+def not_finite_message(step, name, value, out_dir):
+    kept = latest_checkpoint(out_dir)
+    return (f"error: step {step}: {name} is {value}; stopped before the update. "
+            + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+
+
+def stop_on_non_finite(run, state):
+    """A NaN or inf stops the run before it reaches the weights, with the last good checkpoint kept:
+    an oracle's or labeller's reward when it is given (`FiniteRewards`), and the gradient's norm
+    just before the optimiser's step (a step pre-hook; under ddp every rank stops if any must).
+    A non-finite loss shows in the gradient."""
+    if run.labeller is run.gold:
+        run.labeller = run.gold = FiniteRewards(run.gold, run, state)
+    else:
+        run.labeller, run.gold = FiniteRewards(run.labeller, run, state), FiniteRewards(run.gold, run, state)
+
+    def check_gradient(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        stop_if_not_finite(state.step + 1, {"the gradient norm": norm}, run.cfg.out_dir, run.world, run.device)
+
+    run.optimizer.register_step_pre_hook(check_gradient)
+
+
+class FiniteRewards:
+    """A reward (texts -> rewards) that stops the run on a non-finite one; anything else is the reward's own."""
+
+    def __init__(self, reward, run, state):
+        self.reward, self.run, self.state = reward, run, state
+
+    def __call__(self, prompts, responses):
+        rewards = self.reward(prompts, responses)
+        bad = rewards[~torch.isfinite(rewards)]
+        if len(bad):
+            raise SystemExit(not_finite_message(self.state.step + 1, "an oracle reward", bad[0].item(), self.run.cfg.out_dir))
+        return rewards
+
+    def __getattr__(self, name):  # only for names not found on the wrapper itself
+        if name == "reward":
+            raise AttributeError(name)
+        return getattr(self.reward, name)

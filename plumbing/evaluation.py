@@ -10,7 +10,8 @@ import torch
 import data
 from plumbing.checkpoint import stream_seeds
 from plumbing.models import sample_responses
-from sail import logits_of, reverse_kl, sample
+from extensions.revkl import reverse_kl
+from sail import logits_of, sample
 
 
 def make_eval_set(run, inputs, reference_logps):
@@ -63,7 +64,7 @@ def eval_samples(run, eval_set, temperature, stream):
 
 
 def eval_reverse_kl(run, rows, chunk=32):
-    """KL(pi_ref || pi_theta) on held-out prompts: sail.reverse_kl on responses of the reference
+    """KL(pi_ref || pi_theta) on held-out prompts: extensions/revkl.reverse_kl on responses of the reference
     (rows: (ids, attention_mask, response_mask), each (N, T)), averaged; `chunk` rows at a time,
     since it needs the full logits of both models."""
     kl = []

@@ -20,7 +20,9 @@ import torch
 
 import data
 import reward
-from sail import DP, OFFLINE, RESPONSE_TERMS, REVKL_ESTIMATES
+from extensions.official import RESPONSE_TERMS
+from extensions.revkl import REVKL_ESTIMATES
+from sail import DP, OFFLINE
 
 
 def arg(default, help):
@@ -30,18 +32,18 @@ def arg(default, help):
 
 @dataclass
 class RunOptions:
-    # extensions, entering train.py's step at its lines marked HOOK: the official code's term, SELM and XPO, SAIL-RevKL
+    # the extensions (extensions/): the official code's term, SELM and XPO, SAIL-RevKL
     response_term: str = arg("exact", "exact (the score-function gradient, sail.sail_loss) | official (the official code's hook, "
-                                      "sail.official_sail_loss: summed over the batch, no baseline or --response_scale) | "
+                                      "extensions/official.py: summed over the batch, no baseline or --response_scale) | "
                                       "official-size (the exact sign at the hook's size) | official-sign (the hook's sign at the exact size)")
     selm_alpha: float = arg(1e-3, "selm: bonus alpha * beta * Delta(y~) on the reference's greedy response y~")
     xpo_alpha: float = arg(1e-5, "xpo: bonus alpha * log pi(y~) on a sample y~ of the reference")
     ref_update_every: int = arg(-1, "copy the policy into the training reference every N steps (SELM's iterations); -1: steps // 3 for selm, else never")
     revkl: float = arg(0.0, "SAIL-RevKL: coefficient of the penalty KL(pi_ref || pi_theta) added to every pair's loss, with every "
                             "method (0: off; the RevKL authors use 1e-3)")
-    revkl_estimate: str = arg("exact", "exact (sail.reverse_kl on one sample of the reference per pair at temperature 1: unbiased) | "
+    revkl_estimate: str = arg("exact", "exact (extensions/revkl.reverse_kl on one sample of the reference per pair at temperature 1: unbiased) | "
                                        "proxy (the RevKL authors' token proxy on the pairs' own responses, as their code computes "
-                                       "it: sail.revkl_proxy) | proxy-aligned (the same with its logits aligned to the tokens)")
+                                       "it: revkl_proxy) | proxy-aligned (the same with its logits aligned to the tokens)")
     revkl_on: str = arg("both", "the proxy's responses: chosen | rejected | both (the mean of the two), as in the authors' code")
     # memory and LoRA
     grad_accum: int = arg(1, "cut each step's pairs into this many micro-batches for the forward and backward passes (less memory, the same update)")

@@ -8,6 +8,7 @@ At the end: policy/ (from_pretrained-ready), summary.json, reward.png, and the f
 `Clock` times the step's phases.
 """
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -18,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from plumbing.distributed import all_ranks_sum
+from plumbing.distributed import all_ranks_ids, all_ranks_sum
 from sail import DP, PP, accuracy
 
 
-def step_metrics(run, state, step, pairs, labels, h, delta, penalty, grad_norm, times):
+def step_metrics(run, state, step, pairs, labels, h, delta, grad_norm, clock):
     """The step's line of metrics.jsonl: means over the valid pairs (of every rank); counts and
     timings added to the run's totals. h: (B,) each pair's margin; delta: (2B,) each row's
-    Delta(y); penalty: SAIL-RevKL's (B,), or None."""
+    Delta(y); clock: the step's `Clock`; SAIL-RevKL's penalty (B,) is in pairs.extension."""
+    times, dt = clock.stop()
+    penalty = pairs.extension.get("revkl_penalty")
+    state.used_pairs.update(all_ranks_ids(pairs.pair_ids, run.world))  # each distinct dataset pair counts its dataset's labels once
     beta = run.cfg.beta
     neg_ell, valid, scores = -F.logsigmoid(beta * h), labels.valid.to(h.device), labels.scores  # (B,), (B,), (2B,)
     kl = delta[torch.from_numpy(np.concatenate([pairs.route >= PP] * 2)).to(delta.device)]  # the rows sampled from pi_theta
@@ -53,7 +57,7 @@ def step_metrics(run, state, step, pairs, labels, h, delta, penalty, grad_norm, 
             "tie_rate": ties / queries if queries else None,  # of this step's oracle labels
             "grad_norm": grad_norm.item(), **revkl, **label_totals(run, state),
             "generated_tokens": int(generated), "trained_tokens": int(trained),
-            "dt": sum(times.values()), **{f"t_{k}": v for k, v in times.items()}}
+            "dt": dt, **{f"t_{k}": v for k, v in times.items()}}
 
 
 def label_totals(run, state):
@@ -72,17 +76,41 @@ def label_totals(run, state):
     return out
 
 
+PHASES = {}  # the seconds of each phase of the running step, from the @timed functions (Clock clears it)
+
+
+def timed(phase):
+    """Decorator: the function's wall time is added to `phase` of the step's metrics line (t_PHASE);
+    on CUDA, which runs asynchronously, after the GPU has finished. It changes nothing else."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def timed_fn(*args, **kwargs):
+            synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            synchronize()
+            PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - t0
+            return out
+        return timed_fn
+    return decorate
+
+
+def synchronize():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Clock:
-    """Wall time per phase of a step; CUDA runs asynchronously, so it waits for the GPU first."""
+    """The seconds of one step: its phases' (from @timed functions, in the order they first ran)
+    and the whole step's (dt)."""
 
     def __init__(self, device):
-        self.device, self.times, self.t0 = device, {}, time.perf_counter()
-
-    def lap(self, name):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self.t0
+        PHASES.clear()
         self.t0 = time.perf_counter()
+
+    def stop(self):
+        synchronize()
+        return dict(PHASES), time.perf_counter() - self.t0
 
 
 def open_metrics(cfg, step):

@@ -243,8 +243,9 @@ def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path, cache,
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
 
     monkeypatch.setattr(reward.GoldReward, "__call__", real_oracle)
-    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (torch.full((16,), float("inf"), requires_grad=True), None, None))
-    with pytest.raises(SystemExit, match=r"step 1: the loss is inf"):
+    real_loss = train.sail_loss
+    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("inf"), None, None))  # a loss of inf
+    with pytest.raises(SystemExit, match=r"step 1: the gradient norm is (nan|inf); stopped before the update"):
         train.main(train.parse_args(["--g", "1", "--out_dir", str(tmp_path / "b"), "--cache_dir", cache, "--sft_steps", "40"]))
 
 def test_a_run_continues_under_a_newer_option_only_at_its_default():
@@ -264,7 +265,7 @@ def test_a_run_continues_under_a_newer_option_only_at_its_default():
 def one_step_gradient(cache, method, grad_accum, monkeypatch):
     """The gradient of step 1 from a perturbed SFT policy, with the given micro-batches."""
     run, state = perturbed_run(cache, ["--method", *method.split(), "--grad_accum", str(grad_accum)])
-    row, (pairs, labels) = train.alignment_step(run, state, 1)
+    row, (pairs, labels) = train.train_step(run, state, 1)
     return row, gradient(run.policy), labels
 
 @pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "selm", "sail-pr --revkl 0.5"])
@@ -377,7 +378,7 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     assert torch.equal(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
     frozen = {n: p.detach().clone() for n, p in run.policy.named_parameters() if not p.requires_grad}
     for step in (1, 2, 3):
-        train.alignment_step(run, state, step)
+        train.train_step(run, state, step)
     # Gradients reached the adapters, A and B of every target module, and nothing else.
     grads = {n: p.grad for n, p in run.policy.named_parameters() if p.grad is not None}
     targets = models.LORA_TARGETS["gpt2" if arch == "embedded" else "gpt_neox"]
@@ -399,7 +400,7 @@ def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpo
             for n, p in run.policy.named_parameters():
                 if "lora_B" in n:
                     p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-        train.alignment_step(run, state, 1)
+        train.train_step(run, state, 1)
         grads.append(torch.cat([p.grad.flatten() for p in run.policy.parameters() if p.requires_grad]))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
