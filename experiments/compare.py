@@ -10,7 +10,8 @@ finished runs are reused, an interrupted one resumes. Writes results.md (means w
 over seeds; each row's gold reward against online DPO's and a suffixed row's against its own
 method's, paired by seed, with Holm's correction over the table), compare.json and four plots.
 A row is a method (train.METHODS) or one with a response term and a suffix of ROWS, which
-changes one thing, or a named few, from it; any row may end in a suffix of LABELLED (-rm, -rm512)
+changes one thing, or a named few, from it (-g1 and -gamma0 on sail-pr alone: ROW_METHODS); every
+row's settings pass train.py's checks before the first run starts; any row may end in a suffix of LABELLED (-rm, -rm512)
 to be labelled by a reward model fit for each seed instead of the gold reward. With
 --compare_betas every row runs at every beta (runs/sail/compare/ROW-betaB-seedS), and results.md
 compares the methods at equal KL and at equal gold labels instead (experiments/frontier.py), with
@@ -35,7 +36,7 @@ from experiments import frontier
 from plumbing.checkpoint import refuse_changed_settings
 from plumbing.distributed import pick_device
 from plumbing.models import proxy_labeller
-from plumbing.options import arg, check_values
+from plumbing.options import arg, check_config, check_values
 from plumbing.outputs import pyplot
 from sail import PP
 from extensions.step import EXPLORE
@@ -47,9 +48,13 @@ ROWS = {  # the compared rows' suffixes: what each changes from the method's own
     "-official-size": dict(response_term="official-size", ties="first"),  # -official with the exact sign: its size alone
     "-official-sign": dict(response_term="official-sign", ties="first"),  # -official at the exact size: its sign alone
     "-ties-first": dict(ties="first"),  # the exact term with the official tie handling (y1 chosen)
-    "-g1": dict(g=1.0),  # every pair online: purely online SAIL-PR (or SAIL-PP with p = g = 1, mix with g = 1)
-    "-gamma0": dict(gamma=0.0),  # no response term: the same routing, offline and online pairs trained by DPO alone
+    "-g1": dict(g=1.0),  # sail-pr only: every pair online, purely online SAIL-PR
+    "-gamma0": dict(gamma=0.0),  # sail-pr only: no response term, the same routing, its offline and online pairs trained by DPO alone
 }
+# The methods each suffix of ROWS means what it says on: g and gamma are SAIL-PR's alone (on sail-pp they
+# would change nothing; on mix, -gamma0 would keep SAIL-PP's response term and -g1 route with probabilities
+# that sum past 1); the official term and tie handling act on every method with a response term.
+ROW_METHODS = {"-g1": ("sail-pr",), "-gamma0": ("sail-pr",)}
 LABELLED = {  # any row above labelled by a proxy instead of the gold reward: a reward model fit for each seed (--proxy fit)
     "-rm": dict(proxy="fit", proxy_pairs=0),  # fit on every offline pair
     "-rm512": dict(proxy="fit", proxy_pairs=512),  # on the first 512: a weaker proxy (held-out accuracy ~0.8 on the embedded task)
@@ -70,7 +75,7 @@ class CompareOptions:
                                "sail-pp,sail-pp-official-sign,sail-pp-official-size,sail-pp-official,sail-dp,mix,selm,xpo",
                                "rows, comma-separated: methods, or a method with a response term and a suffix (ROWS): "
                                "-official (the official hook and tie handling), -official-size, -official-sign, -ties-first; "
-                               "-gamma0 (no response term), -g1; or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, "
+                               "sail-pr only: -gamma0 (no response term), -g1 (every pair online); or any method with a SAIL-RevKL suffix (REVKL_ROWS): -revkl, "
                                "-revkl0.01, -revkl0.1, -revkl-proxy, -revkl0.1-proxy, -revkl0.1-proxy-aligned; any row ending -rm "
                                "or -rm512: labelled by a reward model fit for each seed on all or 512 offline pairs (LABELLED)")
     compare_seeds: int = arg(5, "seeds per row (--seed, --seed + 1, ...)")
@@ -97,7 +102,8 @@ class CompareOptions:
         unknown = [m for m in self.compare_methods.split(",") if compare_row(m) is None]
         if unknown:
             problems.append(f"--compare_methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}, "
-                            f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(ROWS)}, or one of them with {', '.join(REVKL_ROWS)}")
+                            f"or one of {', '.join(OFFICIAL)} with a suffix {', '.join(s for s in ROWS if s not in ROW_METHODS)}, "
+                            f"or sail-pr with {', '.join(ROW_METHODS)}, or one of them with {', '.join(REVKL_ROWS)}")
         return problems
 
 
@@ -111,7 +117,7 @@ def compare_row(name):
     if name in METHODS:
         return name, {}
     for suffix in sorted(ROWS, key=len, reverse=True):
-        if name.endswith(suffix) and name.removesuffix(suffix) in OFFICIAL:
+        if name.endswith(suffix) and name.removesuffix(suffix) in ROW_METHODS.get(suffix, OFFICIAL):
             return name.removesuffix(suffix), ROWS[suffix]
     for suffix in sorted(REVKL_ROWS, key=len, reverse=True):
         if name.endswith(suffix) and name.removesuffix(suffix) in METHODS:
@@ -143,12 +149,13 @@ def compare(cfg, opts):
     import platform
 
     root = os.path.join(cfg.out_dir, "compare")
-    check_writable_dir(root)
     t0 = time.perf_counter()
     betas = opts.numbers("compare_betas")
     plan = [(m, b, cfg.seed + k) for m in opts.compare_methods.split(",") for b in betas or [cfg.beta] for k in range(opts.compare_seeds)]
     configs = {(m, b, seed): compare_config(cfg, m, seed, os.path.join(root, f"{m}-beta{b:g}-seed{seed}" if betas else f"{m}-seed{seed}"), beta=b)
                for m, b, seed in plan}
+    refuse_bad_rows(configs)  # every row checked as `python train.py` checks its options, before the first run
+    check_writable_dir(root)
     # The longest runs first (the exploring methods, then by their share of online pairs), so that
     # the workers finish together instead of one running the last long run alone.
     todo = sorted((c for c in configs.values() if not finished(c)),
@@ -199,6 +206,16 @@ def compare(cfg, opts):
     plot_compare(runs, root)
     print(f"compare: outputs in {root}/")
     return stats
+
+
+def refuse_bad_rows(configs):
+    """Each row's settings go through train.py's own checks (plumbing/options.check_config) before
+    any run starts: a row that `python train.py` would refuse stops the comparison at once, with one
+    line per problem naming the row, and nothing is run or written."""
+    problems = dict.fromkeys(f"--compare_methods row {row}: {p}" for (row, _, _), c in configs.items()
+                             for p in check_config(c, METHODS))
+    if problems:
+        raise SystemExit("\n".join(f"error: {p}" for p in problems))
 
 
 def compare_config(cfg, name, seed, out, beta):

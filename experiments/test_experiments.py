@@ -53,6 +53,45 @@ def test_compare_rows_change_what_their_suffix_names():
     assert compare.compare_row("dpo-official") is None and compare.compare_row("sail-pr-revkl0.2") is None
 
 
+def test_compare_row_suffixes_are_accepted_only_where_they_mean_what_they_say():
+    """-g1 and -gamma0 change SAIL-PR's g and gamma: on sail-pp they would change nothing (the same
+    runs under a new name), on mix -gamma0 would keep SAIL-PP's response term and -g1 route with
+    probabilities summing past 1; so they are refused there, and accepted on sail-pr (and labelled)."""
+    assert compare.compare_row("sail-pr-g1") == ("sail-pr", dict(g=1.0))
+    assert compare.compare_row("sail-pr-gamma0-rm512") == ("sail-pr", dict(gamma=0.0, proxy="fit", proxy_pairs=512))
+    for row in ("sail-pp-g1", "sail-pp-gamma0", "mix-g1", "mix-gamma0", "mix-g1-rm", "online-dpo-g1"):
+        assert compare.compare_row(row) is None, row
+    assert compare.compare_row("mix-official") == ("mix", dict(response_term="official", ties="first"))
+    with pytest.raises(SystemExit, match="unknown 'mix-g1'.*or sail-pr with -g1, -gamma0"):
+        train.cli(["--compare_methods", "online-dpo,mix-g1"], run=lambda *a: pytest.fail("ran"), extra=compare.CompareOptions)
+
+
+def test_every_compared_row_is_checked_as_train_py_checks_before_any_run(tmp_path):
+    """A row whose settings `python train.py` would refuse stops the comparison before its first
+    run, one line per problem naming the row, nothing written: here offline DPO with a prompt file
+    and a model but no pairs, beside online rows that are fine (sail-pr-g1 routes nothing offline)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    out = tmp_path / "out"
+    argv = ["--method", "online-dpo", "--model", str(tmp_path), "--prompts", str(prompts), "--out_dir", str(out),
+            "--compare_methods", "online-dpo,dpo,sail-pr-g1", "--compare_seeds", "2"]
+    with pytest.raises(SystemExit) as refused:
+        train.cli(argv, run=compare.compare, extra=compare.CompareOptions)
+    assert str(refused.value).splitlines() == ["error: --compare_methods row dpo: --method dpo trains on offline pairs: give --pairs"]
+    assert not out.exists()
+
+
+def test_a_proxy_runs_label_axis_is_its_gold_labels_not_its_queries(tmp_path):
+    """The compare history's label axis (equal-labels section): a proxy run is charged its gold
+    labels (its fit pairs and offline pairs), not the proxy's own queries."""
+    (tmp_path / "summary.json").write_text(json.dumps({"gold_reward_sft": 0.5, "proxy_reward_sft": 0.4}))
+    rows = [{"step": 1, "dt": 0.5, "oracle_queries": 40, "gold_labels": 684},
+            {"step": 2, "dt": 0.5, "oracle_queries": 80, "gold_labels": 700, "eval_reward": 1.0, "eval_kl": 2.0, "eval_proxy_reward": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history = compare.read_run("online-dpo-rm512", 0, tmp_path)["history"]
+    assert [h["labels"] for h in history] == [0, 700] and history[1]["seconds"] == 1.0
+
+
 def test_compare_runs_every_method_and_writes_table_json_plots(tmp_path, cache, few_eval_pairs):
     """`python -m experiments.compare`: every method, from one SFT model, resumable; also checks that
     each --method runs and counts its oracle labels."""

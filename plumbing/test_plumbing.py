@@ -203,6 +203,8 @@ def test_the_gold_labels_under_a_proxy_charge_its_fit_pairs_and_the_offline_pair
     assert outputs.label_totals(run, state) == {"oracle_queries": 15, "ties": 3, "gold_labels": 6}
     assert outputs.label_totals(SimpleNamespace(pair_labels=run.pair_labels, labeller=gold, gold=gold), state) == {"oracle_queries": 15, "ties": 3}
     assert outputs.label_totals(run, SimpleNamespace(used_pairs=set(), oracle_queries=10, ties=0))["gold_labels"] == 3  # the fit alone
+    # pair 2, the first one past the fit pairs, is charged when trained on (1 + 2 fit, + 1); pair 1, fit on, not again
+    assert outputs.label_totals(run, SimpleNamespace(used_pairs={1, 2}, oracle_queries=0, ties=0))["gold_labels"] == 4
 
 
 def test_same_seed_same_run(tmp_path, cache, few_eval_pairs):
@@ -498,3 +500,22 @@ def test_an_online_method_with_lora_under_two_ranks(tmp_path, checkpoints):
     assert all("lora_" in k for k in weights(out / "checkpoint", "adapter_model.safetensors"))
     sft, merged = weights(checkpoints.root / "gpt2"), weights(out / "policy")  # saved merged: W + (alpha / r) B A
     assert merged.keys() == sft.keys() and any(not torch.equal(merged[k], sft[k]) for k in sft)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation.py: the held-out prompts' two halves never share a prompt
+
+def test_the_evaluation_halves_split_by_prompt_with_several_samples_and_an_odd_count(cache):
+    """With 3 samples per held-out prompt and 5 prompts, the first half is the first 2 prompts' 6 rows,
+    the second the other 3 prompts' 9: no prompt's responses straddle the halves, so a checkpoint
+    chosen on one half and read on the other (experiments/frontier.py) is read on prompts it never saw."""
+    from plumbing.evaluation import halves, make_eval_set
+    cfg = train.parse_args(["--eval_samples", "3", "--cache_dir", cache, "--sft_steps", "40", "--max_new_tokens", "4"])
+    inputs = data.load_inputs(cfg)
+    inputs.eval_prompts, inputs.eval_pairs = inputs.eval_prompts[:5], None
+    run = train.setup_run(cfg, inputs, torch.device("cpu"))
+    eval_set = make_eval_set(run, inputs, train.reference_logps)
+    p = inputs.eval_prompts
+    assert eval_set.prompts == [x for x in p for _ in range(3)] and eval_set.cut == 6
+    assert not set(eval_set.prompts[:eval_set.cut]) & set(eval_set.prompts[eval_set.cut:])
+    assert halves(eval_set, x=torch.arange(15.0)) == {"x_a": 2.5, "x_b": 10.0}  # rows 0-5, rows 6-14
