@@ -30,12 +30,16 @@ import numpy as np
 CHOOSE, READ = "a", "b"  # the halves of the held-out prompts: the choice is made on one, the figure read on the other
 
 
+def within(points, budget, by):
+    """The checkpoints within the budget: by="kl", KL on the choosing half <= budget; by="labels",
+    oracle labels spent <= budget (the SFT model, step 0, is within every budget)."""
+    return [p for p in points if (p[f"eval_kl_{CHOOSE}"] if by == "kl" else p["labels"]) <= budget]
+
+
 def best_within(points, budget, by):
-    """Cross-fitted: among the checkpoints within the budget (by="kl": KL on the choosing half <=
-    budget; by="labels": oracle labels spent <= budget), the one with the highest gold reward on the
-    choosing half (the earliest on a tie); returns (its gold reward on the reading half, the point)."""
-    inside = [p for p in points if (p[f"eval_kl_{CHOOSE}"] if by == "kl" else p["labels"]) <= budget]
-    best = max(inside, key=lambda p: p[f"eval_reward_{CHOOSE}"])  # max keeps the first of equals
+    """Cross-fitted: among the checkpoints within the budget, the one with the highest gold reward
+    on the choosing half (the earliest on a tie); returns (its gold reward on the reading half, the point)."""
+    best = max(within(points, budget, by), key=lambda p: p[f"eval_reward_{CHOOSE}"])  # max keeps the first of equals
     return best[f"eval_reward_{READ}"], best
 
 
@@ -58,14 +62,16 @@ def labeller_of(row, suffixes):
     return next((x for x in suffixes if row.endswith(x)), "")
 
 
-def paired(found, b, rows):
+def paired(found, alone, b, rows):
     """Per seed that every row of `rows` ran: [each row's best gold reward within budget b]; None
-    where some pair of rows (0 and 1, 2 and 3) both hold only the SFT model within b, every seed:
-    that pair's difference is 0 by construction, so a comparison of two rows has nothing to test,
-    and an interaction would only repeat the other pair's test, negated (a proxy's fit labels
-    alone can exceed a label budget)."""
+    where some pair of rows (0 and 1, 2 and 3) both hold only the SFT model within b, every seed
+    (alone[row, b][seed]: no checkpoint but step 0 within b): that pair's difference is 0 by
+    construction, so a comparison of two rows has nothing to test, and an interaction would only
+    repeat the other pair's test, negated (a proxy's fit labels alone can exceed a label budget).
+    A pair that merely *chose* the SFT model at every seed, with later checkpoints within b, is
+    tested: that is a finding of the data, not a construction."""
     seeds = sorted(set.intersection(*(set(found[r, b]) for r in rows)))
-    at_sft = [all(found[r, b][s][1]["step"] == 0 for s in seeds) for r in rows]
+    at_sft = [all(alone[r, b][s] for s in seeds) for r in rows]
     if any(at_sft[k] and at_sft[k + 1] for k in range(0, len(rows), 2)):
         return None
     return [[found[r, b][s][0] for r in rows] for s in seeds]
@@ -79,20 +85,21 @@ def budget_section(runs, budgets, by, title, interval, t_test, holm, baseline="o
     interaction: (row - baseline) under the proxy minus the same under gold labels, paired by seed.
     Holm's correction is over every comparison of the section, interactions included."""
     rows = by_row_and_seed(runs)
-    found, tests = {}, {}
+    found, alone, tests = {}, {}, {}
     for b in budgets:
         for row, seeds in rows.items():
             found[row, b] = {s: best_within(points, b, by) for s, points in seeds.items()}
+            alone[row, b] = {s: all(p["step"] == 0 for p in within(points, b, by)) for s, points in seeds.items()}
         for row in rows:
             base = baseline + labeller_of(row, suffixes)
-            if row != base and base in rows and paired(found, b, [row, base]) is not None:
-                d = [x - y for x, y in paired(found, b, [row, base])]
+            if row != base and base in rows and paired(found, alone, b, [row, base]) is not None:
+                d = [x - y for x, y in paired(found, alone, b, [row, base])]
                 if len(d) >= 2:
                     tests["vs", row, b] = (*interval(d), t_test(d))
             gold = row.removesuffix(labeller_of(row, suffixes))
             quad = [row, base, gold, baseline]  # the row and its baseline under the proxy, then the same under gold labels
-            if gold != row and row != base and all(r in rows for r in quad) and paired(found, b, quad) is not None:
-                d = [(x - y) - (z - w) for x, y, z, w in paired(found, b, quad)]
+            if gold != row and row != base and all(r in rows for r in quad) and paired(found, alone, b, quad) is not None:
+                d = [(x - y) - (z - w) for x, y, z, w in paired(found, alone, b, quad)]
                 if len(d) >= 2:
                     tests["x", row, b] = (*interval(d), t_test(d))
     adjusted = holm({k: v[2] for k, v in tests.items()})

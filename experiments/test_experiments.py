@@ -184,6 +184,20 @@ def test_the_equal_budget_section_pairs_by_seed_with_holm_by_hand():
     assert "### Gold reward at equal KL" in lines and any(line.startswith("| sail-pr | 0.50 ± 0.00 (KL 0)") for line in lines)
 
 
+def test_a_comparison_is_skipped_only_where_the_sft_model_is_alone_within_the_budget():
+    """The skip rule tests what frontier.paired's docstring says: both rows hold *only* the SFT model
+    within the budget, every seed (0 by construction). Where both merely *chose* it, with a later
+    checkpoint within the budget that is worse on the choosing half, the comparison is a finding of
+    the data and is tested (here its differences are all 0: p = 1)."""
+    def run(row, seed, b):  # step 10 within KL 5, but worse than the SFT model on the choosing half
+        return {"method": row, "seed": seed, "beta": 0.1, "history": [point(0, 0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0),
+                                                                       point(10, 160, b, 0.1, b, 2.0, 2.0, 2.0)]}
+    runs = [run(row, s, v) for row in ("online-dpo", "sail-pr") for s, v in enumerate([1.0, 1.2, 0.9])]
+    _, tests = frontier.budget_section(runs, [1, 5], "kl", "Gold reward at equal KL", compare.interval, compare.t_test, compare.holm)
+    assert "sail-pr@1" not in tests  # within KL 1: the SFT model alone
+    assert tests["sail-pr@5"]["difference"] == 0.0 and tests["sail-pr@5"]["p"] == 1.0  # chosen, not alone: tested
+
+
 def test_the_method_by_labeller_interaction_is_paired_by_seed_by_hand():
     """Gold and proxy (-rm) rows of online DPO and SAIL-PR, 3 seeds, one evaluation each after the
     SFT model. A proxy row is compared with online-dpo-rm, a gold row with online-dpo, and the
