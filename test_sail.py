@@ -1382,7 +1382,7 @@ def test_one_alignment_step_by_hand(cache, method):
     # 1. routes and responses
     assert len(route) == B and ids.shape[0] == 2 * B and len(pairs.texts) == 2 * B
     dataset = np.flatnonzero(route <= sail.DP)
-    assert list(dataset) == list(range(len(dataset)))  # the dataset pairs first
+    assert list(dataset) == list(range(len(dataset))) and len(pairs.pair_ids) == len(dataset)  # the dataset pairs first
     for i, x in zip(dataset, [run.pairs[j] for j in pairs.pair_ids]):
         assert (pairs.prompts[i], pairs.texts[i], pairs.texts[B + i]) == (x["prompt"], x["chosen"], x["rejected"])
     online = np.flatnonzero(route >= sail.PP)
@@ -1424,6 +1424,43 @@ def test_one_alignment_step_by_hand(cache, method):
         p.grad = q.grad.clone()
     torch.optim.AdamW(before.parameters(), lr=1e-3, weight_decay=0.0).step()
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(run.policy.parameters(), before.parameters()))
+
+
+def test_the_step_clips_the_gradient_to_grad_clip(cache):
+    """--grad_clip c: the update is made with the gradient scaled to norm c; the step returns the norm before."""
+    run, state = perturbed_run(cache, ["--method", "mix", "--grad_clip", "0.001"])
+    grad_norm = train.alignment_step(run, state)[3]
+    assert grad_norm > 0.01 and gradient(run.policy).norm().item() == pytest.approx(0.001, rel=1e-4)
+
+
+def test_the_extended_step_is_taken_exactly_when_a_run_needs_it(cache):
+    """extensions/step.py's step for micro-batches, SELM, XPO, SAIL-RevKL, the official term and a
+    moving reference; train.alignment_step for the SAIL family on one device."""
+    for argv, needed in ((["--method", "mix"], False), (["--method", "dpo"], False), (["--g", "1"], False),
+                         (["--grad_accum", "2"], True), (["--method", "selm"], True), (["--method", "xpo"], True),
+                         (["--revkl", "0.1"], True), (["--response_term", "official-sign"], True), (["--ref_update_every", "5"], True)):
+        run, _ = perturbed_run(cache, argv)
+        assert extended.needed(run) == needed, argv
+
+
+def test_selms_loss_reference_is_its_last_iterate(cache):
+    """SELM (--ref_update_every 1): after each update the policy is copied into the loss's reference,
+    so step 2's Delta is the policy's log-ratio to step 1's policy, not to the SFT model, which stays
+    the yardstick (run.reference)."""
+    run, state = perturbed_run(cache, ["--method", "selm", "--ref_update_every", "1"])
+    sft = copy.deepcopy(run.reference)
+    train.train_step(run, state, 1)
+    state.step = 1
+    assert all(torch.equal(p, q) for p, q in zip(run.train_reference.parameters(), run.policy.parameters()))
+    last = copy.deepcopy(run.policy)
+    pairs, labels, delta, _ = extended.alignment_step(run, state, sail_step=train)
+    B = len(pairs.route)
+    with torch.no_grad():
+        rows = tuple(x[:2 * B] for x in pairs.batch)
+        own = sail.sequence_logps_of(last, *rows) - sail.sequence_logps_of(last, *rows)  # the policy before step 2, against itself
+        to_sft = sail.sequence_logps_of(last, *rows) - sail.sequence_logps_of(sft, *rows)
+    assert torch.allclose(delta, own, atol=1e-5) and not torch.allclose(delta, to_sft, atol=1e-3)
+    assert all(torch.equal(p, q) for p, q in zip(run.reference.parameters(), sft.parameters()))  # the yardstick never moves
 
 
 def test_each_routes_loss_and_self_labels_by_hand():
