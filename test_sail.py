@@ -38,6 +38,7 @@ from plumbing import models
 import sail
 from extensions import revkl as ext_revkl
 from extensions.official import RESPONSE_TERMS, official_sail_loss
+from extensions.official import response_scale as official_response_scale
 from extensions.selm import selm_loss
 from extensions.xpo import xpo_loss
 from sail import dpo_loss, leave_one_out_mean, sail_loss, sample, sample_token, sequence_logps
@@ -193,10 +194,9 @@ def test_official_ties_keep_the_sample_order_and_get_the_hook():
     assert labels["average"].y1_wins.tolist() == [False, False] and labels["average"].valid.tolist() == [False, True]
     assert labels["first"].y1_wins.tolist() == [True, False] and labels["first"].valid.tolist() == [True, True]
 
-    beta, coef, B = 0.5, 0.3, 2
-    run = SimpleNamespace(cfg=SimpleNamespace(method="sail-pr", beta=beta, response_term="official"), device=torch.device("cpu"),
-                          label_coefs=torch.zeros(4, dtype=torch.float64),
-                          response_coefs=B * coef * t([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    beta, coef, B = 0.5, 0.25, 2  # coef exact in float32, as train.coefficients makes it
+    run = SimpleNamespace(cfg=SimpleNamespace(method="sail-pr", beta=beta, response_term="official", rho=0.0, pi=0.0, gamma=coef,
+                                              response_scale=0.1, batch_size=B), device=torch.device("cpu"), world=1)
     theta0 = t([0.3, -0.8, 1.1, 0.4], dtype=torch.float64)  # rows y1 of both pairs, then y2
     ref = t([-2.5, -3.0, -2.0, -4.0], dtype=torch.float64)
 
@@ -664,8 +664,9 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
     theta, L_ref = tabular(seed=3)
     r = t([0.3, -1.2, 0.8, 0.8], dtype=torch.float64)
     route = np.array([sail.OFFLINE, sail.PR, sail.PR])
-    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact"),
-                          device=torch.device("cpu"), response_coefs=t([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+    run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, method="sail-pr", beta=beta, response_term="exact", rho=0.0, pi=1.0,
+                                              gamma=1.0, response_scale=1.0), device=torch.device("cpu"))
+    response_coefs = train.coefficients(run.cfg)[1].double()  # (0, 0, 1, 1)
 
     def batch(L, i1, j1, i2, j2):
         """(y1, y2) of the three pairs: the offline pair is (0, 1), labelled 0 > 1."""
@@ -684,7 +685,7 @@ def test_leave_one_out_baselines_of_train_py_keep_the_gradient_exact(pool):
             if surrogate:
                 labels = SimpleNamespace(y1_wins=wins, valid=valid)
                 b = train.response_baselines(run, SimpleNamespace(route=route), labels, (L[rows] - L_ref[rows]).detach())
-                loss = sail_loss(w[0], w[1], l[0], l[1], beta, response_coef=run.response_coefs[t(route)], baseline=b,
+                loss = sail_loss(w[0], w[1], l[0], l[1], beta, response_coef=response_coefs[t(route)], baseline=b,
                                  valid=valid)[0]
                 total = total + q.detach() * loss.mean()
             else:
@@ -1324,13 +1325,12 @@ def test_response_coefficients_of_each_term(cache):
     official sign's; the official sizes' are summed over the batch, so they carry its size."""
     common = ["--method", "mix", "--batch_size", "8", "--cache_dir", cache, "--sft_steps", "40",
               "--rho", "0.11", "--pi", "0.23", "--gamma", "0.37", "--response_scale", "0.5"]
-    inputs = data.load_inputs(train.parse_args(common))
-    runs = {term: train.setup_run(train.parse_args(common + ["--response_term", term]), inputs, torch.device("cpu"))
-            for term in RESPONSE_TERMS}
-    for term, run in runs.items():
-        assert run.label_coefs.tolist() == pytest.approx([0, 0.11, 0.23, 0])
+    for term in RESPONSE_TERMS:
+        cfg = train.parse_args(common + ["--response_term", term])
+        label, response = train.coefficients(cfg, official_response_scale(cfg, 1))
+        assert label.tolist() == pytest.approx([0, 0.11, 0.23, 0])
         scale = 8 if term in ("official", "official-size") else 0.5
-        assert run.response_coefs.tolist() == pytest.approx([0, 0, scale * 0.23, scale * 0.37]), term
+        assert response.tolist() == pytest.approx([0, 0, scale * 0.23, scale * 0.37]), term
 
 
 @pytest.mark.parametrize("method", ["dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp", "mix", "selm", "xpo"])
@@ -1469,8 +1469,8 @@ def test_each_routes_loss_and_self_labels_by_hand():
     -l - rho l^2 / 2; SAIL-PP -l - pi l^2 / 2 + s pi (-l - b)(L_w + L_l); SAIL-PR
     -l + s gamma (-l - b)(L_w + L_l), with l = log sigmoid(beta h) of the labelled order."""
     beta, rho, pi, gamma, s = 0.5, 0.11, 0.23, 0.37, 0.5
-    run = SimpleNamespace(cfg=SimpleNamespace(method="mix", beta=beta, response_term="exact"), device=torch.device("cpu"),
-                          label_coefs=t([0.0, rho, pi, 0.0]), response_coefs=s * t([0.0, 0.0, pi, gamma]))
+    run = SimpleNamespace(cfg=SimpleNamespace(method="mix", beta=beta, response_term="exact", rho=rho, pi=pi, gamma=gamma,
+                                              response_scale=s), device=torch.device("cpu"))
     route = np.array([sail.OFFLINE, sail.DP, sail.PP, sail.PR])
     pairs = SimpleNamespace(route=route)
     logps = t([-3.0, -4.0, -5.0, -6.0, -7.0, -2.0, -9.0, -4.5])  # y1 of the 4 pairs, then y2
@@ -1526,8 +1526,8 @@ def test_the_loo_baseline_pools_only_the_pairs_with_a_response_term():
     labels = SimpleNamespace(y1_wins=t([True] * 5), valid=t([True] * 5))
     cost = [math.log1p(math.exp(-beta * (delta[i] - delta[5 + i]).item())) for i in range(5)]  # -l = log(1 + e^(-beta h))
     for pool, members in (("loo", [2, 3, 4]), ("loo-all", [0, 1, 2, 3, 4])):
-        run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, beta=beta, response_term="exact"), device=torch.device("cpu"),
-                              response_coefs=t([0.0, 0.0, 0.02, 0.03]))
+        run = SimpleNamespace(cfg=SimpleNamespace(baseline=pool, beta=beta, response_term="exact", method="mix", rho=0.2, pi=0.2,
+                                                  gamma=0.3, response_scale=0.1), device=torch.device("cpu"))
         b = train.response_baselines(run, SimpleNamespace(route=route), labels, delta)
         expected = [sum(cost[j] for j in members if j != i) / len([j for j in members if j != i]) for i in range(5)]
         assert b.tolist() == pytest.approx(expected, abs=1e-6), pool

@@ -40,7 +40,6 @@ from transformers.utils import logging as hf_logging
 
 import data
 import reward
-from extensions import official
 from extensions import step as extended
 from plumbing import checkpoint, distributed, models, options, outputs
 from plumbing.checkpoint import State, stream_seeds
@@ -91,18 +90,20 @@ METHODS = {  # method -> probabilities of the routes (OFFLINE, DP, PP, PR), as i
 NO_RESPONSE_TERM = ("online-dpo", "selm", "xpo")  # plain DPO on their online pairs: gamma = 0
 
 
-def coefficients(cfg, response_scale):
+def coefficients(cfg, response_scale=None):
     """Each route's (OFFLINE, DP, PP, PR) label- and response-term coefficients, (4,) each: the label
     term rho on SAIL-DP pairs and pi on SAIL-PP pairs; the response term pi on SAIL-PP pairs and gamma
-    on SAIL-PR pairs, times response_scale (--response_scale); an offline pair's are 0 (DPO)."""
+    on SAIL-PR pairs, times --response_scale (or response_scale: the official code's term has its
+    own, extensions/official.py); an offline pair's are 0: plain DPO."""
     gamma = 0.0 if cfg.method in NO_RESPONSE_TERM else cfg.gamma
-    return torch.tensor([0.0, cfg.rho, cfg.pi, 0.0]), response_scale * torch.tensor([0.0, 0.0, cfg.pi, gamma])
+    scale = cfg.response_scale if response_scale is None else response_scale
+    return torch.tensor([0.0, cfg.rho, cfg.pi, 0.0]), scale * torch.tensor([0.0, 0.0, cfg.pi, gamma])
 
 
 # -----------------------------------------------------------------------------
 # ONE SAIL STEP, on one device, in the paper's order: `alignment_step` (the end of this section)
-# calls the functions above it. They read `run` (plumbing/models.Run: run.policy; run.reference, its
-# frozen SFT copy; run.labeller; each route's probability and coefficients) and `state`
+# calls the functions above it. They read `run` (plumbing/models.Run: run.cfg, the Config above;
+# run.policy; run.reference, its frozen SFT copy; run.labeller, the oracle) and `state`
 # (plumbing/checkpoint.State: the random streams). @timed(phase) adds a function's seconds to its
 # phase of the metrics line (plumbing/outputs.py); it changes nothing else.
 
@@ -110,7 +111,8 @@ def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
     (offline DPO, SAIL-DP) or a training prompt (SAIL-PP, SAIL-PR). Returns the routes (B,), sorted
     so that the dataset pairs come first, the dataset pairs' ids and the online pairs' prompt ids."""
-    route = np.sort(state.route_rng.choice(4, size=B, p=run.route_probs))  # (B,) OFFLINE < DP < PP < PR
+    probs = np.clip(METHODS[run.cfg.method](run.cfg), 0, 1)  # (4,) the routes OFFLINE, DP, PP, PR (sail.py)
+    route = np.sort(state.route_rng.choice(4, size=B, p=probs))  # (B,) OFFLINE < DP < PP < PR
     n_dataset = int((route <= DP).sum())  # offline DPO and SAIL-DP pairs are the dataset's
     return route, state.pair_stream.next(n_dataset), state.prompt_stream.next(B - n_dataset)
 
@@ -200,18 +202,19 @@ def response_baselines(run, pairs, labels, delta):
     if run.cfg.baseline == "none":
         return None
     cost = -pair_value(margin(labels, delta), run.cfg.beta, labels.valid.to(run.device))  # (B,) -v
-    route = torch.from_numpy(pairs.route).to(run.device)
-    return leave_one_out_mean(cost, None if run.cfg.baseline == "loo-all" else run.response_coefs[route] > 0)
+    has_term = coefficients(run.cfg)[1][pairs.route] > 0  # (B,) the pairs with a response term
+    return leave_one_out_mean(cost, None if run.cfg.baseline == "loo-all" else has_term.to(run.device))
 
 
 def pair_losses(run, route, y1_wins, valid, baseline, logps, ref):
     """SAIL's surrogate loss of each pair (B,), with its route's coefficients (an offline pair's are
-    0: DPO). route, y1_wins, valid: (B,); baseline: (B,) or None; logps, ref: (2B,) y1 rows, then y2."""
-    y1_wins, valid, route = y1_wins.to(run.device), valid.to(run.device), torch.from_numpy(route).to(run.device)  # (B,) each
+    0: DPO). route, y1_wins, valid: (B,); baseline: (B,) or None; logps, ref: (2B,) y1 rows, then y2.
+    Per route: offline -l; SAIL-DP -l - rho l^2/2; SAIL-PP -l - pi l^2/2 + s pi sg(-l - b)(L_w + L_l);
+    SAIL-PR -l + s gamma sg(-l - b)(L_w + L_l), s = --response_scale (sail.sail_loss)."""
+    y1_wins, valid = y1_wins.to(run.device), valid.to(run.device)  # (B,) each
+    label_coef, response_coef = (c[route].to(run.device) for c in coefficients(run.cfg))  # (B,) each, by route
     pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), run.cfg.beta)  # (policy w, l, reference w, l): (B,) each
-    # label coefficients per route (0, rho, pi, 0), response (0, 0, pi, gamma) x --response_scale (`coefficients`)
-    return sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
-                     baseline=baseline, valid=valid)[0]  # (B,)
+    return sail_loss(*pair, label_coef=label_coef, response_coef=response_coef, baseline=baseline, valid=valid)[0]  # (B,)
 
 
 @timed("policy")
@@ -306,13 +309,12 @@ def evaluate(run, eval_set, sft_rewards):
 # The run: inputs, models, the SFT baseline, the loop, the summary
 
 def setup_run(cfg, inputs, device, rank=0, world=1):
-    """The models (plumbing/models.py) and what the step needs of the method: each route's
-    probability, and each term's coefficient per route (`coefficients`; the official code's term
-    has its own size, extensions/official.py)."""
-    label_coefs, response_coefs = coefficients(cfg, official.response_scale(cfg, world))
-    return models.setup_run(cfg, inputs, device, rank, world, route_probs=np.clip(METHODS[cfg.method](cfg), 0, 1),
-                            label_coefs=label_coefs.to(device), response_coefs=response_coefs.to(device),
-                            ref_every=cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0))
+    """The models (plumbing/models.py): the policy, its frozen reference, the oracle, the optimiser;
+    SELM: how often its training reference becomes the policy (ref_every)."""
+    run = models.setup_run(cfg, inputs, device, rank, world,
+                           ref_every=cfg.ref_update_every if cfg.ref_update_every >= 0 else (cfg.steps // 3 if cfg.method == "selm" else 0))
+    print(f"method: {cfg.method} | routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in np.clip(METHODS[cfg.method](cfg), 0, 1))}")
+    return run
 
 
 def main(cfg):

@@ -152,8 +152,7 @@ def time_samplers(run, prompt_ids, prompt_mask, n_new, reps):
 def time_steps(run, inputs, reps):
     """(2) and (3): median seconds per phase of the loop's step, {"ours", "generate", "dpo"} ->
     {phase: seconds}: with each sampler, and online DPO's step on the same pairs as "ours"."""
-    dpo = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, method="online-dpo"),
-                              response_coefs=torch.zeros_like(run.response_coefs))
+    dpo = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, method="online-dpo"))  # the same routes, gamma 0
     plan = {"ours": (run, fixed_length_sample), "generate": (run, fixed_length_generate), "dpo": (dpo, fixed_length_sample)}
     states = {k: State.new(run.cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in plan}
     times, trained = {k: [] for k in plan}, []

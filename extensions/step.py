@@ -20,7 +20,7 @@ no part of the algorithm is written twice, and on a plain run both steps give th
 """
 import torch
 
-from extensions.official import has_baseline, official_sail_loss
+from extensions.official import has_baseline, official_sail_loss, response_scale
 from extensions.revkl import revkl_backward
 from extensions.selm import selm_bonus
 from extensions.xpo import xpo_bonus
@@ -121,7 +121,8 @@ def pair_losses(run, sail_step, pairs, labels, baseline, idx, logps, ref):
     else:  # official.py: train.pair_losses with the official code's term
         y1_wins, valid, route = y1_wins.to(run.device), valid.to(run.device), torch.from_numpy(route).to(run.device)
         pair = (*sail_step.order_pairs(y1_wins, logps), *sail_step.order_pairs(y1_wins, ref), cfg.beta)
-        losses = official_sail_loss(*pair, label_coef=run.label_coefs[route], response_coef=run.response_coefs[route],
+        label_coef, response_coef = (c.to(run.device)[route] for c in sail_step.coefficients(cfg, response_scale(cfg, run.world)))
+        losses = official_sail_loss(*pair, label_coef=label_coef, response_coef=response_coef,
                                     baseline=baseline, valid=valid, variant=cfg.response_term)[0]  # (m,)
     if cfg.method == "selm":  # alpha beta Delta(y~) on the reference's greedy response
         losses = losses + selm_bonus(explore_logps, explore_ref, cfg.beta, cfg.selm_alpha)

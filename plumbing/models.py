@@ -31,8 +31,8 @@ class Run:
     SELM's train_reference); `main` wraps the policy in DDP, the benchmark swaps the sampler."""
     cfg: object                       # train.Config
     policy: torch.nn.Module           # the model being aligned
-    reference: torch.nn.Module        # its frozen SFT copy: the loss's reference and the yardstick of KL
-    train_reference: torch.nn.Module  # the loss's reference: `reference`, or SELM's own (the last iterate)
+    reference: torch.nn.Module        # its frozen SFT copy: train.py's loss's reference, and the yardstick of KL
+    train_reference: torch.nn.Module  # extensions/step.py's loss's reference: `reference`, or SELM's last iterate
     tokenizer: object
     labeller: object                  # texts -> rewards: who labels online pairs (`gold`, or --proxy)
     gold: object                      # texts -> rewards: the oracle, evaluation's yardstick (the gold reward, or --reward_model)
@@ -44,9 +44,6 @@ class Run:
     amp: object                       # bf16 autocast where supported, else a no-op
     ref_amp: object
     pair_labels: np.ndarray           # per offline pair: the oracle labels its dataset spent on it (ties included)
-    route_probs: np.ndarray           # probabilities of (offline, SAIL-DP, SAIL-PP, SAIL-PR)
-    label_coefs: torch.Tensor         # per route: label-term coefficient
-    response_coefs: torch.Tensor      # per route: response-term coefficient
     ref_every: int                    # SELM: copy the policy into train_reference every this many steps (0: never)
     sft_seconds: float = 0.0
     rank: int = 0
@@ -59,9 +56,9 @@ class Run:
             self.train_policy = self.policy
 
 
-def setup_run(cfg, inputs, device, rank=0, world=1, *, route_probs, label_coefs, response_coefs, ref_every):
-    """The oracle, the SFT policy, its frozen reference and the optimiser, in a Run with what the
-    step needs of the method (train.setup_run: route_probs, label_coefs, response_coefs, ref_every)."""
+def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
+    """The oracle, the SFT policy, its frozen reference and the optimiser, in a Run; ref_every: SELM's
+    moving reference, copied from the policy every this many steps (0: never)."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
     oracle = reward.GoldReward()  # the yardstick, and the labeller unless --proxy
@@ -93,13 +90,11 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, route_probs, label_coefs,
               train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
               ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
               pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
-              route_probs=route_probs, label_coefs=label_coefs, response_coefs=response_coefs,
               ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
     lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
           f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'}"
-          f"{' (the yardstick; labeller: the proxy)' if cfg.proxy else ''} | method: {cfg.method} | "
-          f"routing offline/DP/PP/PR = {'/'.join(f'{x:g}' for x in run.route_probs)}")
+          f"{' (the yardstick; labeller: the proxy)' if cfg.proxy else ''}")
     data.check_lengths(cfg, inputs, getattr(policy.config, "max_position_embeddings", None), tokenizer)
     return run
 
