@@ -4,10 +4,10 @@ Large Language Models", arXiv 2406.15567), as short pure functions on tensors.
 
   sequence_logps      L(y) = log pi(y | x), summed over the response tokens
   pair_value          what a pair is worth in J: l = log sigmoid(beta h), or a tie's fair-coin value
-  dpo_loss            the DPO loss (Rafailov et al. 2023, eq. 7)
   sail_loss           SAIL's surrogate: DPO + the label term + the response term (below)
   leave_one_out_mean  the response term's baseline
   sample              policy sampling with the model's KV cache, in plain PyTorch
+  dpo_loss            the DPO loss alone (Rafailov et al. 2023, eq. 7), after the step's functions
 
 With Delta(y) = L_theta(y) - L_ref(y), a pair's margin h = Delta(y_w) - Delta(y_l) and
 l = log sigmoid(beta h), SAIL maximises J(theta) = E_{x, y1, y2 ~ pi_theta, (y_w, y_l) ~ labeller}[l].
@@ -29,8 +29,9 @@ Departures from the paper and the official code:
      |log pi(y)|, is kept for comparison as extensions/official.py).
   2. An optional baseline b, independent of the pair's own responses, is subtracted in the response
      term: the expected gradient is unchanged and its variance lower. The paper has none.
-  3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`) in all three terms,
-     so the gradient is exact for the Bradley-Terry J.
+  3. A tie is worth its expectation over Bradley-Terry's fair coin (`pair_value`) in DPO's term and
+     the response term (it has no label drawn, so no label term): the gradient is exact for the
+     Bradley-Terry J.
   4. Log-probs are the untempered policy's (temperature 1): with another sampling temperature the
      response term is an approximation (the paper samples at 0.9).
 """
@@ -80,20 +81,7 @@ def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.
     return sequence_logps(logits_of(model, ids, attention_mask, amp, keep=min(T, T - first + 1)), ids, response_mask)  # (B,)
 
 
-def disable_dropout(model):
-    """Dropout off: with it, the policy's and the reference's log-probs of the same text would
-    disagree at initialisation and h would be noisy; DPO implementations switch it off."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 OFFLINE, DP, PP, PR = range(4)  # the routes a pair can take: offline DPO, SAIL-DP, SAIL-PP, SAIL-PR
-
-
-def accuracy(h):
-    """Per pair: 1 if the implicit reward prefers the chosen response (h > 0), 0.5 on a tie (h = 0)."""
-    return (h > 0).float() + 0.5 * (h == 0).float()
 
 
 def pair_value(h, beta, valid=None):
@@ -111,27 +99,14 @@ def pair_value(h, beta, valid=None):
     return torch.where(valid, ell, 0.5 * (ell + F.logsigmoid(-beta * h)))  # (B,) a tie: the mean over its two labels
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-             valid=None):
-    """DPO loss per pair.
-
-    Each *_logps argument: (B,) summed response log-probs (sequence_logps). beta: KL strength.
-    valid: None or (B,) bool, False for a tied label: its loss is minus its pair_value (the fair coin).
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
-    rewards beta * Delta(y), detached.
-    """
-    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
-    losses = -pair_value(h, beta, valid)  # DPO eq. 7: -log sigmoid(beta * h)
-    return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                       reference_rejected_logps, beta))
-
-
 def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
               label_coef=0.0, response_coef=0.0, baseline=None, valid=None):
     """SAIL's surrogate loss per pair: minus the three terms of grad J (module docstring),
     E[grad l] + label_coef * E[l grad l] + response_coef * E[l grad(L(y1) + L(y2))], written so that
-    autograd gives them; with label_coef = response_coef = 1 its expected gradient is -grad J, with
-    both 0 it is DPO.
+    autograd gives them. With each coefficient 1 where its draw depends on theta (label: self-labels;
+    response: responses sampled from pi_theta) and 0 elsewhere, its expected gradient is -grad J;
+    with other coefficients, minus a weighted sum of the three terms, DPO's with weight 1; with both
+    0 it is DPO.
 
     Each *_logps argument: (B,) summed response log-probs. beta: KL strength.
     label_coef: float or (B,), weight of the label term (self-labelled pairs: SAIL-PP, SAIL-DP).
@@ -139,8 +114,8 @@ def sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     baseline: None, float or (B,), an estimate of E[-v] (v = pair_value) independent of each pair's
       own responses; it leaves the expected gradient unchanged and lowers its variance.
     valid: None or (B,) bool, False for a tied hard label: the pair is worth its expectation over
-      Bradley-Terry's fair coin (pair_value) in all three terms, so the gradient stays exact for
-      that J. (A tie has no label drawn from sigmoid(beta h), so it has no label term.)
+      Bradley-Terry's fair coin (pair_value) in DPO's term and the response term, so the gradient
+      stays exact for that J (a tie has no label drawn from sigmoid(beta h), so no label term).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
@@ -219,6 +194,39 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     ids = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1)  # (B, Tp + n)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + n) after-EOS padding masked
     return ids, attention_mask, torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Off the step's path: DPO's loss on its own (sail_loss with both coefficients 0 is DPO), and
+# helpers of the evaluation and the set-up
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+             valid=None):
+    """DPO loss per pair.
+
+    Each *_logps argument: (B,) summed response log-probs (sequence_logps). beta: KL strength.
+    valid: None or (B,) bool, False for a tied label: its loss is minus its pair_value (the fair coin).
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
+    rewards beta * Delta(y), detached.
+    """
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)  # (B,)
+    losses = -pair_value(h, beta, valid)  # DPO eq. 7: -log sigmoid(beta * h)
+    return (losses, *_implicit_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                       reference_rejected_logps, beta))
+
+
+def accuracy(h):
+    """Per pair: 1 if the implicit reward prefers the chosen response (h > 0), 0.5 on a tie (h = 0)."""
+    return (h > 0).float() + 0.5 * (h == 0).float()
+
+
+def disable_dropout(model):
+    """Dropout off: with it, the policy's and the reference's log-probs of the same text would
+    disagree at initialisation and h would be noisy; DPO implementations switch it off."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 

@@ -1438,9 +1438,12 @@ def test_the_extended_step_is_taken_exactly_when_a_run_needs_it(cache):
     moving reference; train.alignment_step for the SAIL family on one device."""
     for argv, needed in ((["--method", "mix"], False), (["--method", "dpo"], False), (["--g", "1"], False),
                          (["--grad_accum", "2"], True), (["--method", "selm"], True), (["--method", "xpo"], True),
-                         (["--revkl", "0.1"], True), (["--response_term", "official-sign"], True), (["--ref_update_every", "5"], True)):
-        run, _ = perturbed_run(cache, argv)
+                         (["--revkl", "0.1"], True), (["--response_term", "official-sign"], True)):
+        run = SimpleNamespace(cfg=train.parse_args(argv), world=1, ref_every=0)
         assert extended.needed(run) == needed, argv
+    assert extended.needed(SimpleNamespace(cfg=train.parse_args([]), world=2, ref_every=0))  # torchrun
+    run, _ = perturbed_run(cache, ["--ref_update_every", "5"])  # a moving reference (train.setup_run sets ref_every)
+    assert run.ref_every == 5 and extended.needed(run)
 
 
 def test_selms_loss_reference_is_its_last_iterate(cache):

@@ -111,7 +111,7 @@ def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
     (offline DPO, SAIL-DP) or a training prompt (SAIL-PP, SAIL-PR). Returns the routes (B,), sorted
     so that the dataset pairs come first, the dataset pairs' ids and the online pairs' prompt ids."""
-    probs = np.clip(METHODS[run.cfg.method](run.cfg), 0, 1)  # (4,) the routes OFFLINE, DP, PP, PR (sail.py)
+    probs = np.clip(METHODS[run.cfg.method](run.cfg), 0, 1)  # (4,) OFFLINE, DP, PP, PR (1 - r - p - g may round below 0)
     route = np.sort(state.route_rng.choice(4, size=B, p=probs))  # (B,) OFFLINE < DP < PP < PR
     n_dataset = int((route <= DP).sum())  # offline DPO and SAIL-DP pairs are the dataset's
     return route, state.pair_stream.next(n_dataset), state.prompt_stream.next(B - n_dataset)
@@ -124,18 +124,18 @@ def build_pairs(run, state, B):
     data.Pairs: its batch holds y1 of every pair in rows 0..B-1 and y2 in rows B..2B-1."""
     cfg, tok, device = run.cfg, run.tokenizer, run.device
     route, pair_ids, prompt_ids = draw_routes(run, state, B)
-    dataset = [run.pairs[i] for i in pair_ids]
-    n = len(dataset)  # the dataset pairs come first, then B - n online pairs
+    dataset, n = [run.pairs[i] for i in pair_ids], len(pair_ids)  # the dataset pairs come first, then B - n online pairs
     prompts = [x["prompt"] for x in dataset] + [run.train_prompts[i] for i in prompt_ids]
-    y1, y2 = [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]  # texts; a dataset pair's y1 is its chosen
+    y1, y2 = [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]  # texts; a dataset y1 is its chosen
     rows1, rows2, generated = [], [], 0  # blocks of rows (ids, attention_mask, response_mask) of y1, of y2
     if n:
-        ds = data.encode_responses(tok, prompts[:n] * 2, y1 + y2, cfg.max_prompt_len, cfg.max_new_tokens)  # (2n, T) each
+        ds = data.encode_responses(tok, prompts[:n] * 2, y1 + y2, cfg.max_prompt_len, cfg.max_new_tokens)  # (2n, T)
         rows1.append(tuple(t[:n].to(device) for t in ds))
         rows2.append(tuple(t[n:].to(device) for t in ds))
     if n < B:
-        x, x_mask = (t.to(device) for t in data.encode_prompts(tok, prompts[n:] * 2, cfg.max_prompt_len))  # (2(B-n), Tp) each prompt twice
-        online = sample_responses(run, run.policy, x, x_mask, cfg.temperature, state.sampling_gen, run.amp)  # y1, y2 ~ pi_theta
+        x, x_mask = (t.to(device) for t in data.encode_prompts(tok, prompts[n:] * 2, cfg.max_prompt_len))  # (2(B-n), Tp)
+        # y1, y2 ~ pi_theta: sail.sample, the policy in eval mode (plumbing/models.sample_responses)
+        online = sample_responses(run, run.policy, x, x_mask, cfg.temperature, state.sampling_gen, run.amp)
         rows1.append(tuple(t[:B - n] for t in online))
         rows2.append(tuple(t[B - n:] for t in online))
         texts = data.decode(tok, online[0], online[2])
@@ -149,13 +149,16 @@ def oracle_labels(run, state, pairs):
     """Bradley-Terry labels from the labeller (the oracle, or --proxy) for the SAIL-PR pairs: one
     query each, a tie too; every other pair keeps y1 as its winner here."""
     B = len(pairs.route)
-    labels = reward.Labels(torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool), torch.full((2 * B,), float("nan")))
+    labels = reward.Labels(y1_wins=torch.ones(B, dtype=torch.bool), valid=torch.ones(B, dtype=torch.bool),
+                           scores=torch.full((2 * B,), float("nan")))  # (B,), (B,), (2B,)
     idx = torch.nonzero(torch.from_numpy(pairs.route == PR)).squeeze(1)  # (n_pr,)
     if len(idx):
-        r = run.labeller([pairs.prompts[i] for i in idx] * 2, [pairs.texts[i] for i in idx] + [pairs.texts[B + i] for i in idx])
+        y1, y2 = [pairs.texts[i] for i in idx], [pairs.texts[B + i] for i in idx]
+        r = run.labeller([pairs.prompts[i] for i in idx] * 2, y1 + y2)  # (2 n_pr,) one reward per text
         r1, r2 = r[:len(idx)], r[len(idx):]  # (n_pr,) each
         labels.scores[idx], labels.scores[B + idx] = r1, r2
-        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, run.cfg.label_mode, state.label_gen, run.cfg.ties)
+        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, run.cfg.label_mode, state.label_gen,
+                                                                            run.cfg.ties)
         labels.queries = len(idx)
         labels.ties = int((r1 == r2).sum()) if run.cfg.label_mode == "hard" else 0  # sampled: every pair gets a label
     return labels
@@ -202,7 +205,7 @@ def response_baselines(run, pairs, labels, delta):
     if run.cfg.baseline == "none":
         return None
     cost = -pair_value(margin(labels, delta), run.cfg.beta, labels.valid.to(run.device))  # (B,) -v
-    has_term = coefficients(run.cfg)[1][pairs.route] > 0  # (B,) the pairs with a response term
+    has_term = coefficients(run.cfg)[1][pairs.route] > 0  # (B,) the pairs with a response term: SAIL-PP, SAIL-PR
     return leave_one_out_mean(cost, None if run.cfg.baseline == "loo-all" else has_term.to(run.device))
 
 
@@ -213,8 +216,8 @@ def pair_losses(run, route, y1_wins, valid, baseline, logps, ref):
     SAIL-PR -l + s gamma sg(-l - b)(L_w + L_l), s = --response_scale (sail.sail_loss)."""
     y1_wins, valid = y1_wins.to(run.device), valid.to(run.device)  # (B,) each
     label_coef, response_coef = (c[route].to(run.device) for c in coefficients(run.cfg))  # (B,) each, by route
-    pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), run.cfg.beta)  # (policy w, l, reference w, l): (B,) each
-    return sail_loss(*pair, label_coef=label_coef, response_coef=response_coef, baseline=baseline, valid=valid)[0]  # (B,)
+    pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), run.cfg.beta)  # policy w, l, reference w, l: (B,)
+    return sail_loss(*pair, label_coef=label_coef, response_coef=response_coef, baseline=baseline, valid=valid)[0]
 
 
 @timed("policy")
