@@ -1349,7 +1349,7 @@ def test_every_methods_routes_and_coefficients(method):
     assert response.tolist() == pytest.approx([0, 0, 0.5 * 0.23, 0.5 * gamma])
 
 
-@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "dpo"])
+@pytest.mark.parametrize("method", ["mix --r 0.25 --p 0.25 --g 0.5", "dpo"])  # the mixture: every route
 def test_the_extended_step_is_the_sail_step_on_a_plain_run(cache, method):
     """extensions/step.py's step with nothing to add (one device, one micro-batch, no extension) gives
     train.alignment_step's bits: the same pairs, labels, Delta, gradient and updated weights."""

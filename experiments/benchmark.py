@@ -37,9 +37,10 @@ class BenchOptions:
                                        "(no download): gpt2, gpt2-medium, pythia-160m, pythia-410m")
     bench_batch_size: int = arg(16, "prompts per step (two responses each)")
     bench_new_tokens: int = arg(32, "tokens sampled per response (every row gets exactly this many)")
+    bench_variance_steps: int = arg(50, "embedded: training steps before the gradient variance is measured a second time")
 
     def problems(self):
-        return check_values(self, [(lambda x: x >= 1, ">= 1", ["bench_reps", "bench_batch_size", "bench_new_tokens"])],
+        return check_values(self, [(lambda x: x >= 1, ">= 1", ["bench_reps", "bench_batch_size", "bench_new_tokens", "bench_variance_steps"])],
                             {"bench_model": ("embedded",) + tuple(n for n in STAND_INS if STAND_INS[n].labels is None)})
 
 
@@ -65,7 +66,8 @@ def benchmark(cfg, opts):
     prompts = data.encode_prompts(run.tokenizer, (inputs.train_prompts * n_prompts)[:n_prompts] * 2, bench.max_prompt_len)
     t_ours, t_generate, forward_share = time_samplers(run, *(t.to(device) for t in prompts), n_new, opts.bench_reps)
     step = time_steps(run, inputs, opts.bench_reps)
-    variance = baseline_variance(cfg, inputs, device, batches=4 * opts.bench_reps) if opts.bench_model == "embedded" else None
+    variance = (baseline_variance(cfg, inputs, device, batches=4 * opts.bench_reps, train_steps=opts.bench_variance_steps)
+                if opts.bench_model == "embedded" else None)
     result = {
         "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": opts.bench_model,
         "parameters": sum(p.numel() for p in run.policy.parameters()), "rows": 2 * n_prompts, "new_tokens": n_new,

@@ -30,6 +30,7 @@ from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures
     ("benchmark", ["--bench_reps", "0"], "--bench_reps must be >= 1"),
     ("benchmark", ["--bench_batch_size", "0"], "--bench_batch_size must be >= 1"),
     ("benchmark", ["--bench_new_tokens", "0"], "--bench_new_tokens must be >= 1"),
+    ("benchmark", ["--bench_variance_steps", "0"], "--bench_variance_steps must be >= 1"),
     ("benchmark", ["--bench_model", "gpt3"], "--bench_model 'gpt3': choose one of embedded, gpt2"),
     ("stand_ins", ["--stand_ins", ""], "--stand_ins: name a directory"),
     ("peer_trl", ["--peer_seeds", "0"], "--peer_seeds must be >= 1"),
@@ -313,14 +314,15 @@ def test_intervals_and_paired_differences_by_hand():
 
 
 def test_benchmark_measures_sampler_and_step(tmp_path, cache):
-    result = benchmark.cli(run=benchmark.benchmark, extra=benchmark.BenchOptions, argv=["--bench_reps", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
+    result = benchmark.cli(run=benchmark.benchmark, extra=benchmark.BenchOptions, argv=["--bench_reps", "1", "--bench_variance_steps", "5",
+                                                                                      "--out_dir", str(tmp_path), "--cache_dir", cache, "--sft_steps", "40"])
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["sampler_ms"] > 0 and result["generate_ms"] > 0 and 0.5 < result["sampler_forward_share"] <= 1
     assert set(result["online_step_ms"]) == {"generate", "label", "reference", "policy", "optimizer"}  # the loop's own phases
     assert result["policy_phase_sail_pr_ms"] > 0 and result["policy_phase_online_dpo_ms"] > 0
     assert abs(sum(result["online_step_phase_share"].values()) - 1) < 1e-9
-    variance = result["gradient_variance"]  # each baseline at the SFT policy and after 50 steps
-    assert set(variance) == {f"step{s}_{b}" for s in (0, 50) for b in ("none", "loo-all", "loo")}
+    variance = result["gradient_variance"]  # each baseline at the SFT policy and after 5 steps (--bench_variance_steps)
+    assert set(variance) == {f"step{s}_{b}" for s in (0, 5) for b in ("none", "loo-all", "loo")}
     assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for v in variance.values())
 
 
