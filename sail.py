@@ -157,7 +157,8 @@ def sample_token(logits, temperature, generator=None):
 
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_token_id, generator=None):
-    """Sample one response per row from a causal LM, token by token with its KV cache.
+    """Sample one response per row from a causal LM, token by token with its KV cache, the model in
+    eval mode meanwhile (its mode restored after: with gradient checkpointing, train mode has no cache).
 
     prompt_ids, prompt_mask: (B, Tp) left-padded prompts (for two responses per prompt, repeat
     the rows). temperature 0 means greedy. Each response ends at its first EOS, which is kept;
@@ -165,7 +166,8 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     Returns (ids, attention_mask, response_mask), each (B, Tp + n) with n <= max_new_tokens,
     ready for `sequence_logps(model(ids, ...).logits, ids, response_mask)`.
     """
-    B = prompt_ids.shape[0]
+    was_training, B = model.training, prompt_ids.shape[0]
+    model.eval()
     # transformers 5 renamed the KV cache (argument and output) from past_key_values to cache.
     cache = "cache" if forward_takes(model, "cache") else "past_key_values"
     last = keep_only(model, 1)  # the prompt's last logits are all we need
@@ -193,8 +195,8 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_t
     response_mask = torch.stack(alive, 1).long()  # (B, n)
     ids = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1)  # (B, Tp + n)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + n) after-EOS padding masked
+    model.train(was_training)
     return ids, attention_mask, torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
-
 
 
 # ---------------------------------------------------------------------------------------------

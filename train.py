@@ -44,10 +44,9 @@ from extensions import step as extended
 from plumbing import checkpoint, distributed, models, options, outputs
 from plumbing.checkpoint import State, stream_seeds
 from plumbing.evaluation import distinct_2, eval_reverse_kl, eval_samples, halves, make_eval_set
-from plumbing.models import sample_responses
 from plumbing.options import RunOptions, arg
 from plumbing.outputs import timed
-from sail import DP, PP, PR, accuracy, leave_one_out_mean, pair_value, sail_loss, sequence_logps_of
+from sail import DP, PP, PR, accuracy, leave_one_out_mean, pair_value, sail_loss, sample, sequence_logps_of
 
 
 @dataclass
@@ -134,8 +133,9 @@ def build_pairs(run, state, B):
         rows2.append(tuple(t[n:].to(device) for t in ds))
     if n < B:
         x, x_mask = (t.to(device) for t in data.encode_prompts(tok, prompts[n:] * 2, cfg.max_prompt_len))  # (2(B-n), Tp)
-        # y1, y2 ~ pi_theta: sail.sample, the policy in eval mode (plumbing/models.sample_responses)
-        online = sample_responses(run, run.policy, x, x_mask, cfg.temperature, state.sampling_gen, run.amp)
+        with run.amp:  # y1, y2 ~ pi_theta: two responses per prompt (sail.sample)
+            online = sample(run.policy, x, x_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            eos_token_id=tok.eos_token_id, generator=state.sampling_gen)
         rows1.append(tuple(t[:B - n] for t in online))
         rows2.append(tuple(t[B - n:] for t in online))
         texts = data.decode(tok, online[0], online[2])
@@ -148,7 +148,7 @@ def build_pairs(run, state, B):
 def oracle_labels(run, state, pairs):
     """Bradley-Terry labels from the labeller (the oracle, or --proxy) for the SAIL-PR pairs: one
     query each, a tie too; every other pair keeps y1 as its winner here."""
-    B = len(pairs.route)
+    B, cfg = len(pairs.route), run.cfg
     labels = reward.Labels(y1_wins=torch.ones(B, dtype=torch.bool), valid=torch.ones(B, dtype=torch.bool),
                            scores=torch.full((2 * B,), float("nan")))  # (B,), (B,), (2B,)
     idx = torch.nonzero(torch.from_numpy(pairs.route == PR)).squeeze(1)  # (n_pr,)
@@ -157,10 +157,9 @@ def oracle_labels(run, state, pairs):
         r = run.labeller([pairs.prompts[i] for i in idx] * 2, y1 + y2)  # (2 n_pr,) one reward per text
         r1, r2 = r[:len(idx)], r[len(idx):]  # (n_pr,) each
         labels.scores[idx], labels.scores[B + idx] = r1, r2
-        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, run.cfg.label_mode, state.label_gen,
-                                                                            run.cfg.ties)
+        labels.y1_wins[idx], labels.valid[idx] = reward.bradley_terry_label(r1, r2, cfg.label_mode, state.label_gen, cfg.ties)
         labels.queries = len(idx)
-        labels.ties = int((r1 == r2).sum()) if run.cfg.label_mode == "hard" else 0  # sampled: every pair gets a label
+        labels.ties = int((r1 == r2).sum()) if cfg.label_mode == "hard" else 0  # sampled: every pair gets a label
     return labels
 
 

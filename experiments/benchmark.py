@@ -27,6 +27,7 @@ from plumbing.checkpoint import State
 from plumbing.distributed import pick_device
 from plumbing.options import arg, check_values
 from plumbing.outputs import peak_memory
+import train
 from train import cli, setup_run, train_step
 
 
@@ -157,15 +158,18 @@ def time_steps(run, inputs, reps):
     dpo = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, method="online-dpo"))  # the same routes, gamma 0
     plan = {"ours": (run, fixed_length_sample), "generate": (run, fixed_length_generate), "dpo": (dpo, fixed_length_sample)}
     states = {k: State.new(run.cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[]) for k in plan}
-    times, trained = {k: [] for k in plan}, []
-    for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
-        for name, (r, sampler) in plan.items():
-            r.sampler = sampler
-            row = train_step(r, states[name], rep + 1)[0]
-            if rep:
-                times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
-                if name == "ours":
-                    trained.append(row["trained_tokens"])
+    times, trained, sample = {k: [] for k in plan}, [], train.sample
+    try:
+        for rep in tqdm(range(reps + 1), desc="online step", dynamic_ncols=True, leave=False):  # the first is a warm-up
+            for name, (r, sampler) in plan.items():
+                train.sample = sampler  # the sampler train.build_pairs calls
+                row = train_step(r, states[name], rep + 1)[0]
+                if rep:
+                    times[name].append({k[2:]: v for k, v in row.items() if k.startswith("t_")})
+                    if name == "ours":
+                        trained.append(row["trained_tokens"])
+    finally:
+        train.sample = sample
     out = {name: {k: median(t[k] for t in rows) for k in rows[0]} for name, rows in times.items()}
     out["trained_tokens"] = median(trained)
     return out

@@ -28,7 +28,7 @@ from sail import disable_dropout, sample
 @dataclass
 class Run:
     """What the step needs, set up once (`setup_run`). The step changes only the weights (and
-    SELM's train_reference); `main` wraps the policy in DDP, the benchmark swaps the sampler."""
+    SELM's train_reference); `main` wraps the policy in DDP."""
     cfg: object                       # train.Config
     policy: torch.nn.Module           # the model being aligned
     reference: torch.nn.Module        # its frozen SFT copy: train.py's loss's reference, and the yardstick of KL
@@ -48,7 +48,6 @@ class Run:
     sft_seconds: float = 0.0
     rank: int = 0
     world: int = 1
-    sampler: object = sample          # draws responses (the benchmark swaps in model.generate)
     train_policy: torch.nn.Module = None  # what the loss's forward runs through: the policy, or its DDP wrapper
 
     def __post_init__(self):
@@ -100,15 +99,11 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
 
 
 def sample_responses(run, model, prompt_ids, prompt_mask, temperature, generator, amp):
-    """One response per row of `model` (run.sampler: sail.sample, or the benchmark's), in eval mode
-    (the KV cache; gradient checkpointing only applies in train mode); the model's mode is restored after."""
-    was_training = model.training
-    model.eval()
+    """One response per row of `model` (sail.sample, which samples in eval mode), with the run's
+    length limit and EOS, under `amp`: the reference's responses (extensions/, evaluation)."""
     with amp:
-        out = run.sampler(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
-                          eos_token_id=run.tokenizer.eos_token_id, generator=generator)
-    model.train(was_training)
-    return out
+        return sample(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                      eos_token_id=run.tokenizer.eos_token_id, generator=generator)
 
 
 def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):
