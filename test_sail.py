@@ -1426,6 +1426,26 @@ def test_one_alignment_step_by_hand(cache, method):
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(run.policy.parameters(), before.parameters()))
 
 
+def test_routes_are_drawn_when_the_offline_share_rounds_below_zero():
+    """--method mix --r 0.3 --p 0.3 --g 0.4: 1 - r - p - g is -5.6e-17 in floating point; the routes
+    are still drawn (clipped to 0), none of them offline."""
+    run = SimpleNamespace(cfg=train.parse_args(["--method", "mix", "--r", "0.3", "--p", "0.3", "--g", "0.4"]))
+    state = SimpleNamespace(route_rng=np.random.default_rng(0), pair_stream=data.Stream(100, 1), prompt_stream=data.Stream(100, 2))
+    route, pair_ids, prompt_ids = train.draw_routes(run, state, 64)
+    assert (route != sail.OFFLINE).all() and len(pair_ids) == int((route == sail.DP).sum()) and len(pair_ids) + len(prompt_ids) == 64
+
+
+def test_self_labels_are_drawn_with_beta():
+    """The self-labels of SAIL-DP pairs with h = 2 at beta 0.1 are reward.self_label's draws from the
+    same generator: probability sigmoid(0.2) each, not sigmoid(2)."""
+    B = 4000
+    pairs, labels = SimpleNamespace(route=np.full(B, sail.DP)), SimpleNamespace(y1_wins=torch.ones(B, dtype=torch.bool))
+    train.self_labels(SimpleNamespace(cfg=SimpleNamespace(beta=0.1)), SimpleNamespace(label_gen=torch.Generator().manual_seed(0)),
+                      pairs, labels, t([2.0] * B + [0.0] * B))
+    assert torch.equal(labels.y1_wins, reward.self_label(t([2.0] * B), 0.1, torch.Generator().manual_seed(0)))
+    assert labels.y1_wins.float().mean().item() == pytest.approx(torch.sigmoid(t(0.2)).item(), abs=0.03)
+
+
 def test_the_step_clips_the_gradient_to_grad_clip(cache):
     """--grad_clip c: the update is made with the gradient scaled to norm c; the step returns the norm before."""
     run, state = perturbed_run(cache, ["--method", "mix", "--grad_clip", "0.001"])

@@ -519,3 +519,59 @@ def test_the_evaluation_halves_split_by_prompt_with_several_samples_and_an_odd_c
     assert eval_set.prompts == [x for x in p for _ in range(3)] and eval_set.cut == 6
     assert not set(eval_set.prompts[:eval_set.cut]) & set(eval_set.prompts[eval_set.cut:])
     assert halves(eval_set, x=torch.arange(15.0)) == {"x_a": 2.5, "x_b": 10.0}  # rows 0-5, rows 6-14
+
+
+# ---------------------------------------------------------------------------------------------
+# Units the mutation run found untested: ddp's shares of the draws, the checked rewards, the phase
+# clock, the official term's baseline and size
+
+def test_each_ranks_share_of_the_routes_and_streams_is_its_slice_of_one_draw(monkeypatch):
+    """ShareOfRoutes: rank r's B routes are row r of one draw of N x B; ShareOfStream: ranks asking
+    for 3 and 5 items take the first 3 and the next 5 of one draw of 8 (ranks asking unequal counts)."""
+    import numpy as np
+    from plumbing import distributed
+    p = [0.4, 0.1, 0.2, 0.3]
+    for seed in range(5):
+        shares = [distributed.ShareOfRoutes(np.random.default_rng(seed), r, 2).choice(4, 4, p) for r in (0, 1)]
+        assert np.concatenate(shares).tolist() == np.random.default_rng(seed).choice(4, size=8, p=p).tolist()
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, k: out.__setitem__(slice(None), [3, 5]))
+    first = distributed.ShareOfStream(data.Stream(100, 7), 0, 2).next(3)
+    second = distributed.ShareOfStream(data.Stream(100, 7), 1, 2).next(5)
+    assert first + second == data.Stream(100, 7).next(8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_reward_of_either_kind_stops_the_run(tmp_path, bad):
+    """FiniteRewards stops on NaN and on +-inf, for the oracle and for a separate labeller alike."""
+    from plumbing import distributed
+    good = lambda p, r: torch.ones(len(r))  # noqa: E731
+    broken = lambda p, r: torch.tensor([1.0, bad])  # noqa: E731
+    run = SimpleNamespace(labeller=good, gold=broken, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                          cfg=SimpleNamespace(out_dir=str(tmp_path)), world=1, device=torch.device("cpu"))
+    distributed.stop_on_non_finite(run, SimpleNamespace(step=0))
+    assert run.labeller is not run.gold and torch.equal(run.labeller(["p"] * 2, ["a", "b"]), torch.ones(2))
+    with pytest.raises(SystemExit, match=r"step 1: an oracle reward is (nan|inf|-inf)"):
+        run.gold(["p"] * 2, ["a", "b"])
+
+
+def test_the_phase_clock_adds_up_each_phase_and_starts_empty():
+    import time
+    f = outputs.timed("x")(lambda: time.sleep(0.02))
+    outputs.Clock(torch.device("cpu"))
+    f()
+    f()
+    assert outputs.Clock(torch.device("cpu")).stop()[0] == {}  # a new step's clock starts empty
+    clock = outputs.Clock(torch.device("cpu"))
+    f()
+    f()
+    phases, seconds = clock.stop()
+    assert phases["x"] >= 0.04 and seconds >= phases["x"]
+
+
+def test_the_official_terms_baseline_and_size():
+    """The official sizes have no baseline and a pair's weight summed over each rank's pairs
+    (batch / ranks); official-sign keeps the exact term's baseline and --response_scale."""
+    from extensions.official import RESPONSE_TERMS, has_baseline, response_scale
+    cfg = lambda term: SimpleNamespace(response_term=term, batch_size=8, response_scale=0.1)  # noqa: E731
+    assert [has_baseline(cfg(t)) for t in RESPONSE_TERMS] == [True, False, False, True]
+    assert [response_scale(cfg(t), 2) for t in RESPONSE_TERMS] == [0.1, 4.0, 4.0, 0.1]
