@@ -262,7 +262,7 @@ def train_step(run, state, step):
     """One step of the loop and its metrics line. A plain run takes `alignment_step` above; data
     parallelism, micro-batches and the extensions take extensions/step.py's, which runs this file's
     functions (handed over as this module) with them around."""
-    clock = outputs.Clock(run.device)  # the phases' seconds, from the @timed functions
+    clock = outputs.Clock()  # the phases' seconds, from the @timed functions
     if extended.needed(run):
         pairs, labels, delta, grad_norm = extended.alignment_step(run, state, sail_step=sys.modules[__name__])
     else:

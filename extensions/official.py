@@ -7,7 +7,7 @@ extensions/official.py: the official SAIL code's response term, kept to compare 
 
 The official code applies the response term with a gradient hook that flips its sign, divides it
 by |log pi(y)| and sums it over the batch (docs/official.md, 1). `official_sail_loss` writes that
-hook as a loss; `coefficients` gives it the hook's size per pair. It enters the step through
+hook as a loss; `response_scale` gives it the hook's size per pair. It enters the step through
 extensions/step.py, which uses it in place of sail.sail_loss and gives it no baseline.
 
 Departures from the official code: none on purpose; a response of probability 1 (L = 0), where

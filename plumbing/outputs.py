@@ -104,7 +104,7 @@ class Clock:
     """The seconds of one step: its phases' (from @timed functions, in the order they first ran)
     and the whole step's (dt)."""
 
-    def __init__(self, device):
+    def __init__(self):
         PHASES.clear()
         self.t0 = time.perf_counter()
 
