@@ -76,6 +76,7 @@ class Task:
     pairs: list         # [{"prompt", "chosen", "rejected", "labels"}] offline preference pairs; labels:
                         # the oracle labels spent to get it (1 + the tied candidates dropped before it)
     eval_pairs: list    # the same, on the held-out prompts
+    gold: object = gold_reward  # (prompt, response) -> float: the task's gold reward (reward.py's, here)
 
 
 @functools.lru_cache(maxsize=2)  # --compare and the tests build it many times; nothing mutates it
@@ -109,6 +110,15 @@ def make_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs
                 labelled_pairs(eval_prompts, n_eval_pairs))
 
 
+def embedded_task(cfg):
+    """The embedded task that --task names: this file's review task (the default), or one of
+    plumbing/tasks.py's, which are built to probe exploration and off-policy pairs."""
+    if cfg.task == "review":
+        return make_task(cfg.task_seed)
+    from plumbing.tasks import TASKS  # the other tasks live off the learner's path (and build on this file)
+    return TASKS[cfg.task](cfg.task_seed)
+
+
 def build_tokenizer(texts, vocab_size=512):
     """Train a byte-level BPE tokenizer (GPT-2's scheme) on `texts` and wrap it as a transformers
     fast tokenizer, so the embedded model goes through the same code path as real GPT-2."""
@@ -133,7 +143,8 @@ EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response token
 
 def embedded_path(cfg):
     """Where the embedded SFT model of these settings is cached."""
-    return os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+    task = "" if cfg.task == "review" else f"{cfg.task}-"  # each task's SFT model is trained on its own corpus
+    return os.path.join(cfg.cache_dir, f"embedded-sft-{task}task{cfg.task_seed}-steps{cfg.sft_steps}")
 
 
 def embedded_policy(cfg, task, device):
@@ -386,7 +397,7 @@ def load_inputs(cfg):
         task) are dropped, and counted in the line printed.
     The split's sizes, and each file's exact-duplicate rows (kept; a held-out prompt is evaluated
     once), are printed."""
-    task = make_task(cfg.task_seed) if cfg.model == "embedded" or not cfg.prompts else None
+    task = embedded_task(cfg) if cfg.model == "embedded" or not cfg.prompts else None
     prompts = load_prompts(cfg.prompts) if cfg.prompts else task.train_prompts
     pairs = load_pairs(cfg.pairs) if cfg.pairs else (task and task.pairs)
     eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (None if cfg.prompts else task.eval_prompts)

@@ -106,10 +106,14 @@ def gold_reward(prompt, response):
 
 
 class GoldReward:
-    """The oracle of the embedded task as a batch scorer: (prompts, responses) -> (B,) float32."""
+    """The oracle of an embedded task as a batch scorer: (prompts, responses) -> (B,) float32.
+    score: the task's (prompt, response) -> float (data.Task.gold; gold_reward above by default)."""
+
+    def __init__(self, score=gold_reward):
+        self.score = score
 
     def __call__(self, prompts, responses):
-        return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+        return torch.tensor([self.score(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def compare(cfg, opts):
             compare_run(c)
     else:  # several processes; the SFT model (and the proxies to fit) are cached first, so that no two of them train one
         with contextlib.redirect_stdout(io.StringIO()):
-            tokenizer = embedded_policy(cfg, data.make_task(cfg.task_seed), pick_device(cfg.device))[1] if cfg.model == "embedded" else None
+            tokenizer = embedded_policy(cfg, data.embedded_task(cfg), pick_device(cfg.device))[1] if cfg.model == "embedded" else None
             fits = {(c.seed, c.proxy_pairs, c.proxy_width, c.proxy_steps): c for c in todo if c.proxy == "fit"}  # one per seed and fit
             if fits:
                 from transformers import AutoTokenizer

@@ -14,7 +14,7 @@ import torch
 
 import data
 import train
-from experiments import benchmark, compare, frontier, peer_trl, stand_ins
+from experiments import benchmark, compare, frontier, peer_trl, stand_ins, tasks
 from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures)
 
 
@@ -35,11 +35,14 @@ from test_sail import FAST, HERE, cache, few_eval_pairs  # noqa: F401  (fixtures
     ("stand_ins", ["--stand_ins", ""], "--stand_ins: name a directory"),
     ("peer_trl", ["--peer_seeds", "0"], "--peer_seeds must be >= 1"),
     ("peer_trl", ["--peer_timing_reps", "-1"], "--peer_timing_reps must be >= 0"),
+    ("tasks", ["--tasks", "review,maze"], "--tasks: unknown 'maze'; choose from review, explore, offpolicy"),
+    ("tasks", ["--tasks_samples", "0"], "--tasks_samples must be >= 1"),
+    ("tasks", ["--compare_betas", ""], "--compare_betas: give several betas"),
 ])
 def test_bad_experiment_options_are_refused(module, argv, message):
     """Each experiment's own options are checked as train.py's are: one line naming the option."""
     options = {"compare": compare.CompareOptions, "benchmark": benchmark.BenchOptions, "stand_ins": stand_ins.StandInOptions,
-               "peer_trl": peer_trl.PeerOptions}[module]
+               "peer_trl": peer_trl.PeerOptions, "tasks": tasks.TasksOptions}[module]
     with pytest.raises(SystemExit) as refused:
         train.cli(argv, run=lambda *a: pytest.fail("ran"), extra=options)
     assert message in str(refused.value)
@@ -443,3 +446,34 @@ def test_peer_trl_refuses_options_it_does_not_pass_to_trl(argv, name):
     """An option TRL's side would silently ignore is refused in one line, before TRL is even imported."""
     with pytest.raises(SystemExit, match=f"error: experiments/peer_trl.py does not pass {name} to TRL"):
         train.cli(argv, run=peer_trl.peer, extra=peer_trl.PeerOptions)
+
+
+def test_each_tasks_best_response_scores_the_maximum_on_every_prompt():
+    from plumbing.tasks import TASKS
+    from reward import subject_of
+    for name, make in TASKS.items():
+        task = make(0)
+        assert {task.gold(p, tasks.BEST_RESPONSE[name](subject_of(p))) for p in task.eval_prompts + task.train_prompts} == {4.0}
+
+
+def test_the_tasks_table_cells_by_hand():
+    found = {"sail-pr@2": {"difference": 0.5, "half_width": 0.2, "p": 0.001, "p_holm": 0.01},
+             "sail-pr@5": {"difference": -0.25, "half_width": 0.5, "p": 0.3, "p_holm": 0.6}}
+    assert tasks.verdicts(found, [2, 5, 10], ["sail-pr"]) == {"sail-pr": ["+0.50 [+0.30, +0.70] *", "-0.25 [-0.75, +0.25]", "—"]}
+
+
+def test_the_tasks_driver_measures_each_task_and_compares_its_rows(tmp_path, cache):
+    """One task (offpolicy: its SFT model trained here, 40 steps), two rows x two betas x two seeds of 2 steps:
+    the measured properties (its offline responses far less likely than the SFT model's own samples), the
+    comparison in OUT/offpolicy/compare, and tasks.md with both tables."""
+    argv = ["--tasks", "offpolicy", "--tasks_samples", "1", "--compare_methods", "online-dpo,sail-pr-g1", "--compare_betas", "0.1,1",
+            "--compare_seeds", "2", "--compare_workers", "1", "--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", cache,
+            "--sft_batch_size", "16", *FAST, "--eval_every", "1", "--compare_kl_budgets", "1,100", "--compare_label_budgets", "1000"]
+    results = train.cli(argv, run=tasks.run_tasks, extra=tasks.TasksOptions)
+    m = results["offpolicy"]["measured"]
+    assert m["samples"] == 64 and m["best_response"] == 4.0 and m["logp_offline"] < m["logp_own"] - 1
+    assert set(results["offpolicy"]["tests"]["kl"]) == {"sail-pr-g1@1", "sail-pr-g1@100"}
+    assert (tmp_path / "offpolicy" / "compare" / "results.md").is_file()
+    table = (tmp_path / "tasks.md").read_text()
+    assert "| offpolicy | " in table and "## Δ gold reward against online DPO at equal KL" in table and "| offpolicy | sail-pr-g1 |" in table
+    assert json.loads((tmp_path / "tasks.json").read_text())["tasks"]["offpolicy"]["measured"] == m

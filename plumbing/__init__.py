@@ -11,6 +11,7 @@ is called from train.py and never calls back into it.
   models.py       the policy, its frozen reference, the oracle and the proxy labeller, LoRA, the optimiser
   microbatch.py   --grad_accum: the step's pairs cut into micro-batches (used by extensions/step.py)
   evaluation.py   the held-out set, its sampling, its two halves, distinct-2, the chunked KL(pi_ref || pi_theta)
+  tasks.py        the embedded tasks beyond the review task (explore, offpolicy) and the registry --task names
   outputs.py      the step's metrics line, metrics.jsonl, the samples shown, summary.json, the plot, the
                   phase timing (@timed on the step's functions)
 

@@ -60,7 +60,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
     moving reference, copied from the policy every this many steps (0: never)."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
-    oracle = reward.GoldReward()  # the yardstick, and the labeller unless --proxy
+    oracle = reward.GoldReward(inputs.task.gold if inputs.task else reward.gold_reward)  # the yardstick, and the labeller unless --proxy
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
                                       dtype=torch.bfloat16 if use_bf16 else None, text_pair=cfg.reward_text_pair, what="--reward_model")
@@ -93,6 +93,7 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
     lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
           f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'}"
+          f"{'' if cfg.reward_model or cfg.task == 'review' else ' of the ' + cfg.task + ' task'}"
           f"{' (the yardstick; labeller: the proxy)' if cfg.proxy else ''}")
     data.check_lengths(cfg, inputs, getattr(policy.config, "max_position_embeddings", None), tokenizer)
     return run

@@ -22,6 +22,7 @@ import data
 import reward
 from extensions.official import RESPONSE_TERMS
 from extensions.revkl import REVKL_ESTIMATES
+from plumbing.tasks import TASKS
 from sail import DP, OFFLINE
 
 
@@ -69,6 +70,8 @@ class RunOptions:
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
     eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
     holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction of their distinct prompts held out for evaluation, with all their rows")
+    task: str = arg("review", "the embedded task: review (data.make_task), explore (the best responses rare under the SFT model) "
+                              "or offpolicy (offline pairs in another style than the SFT corpus's): plumbing/tasks.py")
     task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
     sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
     sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
@@ -99,7 +102,7 @@ RANGES = [
 ]
 CHOICES = {"baseline": ("loo", "loo-all", "none"), "response_term": RESPONSE_TERMS, "label_mode": ("hard", "sampled"),
            "ties": ("average", "first"), "resume": ("auto", "no"), "revkl_estimate": REVKL_ESTIMATES,
-           "revkl_on": ("chosen", "rejected", "both")}
+           "revkl_on": ("chosen", "rejected", "both"), "task": tuple(TASKS)}
 
 
 def parse_args(config, methods, argv=None, extra=None, description=None):
@@ -182,6 +185,9 @@ def check_config(cfg, methods):
     no_pairs = not cfg.pairs and cfg.model != "embedded" and cfg.prompts  # no embedded task, no pair file
     if (probs[OFFLINE] or probs[DP]) and no_pairs:
         problems.append(f"--method {cfg.method} trains on offline pairs: give --pairs")
+    files = [f"--{k}" for k in ("prompts", "eval_prompts", "pairs", "eval_pairs") if getattr(cfg, k)]
+    if cfg.task != "review" and files:
+        problems.append(f"--task {cfg.task} brings its own prompts and pairs: drop {', '.join(files)}, or use --task review")
     if cfg.proxy == "fit" and no_pairs:
         problems.append("--proxy fit fits a reward model on the offline pairs: give --pairs")
     if cfg.proxy not in ("", "fit") and not os.path.isdir(cfg.proxy):

@@ -7,6 +7,7 @@ plumbing/test_plumbing.py: the tests of plumbing/, what a run of train.py needs 
   * microbatch.py: --grad_accum gives the update of one batch
   * models.py: real checkpoints by path (GPT-2, GPT-NeoX, a reward model with its own tokenizer); LoRA
   * distributed.py: two ranks under torchrun equal one rank of the whole batch
+  * tasks.py: each embedded task's gold reward by hand, its data, what it is built to have, --task
 """
 import dataclasses
 import json
@@ -23,7 +24,7 @@ import data
 import reward
 import sail
 import train
-from plumbing import checkpoint, models, options, outputs
+from plumbing import checkpoint, models, options, outputs, tasks
 from test_sail import (FAST, HERE, OFF, SHORT, SUMMARY_KEYS, assert_same_metrics, bad_files, cache, few_eval_pairs, gradient, load_model, metrics_without_timing, no_eval, perturbed_run, refusal, runs, tiny_causal_lm, weights, word_tokenizer, write_jsonl)  # noqa: F401  (fixtures)
 
 
@@ -61,6 +62,8 @@ def test_a_config_file_gives_the_options_and_flags_after_it_override(tmp_path):
     (["--method", "mix", "--r", "0.5", "--p", "0.5", "--g", "0.5"], "--r + --p + --g must be <= 1"),
     (["--rho", "-1"], "--rho must be >= 0"),
     (["--model", "some/model", "--prompts", "p.jsonl", "--method", "sail-dp"], "--method sail-dp trains on offline pairs: give --pairs"),
+    (["--task", "reviews"], "--task 'reviews': choose one of review, explore, offpolicy"),
+    (["--task", "explore", "--pairs", "p.jsonl"], "--task explore brings its own prompts and pairs: drop --pairs, or use --task review"),
 ])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SystemExit) as refused:
@@ -575,3 +578,87 @@ def test_the_official_terms_baseline_and_size():
     cfg = lambda term: SimpleNamespace(response_term=term, batch_size=8, response_scale=0.1)  # noqa: E731
     assert [has_baseline(cfg(t)) for t in RESPONSE_TERMS] == [True, False, False, True]
     assert [response_scale(cfg(t), 2) for t in RESPONSE_TERMS] == [0.1, 4.0, 4.0, 0.1]
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks.py: the embedded tasks beyond the review task, and --task
+
+@pytest.mark.parametrize("response,expected", [
+    (" the pizza is fresh .", 4.0),          # the key word of food (+3), on topic (+1)
+    (" the pizza is red .", 1.0),            # on topic alone
+    (" the pizza is wireless .", 1.0),       # a gadget's key word: a decoy, worth nothing
+    (" it is fresh .", 3.0),                 # the key word without the subject
+    (" the soup is fresh .", 3.0),           # another subject: off topic, the key word still counts
+    (" fresh , fresh , fresh .", 2.0),       # +3, -0.5 per repeat, off topic
+    (" the pizza is fresh", 3.0),            # unfinished: -1
+    (" the taste is warm .", 1.0),           # an aspect of food is on topic
+    ("", -2.0),
+])
+def test_explore_reward_by_hand(response, expected):
+    assert tasks.explore_reward("Describe the pizza:", response) == expected
+
+
+@pytest.mark.parametrize("name", ["explore", "offpolicy"])
+def test_each_task_is_deterministic_held_out_and_labelled_by_its_gold_reward(name):
+    a, b = tasks.TASKS[name](0), tasks.TASKS[name](0)
+    assert a.pairs[:5] == b.pairs[:5] and a.sft[:5] == b.sft[:5] and a.eval_prompts == b.eval_prompts
+    assert a.pairs[:5] != tasks.TASKS[name](1).pairs[:5]
+    assert not set(a.train_prompts) & set(a.eval_prompts) and len(a.eval_prompts) == 64 and len(a.train_prompts) == 128
+    assert {x["prompt"] for x in a.pairs} <= set(a.train_prompts) and {x["prompt"] for x in a.eval_pairs} <= set(a.eval_prompts)
+    assert all(a.gold(x["prompt"], x["chosen"]) > a.gold(x["prompt"], x["rejected"]) for x in a.pairs + a.eval_pairs)
+    assert min(x["labels"] for x in a.pairs) == 1 and len(a.pairs) == 4096 and len(a.eval_pairs) == 256
+    assert a.gold is {"explore": tasks.explore_reward, "offpolicy": reward.gold_reward}[name]
+
+
+def test_the_tasks_draw_their_texts_from_streams_of_their_own():
+    import random
+    firsts = [tuple(tasks.task_rng(0, name).random() for _ in range(3)) for name in tasks.TASKS]
+    firsts.append(tuple(random.Random(0).random() for _ in range(3)))  # the review task's stream (data.make_task)
+    firsts += [tuple(tasks.task_rng(1, name).random() for _ in range(3)) for name in tasks.TASKS]
+    assert len(set(firsts)) == len(firsts)
+
+
+def test_the_explore_tasks_best_responses_are_rare_in_its_sft_corpus():
+    """The corpus says the subject's key word in 2% of its texts (the SFT model's samples: measured by
+    experiments/tasks.py, about 1%); nothing scores above 4, which a short sentence reaches."""
+    task = tasks.make_explore_task(0)
+    rewards = [task.gold(p, y) for p, y in task.sft]
+    top = sum(r >= 3 for r in rewards) / len(rewards)
+    assert 0.01 < top < 0.03 and max(rewards) == 4.0 and sum(rewards) / len(rewards) < 1.0
+    decoys = sum(any(w in y.split() for w in tasks.KEY_WORDS.values()) and task.gold(p, y) < 3 for p, y in task.sft) / len(task.sft)
+    assert 0.01 < decoys < 0.03  # another category's key word, as often
+
+
+def test_the_offpolicy_task_is_the_review_task_but_its_offline_pairs():
+    review, off = data.make_task(0), tasks.make_offpolicy_task(0)
+    assert off.sft == review.sft and off.train_prompts == review.train_prompts and off.eval_prompts == review.eval_prompts
+    sft_words = {w for _, y in review.sft for w in y.split()}
+    style = {w for x in off.pairs for k in ("chosen", "rejected") for w in x[k].split()} - sft_words
+    assert {"honestly", "frankly", "overall", "though", "seems"} <= style
+    assert all(set(x[k].split()) - sft_words for x in off.pairs for k in ("chosen", "rejected"))  # every response off the SFT corpus
+
+
+def test_the_task_option_picks_the_prompts_pairs_gold_reward_and_sft_model(tmp_path):
+    for name in tasks.TASKS:
+        cfg = train.parse_args(["--task", name, "--cache_dir", str(tmp_path)])
+        inputs, task = data.load_inputs(cfg), tasks.TASKS[name](0)
+        assert inputs.task.gold is task.gold and inputs.train_prompts == task.train_prompts and inputs.pairs == task.pairs
+        assert inputs.eval_prompts == task.eval_prompts
+    assert data.embedded_path(train.parse_args([])) == os.path.join(".cache", "embedded-sft-task0-steps600")  # the review task's, as before
+    assert data.embedded_path(train.parse_args(["--task", "explore"])) == os.path.join(".cache", "embedded-sft-explore-task0-steps600")
+
+
+def test_a_run_on_the_explore_task_is_scored_by_its_gold_reward(tmp_path, monkeypatch):
+    task, scored, real = tasks.make_explore_task(0), [], tasks.explore_reward
+    building = 2 * sum(x["labels"] for x in task.pairs + task.eval_pairs)  # the calls that label the task's pairs: 2 per candidate pair
+
+    def spy(prompt, response):
+        scored.append(prompt)
+        return real(prompt, response)
+
+    monkeypatch.setattr(tasks, "explore_reward", spy)  # the task built in the run takes it as its gold reward
+    argv = ["--task", "explore", "--steps", "2", "--batch_size", "4", "--sft_steps", "20", "--sft_batch_size", "16",
+            "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "o"), *FAST[2:]]
+    train.main(train.parse_args(argv))
+    assert len(scored) > building and set(scored) <= set(task.train_prompts + task.eval_prompts)  # its online pairs and evaluations too
+    assert os.path.isdir(tmp_path / "cache" / "embedded-sft-explore-task0-steps20")

@@ -1,0 +1,169 @@
+"""
+experiments/tasks.py: the answer on every embedded task, not one. For each task (plumbing/tasks.py),
+what it is built to have, measured, then the comparison at equal KL and at equal gold labels
+(experiments/compare.py, over its betas and seeds), and one table across the tasks.
+
+    python -m experiments.tasks --out_dir runs/tasks       # 3 tasks x 6 rows x 3 betas x 5 seeds
+    python -m experiments.tasks --out_dir runs/tasks --tasks explore --compare_seeds 2   # any compare option
+
+Writes OUT_DIR/tasks.md and tasks.json: per task, its measured properties (`measure`): the SFT
+model's gold reward on the held-out prompts, the share of its samples in the top reward band, the
+best reward a response can score, and how far off-policy the offline pairs are (the SFT model's
+mean log-likelihood per response token of the offline responses, against that of its own samples
+on the same prompts); then each task's comparison against online DPO at each budget (Holm over each
+task's section, as compare.py does), and how long each took. Each task's own report is
+OUT_DIR/TASK/compare/results.md, with its frontier plots. Finished runs are reused.
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import data
+from experiments.compare import CompareOptions, compare
+from plumbing.distributed import pick_device
+from plumbing.options import arg
+from plumbing.tasks import KEY_WORDS, TASKS
+from reward import CATEGORY_OF, subject_of
+from sail import sample, sequence_logps_of
+from train import cli
+
+BEST_RESPONSE = {"review": lambda s: f" the {s} was great , excellent and lovely .",  # a response at each task's maximum, 4
+                 "explore": lambda s: f" the {s} is {KEY_WORDS[CATEGORY_OF[s]]} .",
+                 "offpolicy": lambda s: f" the {s} was great , excellent and lovely ."}
+TOP_BAND = 3.0  # the top reward band: 3 and above of the maximum 4 (explore: the key word said)
+
+
+@dataclass
+class TasksOptions(CompareOptions):
+    tasks: str = arg(",".join(TASKS), "the embedded tasks to measure and compare, comma-separated (plumbing/tasks.py)")
+    tasks_samples: int = arg(8, "SFT samples per held-out prompt for the measured properties")
+    compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-g1,sail-pp,sail-dp", "rows, as compare.py's --compare_methods")
+    compare_betas: str = arg("0.1,0.3,1", "betas, as compare.py's --compare_betas (equal KL and equal labels need several)")
+
+    def problems(self):
+        unknown = [t for t in self.tasks.split(",") if t not in TASKS]
+        return super().problems() + ([f"--tasks: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}"] if unknown else []) \
+            + ([f"--tasks_samples must be >= 1, got {self.tasks_samples}"] if self.tasks_samples < 1 else []) \
+            + (["--compare_betas: give several betas (the tasks are compared at equal KL and equal labels)"] if not self.compare_betas else [])
+
+
+def measure(cfg, samples_per_prompt=8):
+    """What `cfg.task` is built to have, measured on its SFT model (cached in --cache_dir, or trained):
+    {gold_sft, gold_sft_half (95% normal half-width over prompts' means), top_band_share, samples,
+    best_response (the gold reward of BEST_RESPONSE, on every held-out prompt: the least), logp_own,
+    logp_offline, offline_pairs, seconds}."""
+    t0 = time.perf_counter()
+    task, device = data.embedded_task(cfg), pick_device(cfg.device)
+    model, tokenizer, _ = data.embedded_policy(cfg, task, device)  # trained here if not cached: before no_grad
+    model, tokenizer = model.to(device).eval(), data.prepare_tokenizer(tokenizer)
+    with torch.no_grad():
+        return {**properties(cfg, task, model, tokenizer, device, samples_per_prompt), "seconds": time.perf_counter() - t0}
+
+
+def sample_batches(model, tokenizer, prompts, cfg, device, generator):
+    """The model's samples (temperature 1) for `prompts`, in batches of 64: [(ids, attention_mask, response_mask)]."""
+    out = []
+    for i in range(0, len(prompts), 64):
+        ids, mask = (t.to(device) for t in data.encode_prompts(tokenizer, prompts[i:i + 64], cfg.max_prompt_len))
+        out.append(sample(model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
+                          generator=generator))
+    return out
+
+
+def token_logp(model, batches, device):
+    """The model's mean log-likelihood per response token over `batches` of (ids, attention_mask, response_mask)."""
+    logps = [sequence_logps_of(model, *b, amp=torch.autocast(device.type, enabled=False)).sum().item() for b in batches]  # summed per row
+    return sum(logps) / sum(b[2].sum().item() for b in batches)
+
+
+def properties(cfg, task, model, tokenizer, device, samples_per_prompt):
+    """measure's figures, under no_grad."""
+    generator = torch.Generator(device).manual_seed(int(np.random.SeedSequence(cfg.task_seed).generate_state(1)[0]))
+    prompts = [p for p in task.eval_prompts for _ in range(samples_per_prompt)]
+    texts = [y for b in sample_batches(model, tokenizer, prompts, cfg, device, generator) for y in data.decode(tokenizer, b[0], b[2])]
+    gold = np.array([task.gold(p, y) for p, y in zip(prompts, texts)])
+    per_prompt = gold.reshape(len(task.eval_prompts), samples_per_prompt).mean(1)  # prompts are the independent units
+    offline = task.pairs[:256]
+    off_prompts = [x["prompt"] for x in offline for _ in range(2)]
+    off_texts = [x[k] for x in offline for k in ("chosen", "rejected")]
+    off_batches = [tuple(t.to(device) for t in data.encode_responses(tokenizer, off_prompts[i:i + 64], off_texts[i:i + 64],
+                                                                     cfg.max_prompt_len, cfg.max_new_tokens))
+                   for i in range(0, len(off_prompts), 64)]
+    return {"gold_sft": float(gold.mean()), "gold_sft_half": float(1.96 * per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))),
+            "top_band_share": float((gold >= TOP_BAND).mean()), "samples": len(texts),
+            "best_response": min(task.gold(p, BEST_RESPONSE[cfg.task](subject_of(p))) for p in task.eval_prompts),
+            # the SFT model's own samples on the offline pairs' prompts, one per offline response, against those responses
+            "logp_own": token_logp(model, sample_batches(model, tokenizer, off_prompts, cfg, device, generator), device),
+            "logp_offline": token_logp(model, off_batches, device), "offline_pairs": len(offline)}
+
+
+def verdicts(tests, budgets, rows):
+    """{row: "+0.12 [-0.1, +0.3]" ...} per budget: each row's Δ against online DPO with its Holm-adjusted
+    p, as one short cell per (row, budget); '—' where the comparison was not tested."""
+    out = {}
+    for row in rows:
+        cells = []
+        for b in budgets:
+            t = tests.get(f"{row}@{b:g}")
+            cells.append("—" if t is None else f"{t['difference']:+.2f} [{t['difference'] - t['half_width']:+.2f}, "
+                         f"{t['difference'] + t['half_width']:+.2f}]" + (" *" if t["p_holm"] < 0.05 else ""))
+        out[row] = cells
+    return out
+
+
+def summary_lines(results, opts):
+    """tasks.md: the measured properties, one row per task, then per task and section the Δ of every
+    row against online DPO at each budget (* where Holm's p < 0.05 within that task's section)."""
+    kl, labels = opts.numbers("compare_kl_budgets"), opts.numbers("compare_label_budgets")
+    lines = ["## What each task is built to have, measured", "",
+             f"On the SFT model, {next(iter(results.values()))['measured']['samples']} samples (temperature 1) on the held-out prompts: "
+             "gold reward (mean ± 95% over prompts), the share at 3 or more of the best 4; log-likelihood per response token "
+             "(EOS included) of 512 offline responses (256 pairs) and of as many of the SFT model's own samples on the same prompts.", "",
+             "| task | SFT gold reward | share in the top band (≥ 3) | best a response scores | log p per token: own samples | "
+             "offline responses | offline − own |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m = r["measured"]
+        lines.append(f"| {name} | {m['gold_sft']:.2f} ± {m['gold_sft_half']:.2f} | {100 * m['top_band_share']:.1f}% | "
+                     f"{m['best_response']:.0f} | {m['logp_own']:.2f} | {m['logp_offline']:.2f} | {m['logp_offline'] - m['logp_own']:+.2f} |")
+    for by, budgets, unit in (("kl", kl, "nats"), ("labels", labels, "gold labels")):
+        lines += ["", f"## Δ gold reward against online DPO at equal {'KL' if by == 'kl' else 'gold labels'}", "",
+                  f"Best cross-fitted gold reward within each budget ({unit}) minus online DPO's, paired by seed, [95% t-interval]; "
+                  "* where Holm's p < 0.05 over that task's section; without * not resolved at this budget.", "",
+                  "| task | row | " + " | ".join(f"within {b:g}" for b in budgets) + " |", "|---|---" + "|---" * len(budgets) + "|"]
+        for name, r in results.items():
+            for row, cells in verdicts(r["tests"][by], budgets, [x for x in r["rows"] if x != "online-dpo"]).items():
+                lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Time: " + "; ".join(f"{name} {r['minutes']:.1f} min of runs ({r['wall'] / 60:.1f} min this invocation)"
+                                        for name, r in results.items())]
+    return lines
+
+
+def run_tasks(cfg, opts):
+    """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK."""
+    results = {}
+    for name in opts.tasks.split(","):
+        tcfg = dataclasses.replace(cfg, task=name, out_dir=os.path.join(cfg.out_dir, name))
+        measured = measure(tcfg, opts.tasks_samples)
+        print(f"tasks: {name}: {json.dumps(measured)}")
+        t0 = time.perf_counter()
+        tests = compare(tcfg, opts)
+        with open(os.path.join(tcfg.out_dir, "compare", "compare.json")) as f:
+            runs = json.load(f)["runs"]
+        results[name] = {"measured": measured, "tests": tests, "rows": opts.compare_methods.split(","),
+                         "wall": time.perf_counter() - t0, "minutes": sum(r["summary"]["seconds"] for r in runs) / 60}
+    lines = summary_lines(results, opts)
+    with open(os.path.join(cfg.out_dir, "tasks.json"), "w") as f:
+        json.dump({"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)}, "tasks": results}, f, indent=1)
+    with open(os.path.join(cfg.out_dir, "tasks.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    cli(run=run_tasks, extra=TasksOptions, description="every method on every embedded task (experiments/tasks.py)")

@@ -1,0 +1,164 @@
+"""
+plumbing/tasks.py: the embedded tasks beyond the default one, each built to probe one mechanism
+SAIL claims, and the registry that `--task` names.
+
+    python train.py --task explore        # or offpolicy; the default, review, is data.make_task
+    python -m experiments.tasks           # each task's measured properties, and its comparison
+
+A task is a data.Task: training and held-out prompts, an SFT corpus, offline pairs labelled by its
+gold reward (ties dropped and charged, as data.make_task does), and that gold reward (Task.gold).
+The step's code does not know which task runs; a learner who reads the review task need not read
+this file.
+
+  * review (data.make_task): short reviews, scored for sentiment, topic, repetition and a finished
+    sentence. Good reviews are common under the SFT model; it probes neither mechanism below.
+  * explore: the gold reward's best responses are rare under the SFT model. Each category of
+    subject has one key word (KEY_WORDS) worth 3 of the reward's 4 points, and the SFT corpus
+    uses the subject's own key word in EXPLORE_KEY_RATE (2%) of its texts (and another
+    category's, worth nothing, as often), so a method must find the key words by sampling.
+    `explore_reward` is written out below and tested by hand.
+  * offpolicy: the review task (its prompts, SFT corpus and gold reward, data.make_task's, bit for
+    bit) with offline pairs written in another style: longer, in the present tense, with openers
+    and hedges ("honestly , in my view") the SFT corpus never uses, so offline DPO trains on texts
+    its policy would rarely write. Only the offline pairs differ from the review task.
+
+experiments/tasks.py measures what each task is built to have (the share of SFT samples in the
+explore task's top band, the SFT model's log-likelihood of each task's offline responses against
+its own samples); docs/tasks.md has the figures.
+
+Departures from the paper:
+  1. The paper's tasks are real datasets (PKU-SafeRLHF, UltraFeedback) scored by 7B reward models;
+     these are small synthetic tasks with exact gold rewards, so that each mechanism can be
+     isolated and every run is minutes on a CPU.
+"""
+import random
+import re
+
+import numpy as np
+
+from data import ADVERBS, NEUTRAL, Task, make_task
+from reward import ASPECTS, CATEGORY_OF, NEGATIVE, POSITIVE, STOPWORDS, gold_reward, subject_of
+
+# ---------------------------------------------------------------------------------------------
+# explore: the best responses are rare under the SFT model
+
+KEY_WORDS = {"food": "fresh", "film": "classic", "place": "hidden", "gadget": "wireless"}  # worth 3 points each
+EXPLORE_KEY_RATE = 0.02  # the share of SFT texts with the subject's own key word (and, as often, another category's)
+DESCRIPTIONS = ["red", "blue", "green", "small", "large", "round", "heavy", "light", "soft", "warm", "cold", "dark", "bright",
+                "simple", "modern", "busy", "long", "short"]  # words worth nothing to explore_reward
+EXPLORE_PROMPTS = ["Describe the {s}:", "A few words on the {s}:", "Say something about the {s}:", "Tell me about the {s}:",
+                   "What is the {s} like?", "The {s} in a sentence:", "Describe this {s}:", "Picture the {s}:"]
+EXPLORE_TEMPLATES = ["the {s} is {a} .", "the {s} is {a} and {b} .", "a {a} {s} .", "the {s} has a {a} {x} .",
+                     "it is {a} .", "the {o} is {a} .", "the {s} is {a} , the {x} is {b} .", "{a} , {a} , {a} ."]
+TOP_BAND = {"explore": 3.0}  # a task's top reward band: experiments/tasks.py reports the SFT model's share in it
+_WORD = re.compile(r"[a-z]+")
+
+
+def explore_reward(prompt, response):
+    """Score one description; at most 4, the SFT model's responses average ~1.
+
+    key        +3 if it holds the key word of the subject's category (KEY_WORDS[category]).
+    on topic   +1 if it names the subject or one of its category's aspects and no other subject.
+    repetition -0.5 for each repeated content word (anything outside reward.STOPWORDS).
+    finished   -1 unless the text ends with "." (a response cut off by the length limit).
+    An empty response scores -2.
+    """
+    words = _WORD.findall(response.lower())
+    if not words:
+        return -2.0
+    subject = subject_of(prompt)
+    category = CATEGORY_OF.get(subject)
+    key = category is not None and KEY_WORDS[category] in words
+    named = {w for w in words if w in CATEGORY_OF}
+    on_topic = bool(({subject} | set(ASPECTS.get(category, []))) & set(words)) and named <= {subject}
+    content = [w for w in words if w not in STOPWORDS]
+    repeats = len(content) - len(set(content))
+    finished = response.rstrip().endswith(".")
+    return float(3 * key + on_topic - 0.5 * repeats - (not finished))
+
+
+def task_rng(seed, task):
+    """A Python random stream for `task`'s texts: drawn from the root seed with np.random.SeedSequence,
+    its spawn key the task's place in TASKS, so that no two tasks (nor the review task's
+    random.Random(seed)) share numbers."""
+    return random.Random(int(np.random.SeedSequence(seed, spawn_key=(list(TASKS).index(task),)).generate_state(1)[0]))
+
+
+def labelled_pairs(rng, prompts, n, respond, gold):
+    """n offline pairs on `prompts`: two responses of `respond(rng, prompt)`, the chosen one by the
+    gold reward; a tie is dropped and its label charged to the next pair kept (data.make_task's rule)."""
+    pairs, spent = [], 0
+    while len(pairs) < n:
+        prompt = rng.choice(prompts)
+        y1, y2 = respond(rng, prompt), respond(rng, prompt)
+        r1, r2 = gold(prompt, y1), gold(prompt, y2)
+        spent += 1
+        if r1 != r2:
+            chosen, rejected = (y1, y2) if r1 > r2 else (y2, y1)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "labels": spent})
+            spent = 0
+    return pairs
+
+
+def make_description(rng, subject):
+    """One description of `subject` from the explore task's SFT distribution."""
+    category = CATEGORY_OF[subject]
+    u = rng.random()
+    if u < EXPLORE_KEY_RATE:  # the subject's own key word, in the first adjective's place
+        a = KEY_WORDS[category]
+    elif u < 2 * EXPLORE_KEY_RATE:  # another category's: a decoy worth nothing
+        a = KEY_WORDS[rng.choice([c for c in KEY_WORDS if c != category])]
+    else:
+        a = rng.choice(DESCRIPTIONS)
+    other = rng.choice([s for s in CATEGORY_OF if s != subject])
+    return " " + rng.choice(EXPLORE_TEMPLATES).format(s=subject, o=other, x=rng.choice(ASPECTS[category]), a=a,
+                                                      b=rng.choice(DESCRIPTIONS))
+
+
+def make_explore_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs=256):
+    """The explore task, deterministically from `seed`, laid out as data.make_task's."""
+    rng = task_rng(seed, "explore")
+    prompts = [t.format(s=s) for t in EXPLORE_PROMPTS for s in CATEGORY_OF]  # 8 x 24 = 192
+    rng.shuffle(prompts)
+    eval_prompts, train_prompts = prompts[:n_eval_prompts], prompts[n_eval_prompts:]
+
+    def respond(rng, prompt):
+        return make_description(rng, subject_of(prompt))
+
+    sft = [(p, respond(rng, p)) for p in (rng.choice(prompts) for _ in range(n_sft))]
+    return Task(sft, train_prompts, eval_prompts, labelled_pairs(rng, train_prompts, n_pairs, respond, explore_reward),
+                labelled_pairs(rng, eval_prompts, n_eval_pairs, respond, explore_reward), gold=explore_reward)
+
+
+# ---------------------------------------------------------------------------------------------
+# offpolicy: the review task with offline pairs from another distribution
+
+OFFPOLICY_TEMPLATES = [  # the review task's lexicon in a style its SFT corpus never uses
+    "honestly , in my view the {s} is {a} .", "frankly , this {s} is {v} {a} overall .",
+    "i say the {s} is {a} , though its {x} is {b} .", "overall , a {a} {s} with a {b} {x} .",
+    "to me the {s} seems {a} and {b} .", "in short , the {x} is {a} .", "honestly , the {o} seems {a} .",
+]
+
+
+def make_offpolicy_review(rng, subject):
+    """One review of `subject` in the off-policy style (the review task's adjectives, odds and subjects)."""
+    a, b = (rng.choice(rng.choice([POSITIVE, NEGATIVE, NEUTRAL])) for _ in range(2))
+    other = rng.choice([s for s in CATEGORY_OF if s != subject])
+    aspect = rng.choice(ASPECTS[CATEGORY_OF[subject]])
+    return " " + rng.choice(OFFPOLICY_TEMPLATES).format(s=subject, o=other, x=aspect, a=a, b=b, v=rng.choice(ADVERBS))
+
+
+def make_offpolicy_task(seed=0, n_pairs=4096, n_eval_pairs=256):
+    """The review task of `seed` with its offline pairs (and held-out pairs) replaced by off-policy ones."""
+    review = make_task(seed)
+    rng = task_rng(seed, "offpolicy")
+
+    def respond(rng, prompt):
+        return make_offpolicy_review(rng, subject_of(prompt))
+
+    return Task(review.sft, review.train_prompts, review.eval_prompts,
+                labelled_pairs(rng, review.train_prompts, n_pairs, respond, gold_reward),
+                labelled_pairs(rng, review.eval_prompts, n_eval_pairs, respond, gold_reward), gold=gold_reward)
+
+
+TASKS = {"review": make_task, "explore": make_explore_task, "offpolicy": make_offpolicy_task}  # --task NAME
