@@ -1446,6 +1446,21 @@ def test_self_labels_are_drawn_with_beta():
     assert labels.y1_wins.float().mean().item() == pytest.approx(torch.sigmoid(t(0.2)).item(), abs=0.03)
 
 
+@pytest.mark.parametrize("mode,ties", [("hard", 2), ("sampled", 0)])
+def test_oracle_ties_are_counted_for_hard_labels_only(mode, ties):
+    """Four SAIL-PR pairs and one offline, two of the four tied: hard labels count 2 ties in 4 queries;
+    sampled labels give every pair a label (a tie a fair coin), so none is counted as a tie."""
+    B = 5
+    pairs = SimpleNamespace(route=np.array([sail.OFFLINE] + [sail.PR] * 4), prompts=["x"] * B, texts=[f"y{i}" for i in range(2 * B)])
+    rewards = {"y1": 1.0, "y2": 0.0, "y3": 2.0, "y4": 3.0, "y6": 1.0, "y7": 1.0, "y8": 2.0, "y9": 0.0}  # pair i: y_i, y_(5+i); 1, 3 tied
+
+    run = SimpleNamespace(cfg=SimpleNamespace(label_mode=mode, ties="average"),
+                          labeller=lambda prompts, texts: t([rewards[y] for y in texts]))
+    labels = train.oracle_labels(run, SimpleNamespace(label_gen=torch.Generator().manual_seed(0)), pairs)
+    assert labels.queries == 4 and labels.ties == ties
+    assert labels.valid.tolist() == ([True, False, True, False, True] if mode == "hard" else [True] * 5)
+
+
 def test_the_step_clips_the_gradient_to_grad_clip(cache):
     """--grad_clip c: the update is made with the gradient scaled to norm c; the step returns the norm before."""
     run, state = perturbed_run(cache, ["--method", "mix", "--grad_clip", "0.001"])

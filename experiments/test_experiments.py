@@ -477,3 +477,57 @@ def test_the_tasks_driver_measures_each_task_and_compares_its_rows(tmp_path, cac
     table = (tmp_path / "tasks.md").read_text()
     assert "| offpolicy | " in table and "## Δ gold reward against online DPO at equal KL" in table and "| offpolicy | sail-pr-g1 |" in table
     assert json.loads((tmp_path / "tasks.json").read_text())["tasks"]["offpolicy"]["measured"] == m
+    runs = json.loads((tmp_path / "offpolicy" / "compare" / "compare.json").read_text())["runs"]
+    assert results["offpolicy"]["minutes"] == pytest.approx(sum(r["summary"]["seconds"] for r in runs) / 60)
+
+
+def test_a_tasks_table_cell_is_starred_where_holms_p_is_below_005():
+    def test(p, p_holm):
+        return {"difference": 0.1, "half_width": 0.05, "p": p, "p_holm": p_holm}
+
+    cells = tasks.verdicts({"a@1": test(0.01, 0.07), "b@1": test(0.01, 0.049), "c@1": test(0.01, 0.05)}, [1], ["a", "b", "c"])
+    assert [c[0].endswith(" *") for c in cells.values()] == [False, True, False]
+
+
+def test_the_measured_properties_by_hand(monkeypatch):
+    """Two held-out prompts x 2 samples scored 3, 1 (pizza) and 4, 2 (soup): gold 2.5, half in the top band,
+    the half-width over the prompts' means; the best response scored on every prompt (the least kept);
+    the own samples drawn on the offline pairs' prompts, and the offline responses chosen and rejected."""
+    from types import SimpleNamespace
+    task = SimpleNamespace(eval_prompts=["Describe the pizza:", "Describe the soup:"],
+                           pairs=[{"prompt": "P1", "chosen": "c1", "rejected": "r1"}, {"prompt": "P2", "chosen": "c2", "rejected": "r2"}],
+                           gold=lambda p, y: float(y) if y[0].isdigit() else (4.0 if "pizza" in p else 3.0))
+    sampled, encoded = [], []
+    monkeypatch.setattr(tasks, "sample_batches", lambda m, tok, prompts, cfg, dev, g: sampled.append(list(prompts)) or [prompts])
+    monkeypatch.setattr(tasks.data, "decode", lambda tok, ids, mask: ["3", "1", "4", "2"])
+    monkeypatch.setattr(tasks.data, "encode_responses", lambda tok, p, y, *a: encoded.append((p, y)) or (torch.zeros(1),))
+    monkeypatch.setattr(tasks, "token_logp", lambda m, batches, d: 0.0)
+    m = tasks.properties(train.parse_args(["--task", "explore"]), task, None, None, torch.device("cpu"), 2)
+    assert m["gold_sft"] == 2.5 and m["top_band_share"] == 0.5 and m["best_response"] == 3.0
+    assert m["gold_sft_half"] == pytest.approx(1.96 * 0.5 ** 0.5 / 2 ** 0.5)  # the prompts' means 2 and 3: std 0.707, over sqrt(2)
+    assert sampled[1] == ["P1", "P1", "P2", "P2"] and encoded == [(["P1", "P1", "P2", "P2"], ["c1", "r1", "c2", "r2"])]
+
+
+def test_token_logp_is_per_response_token(monkeypatch):
+    monkeypatch.setattr(tasks, "sequence_logps_of", lambda m, ids, attn, resp, amp: -resp.sum(1).float())  # -1 per response token
+    b = (torch.zeros(2, 5), torch.ones(2, 5), torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]))
+    assert tasks.token_logp(None, [b, b], torch.device("cpu")) == -1.0
+
+
+def test_the_tasks_property_row_by_hand():
+    opts = tasks.TasksOptions(compare_kl_budgets="1", compare_label_budgets="10")
+    m = {"samples": 512, "gold_sft": 1.0, "gold_sft_half": 0.1, "top_band_share": 0.5, "best_response": 4.0, "logp_own": -2.0,
+         "logp_offline": -5.0}
+    lines = tasks.summary_lines({"explore": {"measured": m, "tests": {"kl": {}, "labels": {}}, "rows": ["online-dpo", "sail-pr"],
+                                             "wall": 60.0, "minutes": 2.0}}, opts)
+    assert "| explore | 1.00 ± 0.10 | 50.0% | 4 | -2.00 | -5.00 | -3.00 |" in lines
+
+
+def test_paired_skips_a_pair_of_rows_only_when_both_hold_the_sft_model_alone_at_every_seed():
+    found = {("a", 2): {0: (1.0, {}), 1: (2.0, {})}, ("b", 2): {0: (0.5, {}), 1: (0.7, {})}}
+    both = [[1.0, 0.5], [2.0, 0.7]]
+    for a_alone, b_alone, expected in [
+            ({0: True, 1: True}, {0: True, 1: False}, both),   # b has a later checkpoint within the budget at seed 1: tested
+            ({0: True, 1: True}, {0: False, 1: False}, both),  # one row alone is a finding, not a construction: tested
+            ({0: True, 1: True}, {0: True, 1: True}, None)]:   # both alone at every seed: 0 by construction, not tested
+        assert frontier.paired(found, {("a", 2): a_alone, ("b", 2): b_alone}, 2, ["a", "b"]) == expected

@@ -592,6 +592,8 @@ def test_the_official_terms_baseline_and_size():
     (" fresh , fresh , fresh .", 2.0),       # +3, -0.5 per repeat, off topic
     (" the pizza is fresh", 3.0),            # unfinished: -1
     (" the taste is warm .", 1.0),           # an aspect of food is on topic
+    (" the pizza and the soup are fresh .", 3.0),  # two subjects: off topic
+    (" the pizza is fresh . ", 4.0),         # a trailing space: still finished
     ("", -2.0),
 ])
 def test_explore_reward_by_hand(response, expected):
@@ -662,3 +664,34 @@ def test_a_run_on_the_explore_task_is_scored_by_its_gold_reward(tmp_path, monkey
     train.main(train.parse_args(argv))
     assert len(scored) > building and set(scored) <= set(task.train_prompts + task.eval_prompts)  # its online pairs and evaluations too
     assert os.path.isdir(tmp_path / "cache" / "embedded-sft-explore-task0-steps20")
+
+
+def test_labelled_pairs_by_hand():
+    """A tie is dropped and its label charged to the next pair kept; the chosen response is the gold reward's."""
+    import random
+    texts = iter(["a", "b", "a", "c", "c", "a"])  # a tie (a, b: both 0), then (a, c) and (c, a)
+    pairs = tasks.labelled_pairs(random.Random(0), ["P"], 2, lambda rng, p: next(texts), lambda p, y: float(y == "c"))
+    assert [(x["chosen"], x["rejected"], x["labels"]) for x in pairs] == [("c", "a", 2), ("c", "a", 1)]
+
+
+def test_an_explore_decoy_is_another_categorys_key_word_and_the_corpus_covers_every_prompt():
+    first = SimpleNamespace(random=lambda: 0.03, choice=lambda xs: list(xs)[0])  # in the decoy band; the first of each choice
+    assert tasks.make_description(first, "pizza") == " the pizza is classic ."  # film's key word, not food's "fresh"
+    task = tasks.make_explore_task(0)
+    assert {p for p, _ in task.sft} == set(task.train_prompts + task.eval_prompts)
+
+
+def test_the_offpolicy_tasks_pairs_held_out_ones_included_are_its_own():
+    review, off = data.make_task(0), tasks.make_offpolicy_task(0)
+    sft_words = {w for _, y in review.sft for w in y.split()}
+    assert all(set(x[k].split()) - sft_words for x in off.eval_pairs for k in ("chosen", "rejected"))
+    assert {w for x in off.pairs for w in x["rejected"].split()} & set(reward.NEGATIVE)
+
+    def respond(rng, prompt):
+        return tasks.make_offpolicy_review(rng, reward.subject_of(prompt))
+
+    assert off.pairs[:1] == tasks.labelled_pairs(tasks.task_rng(0, "offpolicy"), review.train_prompts, 1, respond, reward.gold_reward)
+
+
+def test_the_task_follows_task_seed_not_seed():
+    assert data.embedded_task(train.parse_args(["--task", "explore", "--seed", "3"])).pairs[:5] == tasks.make_explore_task(0).pairs[:5]
