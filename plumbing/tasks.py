@@ -14,7 +14,7 @@ this file.
     sentence. Good reviews are common under the SFT model; it probes neither mechanism below.
   * explore: the gold reward's best responses are rare under the SFT model. Each category of
     subject has one key word (KEY_WORDS) worth 3 of the reward's 4 points, and the SFT corpus
-    uses the subject's own key word in EXPLORE_KEY_RATE (2%) of its texts (and another
+    uses the subject's own key word in EXPLORE_KEY_RATE (5%) of its texts (and another
     category's, worth nothing, as often), so a method must find the key words by sampling.
     `explore_reward` is written out below and tested by hand.
   * offpolicy: the review task (its prompts, SFT corpus and gold reward, data.make_task's, bit for
@@ -43,7 +43,7 @@ from reward import ASPECTS, CATEGORY_OF, NEGATIVE, POSITIVE, STOPWORDS, gold_rew
 # explore: the best responses are rare under the SFT model
 
 KEY_WORDS = {"food": "fresh", "film": "classic", "place": "hidden", "gadget": "wireless"}  # worth 3 points each
-EXPLORE_KEY_RATE = 0.02  # the share of SFT texts with the subject's own key word (and, as often, another category's)
+EXPLORE_KEY_RATE = 0.05  # the share of SFT texts with the subject's own key word (and, as often, another category's)
 DESCRIPTIONS = ["red", "blue", "green", "small", "large", "round", "heavy", "light", "soft", "warm", "cold", "dark", "bright",
                 "simple", "modern", "busy", "long", "short"]  # words worth nothing to explore_reward
 EXPLORE_PROMPTS = ["Describe the {s}:", "A few words on the {s}:", "Say something about the {s}:", "Tell me about the {s}:",

@@ -621,14 +621,14 @@ def test_the_tasks_draw_their_texts_from_streams_of_their_own():
 
 
 def test_the_explore_tasks_best_responses_are_rare_in_its_sft_corpus():
-    """The corpus says the subject's key word in 2% of its texts (the SFT model's samples: measured by
-    experiments/tasks.py, about 1%); nothing scores above 4, which a short sentence reaches."""
+    """The corpus says the subject's key word in 5% of its texts (the SFT model's samples: measured by
+    experiments/tasks.py, about 2%); nothing scores above 4, which a short sentence reaches."""
     task = tasks.make_explore_task(0)
     rewards = [task.gold(p, y) for p, y in task.sft]
     top = sum(r >= 3 for r in rewards) / len(rewards)
-    assert 0.01 < top < 0.03 and max(rewards) == 4.0 and sum(rewards) / len(rewards) < 1.0
+    assert 0.03 < top < 0.06 and max(rewards) == 4.0 and sum(rewards) / len(rewards) < 1.0
     decoys = sum(any(w in y.split() for w in tasks.KEY_WORDS.values()) and task.gold(p, y) < 3 for p, y in task.sft) / len(task.sft)
-    assert 0.01 < decoys < 0.03  # another category's key word, as often
+    assert 0.03 < decoys < 0.06  # another category's key word, as often
 
 
 def test_the_offpolicy_task_is_the_review_task_but_its_offline_pairs():
@@ -675,7 +675,7 @@ def test_labelled_pairs_by_hand():
 
 
 def test_an_explore_decoy_is_another_categorys_key_word_and_the_corpus_covers_every_prompt():
-    first = SimpleNamespace(random=lambda: 0.03, choice=lambda xs: list(xs)[0])  # in the decoy band; the first of each choice
+    first = SimpleNamespace(random=lambda: 0.07, choice=lambda xs: list(xs)[0])  # in the decoy band (0.05 to 0.1); the first of each choice
     assert tasks.make_description(first, "pizza") == " the pizza is classic ."  # film's key word, not food's "fresh"
     task = tasks.make_explore_task(0)
     assert {p for p, _ in task.sft} == set(task.train_prompts + task.eval_prompts)
