@@ -1461,6 +1461,18 @@ def test_oracle_ties_are_counted_for_hard_labels_only(mode, ties):
     assert labels.valid.tolist() == ([True, False, True, False, True] if mode == "hard" else [True] * 5)
 
 
+def test_the_logged_margin_orders_each_pair_by_its_labels(monkeypatch):
+    """train_step hands the metrics line h = Delta(y_w) - Delta(y_l) by the labels: pair 0 keeps y1 as
+    chosen (1 - 3 = -2), pair 1's label picks y2 (5 - 2 = 3), not Delta(y1) - Delta(y2) (-3)."""
+    labels = SimpleNamespace(y1_wins=torch.tensor([True, False]))
+    monkeypatch.setattr(train, "alignment_step", lambda run, state: ("pairs", labels, t([1.0, 2.0, 3.0, 5.0]), t(0.0)))
+    seen = {}
+    monkeypatch.setattr(train.outputs, "step_metrics", lambda run, state, step, pairs, labels, h, *rest: seen.setdefault("h", h))
+    run = SimpleNamespace(world=1, ref_every=0, cfg=SimpleNamespace(grad_accum=1, method="online-dpo", revkl=0.0, response_term="exact"))
+    train.train_step(run, SimpleNamespace(), 1)
+    assert seen["h"].tolist() == [-2.0, 3.0]
+
+
 def test_the_step_clips_the_gradient_to_grad_clip(cache):
     """--grad_clip c: the update is made with the gradient scaled to norm c; the step returns the norm before."""
     run, state = perturbed_run(cache, ["--method", "mix", "--grad_clip", "0.001"])

@@ -3,8 +3,8 @@ experiments/tasks.py: the answer on every embedded task, not one. For each task 
 what it is built to have, measured, then the comparison at equal KL and at equal gold labels
 (experiments/compare.py, over its betas and seeds), and one table across the tasks.
 
-    python -m experiments.tasks --out_dir runs/tasks       # 3 tasks x 6 rows x 3 betas x 5 seeds
-    python -m experiments.tasks --out_dir runs/tasks --tasks explore --compare_seeds 2   # any compare option
+    python -m experiments.tasks --out_dir runs/tasks --eval_every 10   # 3 tasks x 6 rows x 3 betas x 5 seeds
+    python -m experiments.tasks --out_dir runs/tasks --tasks explore --compare_seeds 2   # any compare or train.py option
 
 Writes OUT_DIR/tasks.md and tasks.json: per task, its measured properties (`measure`): the SFT
 model's gold reward on the held-out prompts, the share of its samples in the top reward band, the
