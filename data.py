@@ -28,6 +28,7 @@ Departures from the paper:
      embedded task is a small synthetic one so that the full loop runs on a laptop CPU.
 """
 import functools
+import hashlib
 import json
 import math
 import os
@@ -141,19 +142,23 @@ def build_tokenizer(texts, vocab_size=512):
 EMBEDDED_POSITIONS = 64  # the embedded model's context: prompt + response tokens
 
 
-def embedded_path(cfg):
-    """Where the embedded SFT model of these settings is cached."""
-    task = "" if cfg.task == "review" else f"{cfg.task}-"  # each task's SFT model is trained on its own corpus
-    return os.path.join(cfg.cache_dir, f"embedded-sft-{task}task{cfg.task_seed}-steps{cfg.sft_steps}")
+def embedded_path(cfg, task=None):
+    """Where the embedded SFT model of these settings is cached: the review task's by its seed and SFT
+    steps; another task's (--task) by a digest of its SFT corpus too, so that a changed corpus gets a
+    new model. task: cfg's task, if already built."""
+    if cfg.task == "review":
+        return os.path.join(cfg.cache_dir, f"embedded-sft-task{cfg.task_seed}-steps{cfg.sft_steps}")
+    corpus = hashlib.sha1(json.dumps((task or embedded_task(cfg)).sft).encode()).hexdigest()[:10]
+    return os.path.join(cfg.cache_dir, f"embedded-sft-{cfg.task}-{corpus}-task{cfg.task_seed}-steps{cfg.sft_steps}")
 
 
 def embedded_policy(cfg, task, device):
     """(model, tokenizer, seconds SFT took): the embedded SFT model, loaded from --cache_dir, or a
-    tiny GPT-2 built, fine-tuned on task.sft and saved there. cfg: the run's Config (its sft_*,
+    tiny GPT-2 built, fine-tuned on task.sft and saved there. cfg: the run's Config (its sft_*, task,
     task_seed, cache_dir, max_prompt_len and max_new_tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    path = embedded_path(cfg)
+    path = embedded_path(cfg, task)
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"sft: loading the cached SFT model from {path}")
         what = "--cache_dir holds a broken SFT model (delete it to train it again):"

@@ -18,9 +18,10 @@ this file.
     category's, worth nothing, as often), so a method must find the key words by sampling.
     `explore_reward` is written out below and tested by hand.
   * offpolicy: the review task (its prompts, SFT corpus and gold reward, data.make_task's, bit for
-    bit) with offline pairs written in another style: longer, in the present tense, with openers
-    and hedges ("honestly , in my view") the SFT corpus never uses, so offline DPO trains on texts
-    its policy would rarely write. Only the offline pairs differ from the review task.
+    bit) with each response of its offline pairs, and of its held-out pairs, opened by a phrase its
+    SFT corpus never uses ("honestly ,", "in short ,": OPENERS). The gold reward ignores the
+    opener, so every pair keeps its texts after it, its label and its label cost: the one change is
+    that offline DPO trains on texts its policy would rarely write.
 
 experiments/tasks.py measures what each task is built to have (the share of SFT samples in the
 explore task's top band, the SFT model's log-likelihood of each task's offline responses against
@@ -36,12 +37,13 @@ import re
 
 import numpy as np
 
-from data import ADVERBS, NEUTRAL, Task, make_task
-from reward import ASPECTS, CATEGORY_OF, NEGATIVE, POSITIVE, STOPWORDS, gold_reward, subject_of
+from data import Task, make_task
+from reward import ASPECTS, CATEGORY_OF, STOPWORDS, gold_reward, subject_of
 
 # ---------------------------------------------------------------------------------------------
 # explore: the best responses are rare under the SFT model
 
+STREAM_ID = {"explore": 1, "offpolicy": 2}  # each task's spawn key for its random stream: never renumber (it would change the texts)
 KEY_WORDS = {"food": "fresh", "film": "classic", "place": "hidden", "gadget": "wireless"}  # worth 3 points each
 EXPLORE_KEY_RATE = 0.05  # the share of SFT texts with the subject's own key word (and, as often, another category's)
 DESCRIPTIONS = ["red", "blue", "green", "small", "large", "round", "heavy", "light", "soft", "warm", "cold", "dark", "bright",
@@ -50,12 +52,11 @@ EXPLORE_PROMPTS = ["Describe the {s}:", "A few words on the {s}:", "Say somethin
                    "What is the {s} like?", "The {s} in a sentence:", "Describe this {s}:", "Picture the {s}:"]
 EXPLORE_TEMPLATES = ["the {s} is {a} .", "the {s} is {a} and {b} .", "a {a} {s} .", "the {s} has a {a} {x} .",
                      "it is {a} .", "the {o} is {a} .", "the {s} is {a} , the {x} is {b} .", "{a} , {a} , {a} ."]
-TOP_BAND = {"explore": 3.0}  # a task's top reward band: experiments/tasks.py reports the SFT model's share in it
 _WORD = re.compile(r"[a-z]+")
 
 
 def explore_reward(prompt, response):
-    """Score one description; at most 4, the SFT model's responses average ~1.
+    """Score one description; at most 4, the SFT model's responses average ~0.6.
 
     key        +3 if it holds the key word of the subject's category (KEY_WORDS[category]).
     on topic   +1 if it names the subject or one of its category's aspects and no other subject.
@@ -79,9 +80,9 @@ def explore_reward(prompt, response):
 
 def task_rng(seed, task):
     """A Python random stream for `task`'s texts: drawn from the root seed with np.random.SeedSequence,
-    its spawn key the task's place in TASKS, so that no two tasks (nor the review task's
-    random.Random(seed)) share numbers."""
-    return random.Random(int(np.random.SeedSequence(seed, spawn_key=(list(TASKS).index(task),)).generate_state(1)[0]))
+    its spawn key STREAM_ID[task], so that no two tasks (nor the review task's random.Random(seed))
+    share numbers."""
+    return random.Random(int(np.random.SeedSequence(seed, spawn_key=(STREAM_ID[task],)).generate_state(1)[0]))
 
 
 def labelled_pairs(rng, prompts, n, respond, gold):
@@ -106,7 +107,7 @@ def make_description(rng, subject):
     u = rng.random()
     if u < EXPLORE_KEY_RATE:  # the subject's own key word, in the first adjective's place
         a = KEY_WORDS[category]
-    elif u < 2 * EXPLORE_KEY_RATE:  # another category's: a decoy worth nothing
+    elif u < 2 * EXPLORE_KEY_RATE:  # a decoy: another category's key word, worth nothing (a key word pays only for its own category)
         a = KEY_WORDS[rng.choice([c for c in KEY_WORDS if c != category])]
     else:
         a = rng.choice(DESCRIPTIONS)
@@ -125,40 +126,31 @@ def make_explore_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_ev
     def respond(rng, prompt):
         return make_description(rng, subject_of(prompt))
 
+    # as data.make_task: the SFT text covers every prompt (unlabelled); held-out prompts get no training pair
     sft = [(p, respond(rng, p)) for p in (rng.choice(prompts) for _ in range(n_sft))]
     return Task(sft, train_prompts, eval_prompts, labelled_pairs(rng, train_prompts, n_pairs, respond, explore_reward),
                 labelled_pairs(rng, eval_prompts, n_eval_pairs, respond, explore_reward), gold=explore_reward)
 
 
 # ---------------------------------------------------------------------------------------------
-# offpolicy: the review task with offline pairs from another distribution
+# offpolicy: the review task with its offline pairs' responses opened by phrases its SFT model never writes
 
-OFFPOLICY_TEMPLATES = [  # the review task's lexicon in a style its SFT corpus never uses
-    "honestly , in my view the {s} is {a} .", "frankly , this {s} is {v} {a} overall .",
-    "i say the {s} is {a} , though its {x} is {b} .", "overall , a {a} {s} with a {b} {x} .",
-    "to me the {s} seems {a} and {b} .", "in short , the {x} is {a} .", "honestly , the {o} seems {a} .",
-]
+OPENERS = ["honestly ,", "frankly ,", "overall ,", "all in all ,", "in short ,"]  # no word of the SFT corpus or of the gold reward
 
 
-def make_offpolicy_review(rng, subject):
-    """One review of `subject` in the off-policy style (the review task's adjectives, odds and subjects)."""
-    a, b = (rng.choice(rng.choice([POSITIVE, NEGATIVE, NEUTRAL])) for _ in range(2))
-    other = rng.choice([s for s in CATEGORY_OF if s != subject])
-    aspect = rng.choice(ASPECTS[CATEGORY_OF[subject]])
-    return " " + rng.choice(OFFPOLICY_TEMPLATES).format(s=subject, o=other, x=aspect, a=a, b=b, v=rng.choice(ADVERBS))
-
-
-def make_offpolicy_task(seed=0, n_pairs=4096, n_eval_pairs=256):
-    """The review task of `seed` with its offline pairs (and held-out pairs) replaced by off-policy ones."""
+def make_offpolicy_task(seed=0):
+    """The review task of `seed`, each response of its offline and held-out pairs opened by one of
+    OPENERS, drawn for each response from the task's own stream. The gold reward ignores the opener
+    (tested), so chosen stays chosen and every pair keeps the labels it cost."""
     review = make_task(seed)
     rng = task_rng(seed, "offpolicy")
 
-    def respond(rng, prompt):
-        return make_offpolicy_review(rng, subject_of(prompt))
+    def restyled(pairs):
+        return [{**x, "chosen": " " + rng.choice(OPENERS) + x["chosen"], "rejected": " " + rng.choice(OPENERS) + x["rejected"]}
+                for x in pairs]
 
-    return Task(review.sft, review.train_prompts, review.eval_prompts,
-                labelled_pairs(rng, review.train_prompts, n_pairs, respond, gold_reward),
-                labelled_pairs(rng, review.eval_prompts, n_eval_pairs, respond, gold_reward), gold=gold_reward)
+    return Task(review.sft, review.train_prompts, review.eval_prompts, restyled(review.pairs), restyled(review.eval_pairs),
+                gold=gold_reward)
 
 
 TASKS = {"review": make_task, "explore": make_explore_task, "offpolicy": make_offpolicy_task}  # --task NAME

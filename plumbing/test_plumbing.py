@@ -614,9 +614,10 @@ def test_each_task_is_deterministic_held_out_and_labelled_by_its_gold_reward(nam
 
 def test_the_tasks_draw_their_texts_from_streams_of_their_own():
     import random
-    firsts = [tuple(tasks.task_rng(0, name).random() for _ in range(3)) for name in tasks.TASKS]
+    assert set(tasks.STREAM_ID) == set(tasks.TASKS) - {"review"} and len(set(tasks.STREAM_ID.values())) == len(tasks.STREAM_ID)
+    firsts = [tuple(tasks.task_rng(0, name).random() for _ in range(3)) for name in tasks.STREAM_ID]
     firsts.append(tuple(random.Random(0).random() for _ in range(3)))  # the review task's stream (data.make_task)
-    firsts += [tuple(tasks.task_rng(1, name).random() for _ in range(3)) for name in tasks.TASKS]
+    firsts += [tuple(tasks.task_rng(1, name).random() for _ in range(3)) for name in tasks.STREAM_ID]
     assert len(set(firsts)) == len(firsts)
 
 
@@ -631,23 +632,34 @@ def test_the_explore_tasks_best_responses_are_rare_in_its_sft_corpus():
     assert 0.03 < decoys < 0.06  # another category's key word, as often
 
 
-def test_the_offpolicy_task_is_the_review_task_but_its_offline_pairs():
+def test_the_offpolicy_task_is_the_review_task_but_an_opener_on_each_offline_response():
+    """Everything but the pairs is the review task's; each response of a pair (held-out pairs too) is
+    an opener of OPENERS, drawn from the task's own stream, then the review pair's response: the gold
+    reward, hence chosen and rejected, and each pair's label cost are the review pair's."""
+    import random
     review, off = data.make_task(0), tasks.make_offpolicy_task(0)
     assert off.sft == review.sft and off.train_prompts == review.train_prompts and off.eval_prompts == review.eval_prompts
-    sft_words = {w for _, y in review.sft for w in y.split()}
-    style = {w for x in off.pairs for k in ("chosen", "rejected") for w in x[k].split()} - sft_words
-    assert {"honestly", "frankly", "overall", "though", "seems"} <= style
-    assert all(set(x[k].split()) - sft_words for x in off.pairs for k in ("chosen", "rejected"))  # every response off the SFT corpus
+    rng, sft_words = tasks.task_rng(0, "offpolicy"), {w for _, y in review.sft for w in y.split()}
+    for x, y in zip(off.pairs + off.eval_pairs, review.pairs + review.eval_pairs):
+        assert x["prompt"] == y["prompt"] and x["labels"] == y.get("labels")
+        for k in ("chosen", "rejected"):
+            assert x[k] == " " + rng.choice(tasks.OPENERS) + y[k]
+            assert reward.gold_reward(x["prompt"], x[k]) == reward.gold_reward(y["prompt"], y[k])
+    assert all(set(o.split()) - {","} and not set(o.split()) & (sft_words - {","}) for o in tasks.OPENERS)  # words the corpus never uses
+    assert rng.random() != random.Random(0).random()
 
 
-def test_the_task_option_picks_the_prompts_pairs_gold_reward_and_sft_model(tmp_path):
+def test_the_task_option_picks_the_prompts_pairs_gold_reward_and_sft_model(tmp_path, monkeypatch):
     for name in tasks.TASKS:
         cfg = train.parse_args(["--task", name, "--cache_dir", str(tmp_path)])
         inputs, task = data.load_inputs(cfg), tasks.TASKS[name](0)
         assert inputs.task.gold is task.gold and inputs.train_prompts == task.train_prompts and inputs.pairs == task.pairs
         assert inputs.eval_prompts == task.eval_prompts
     assert data.embedded_path(train.parse_args([])) == os.path.join(".cache", "embedded-sft-task0-steps600")  # the review task's, as before
-    assert data.embedded_path(train.parse_args(["--task", "explore"])) == os.path.join(".cache", "embedded-sft-explore-task0-steps600")
+    explore = os.path.basename(data.embedded_path(train.parse_args(["--task", "explore"])))
+    assert explore.startswith("embedded-sft-explore-") and explore.endswith("-task0-steps600")  # and a digest of its SFT corpus:
+    monkeypatch.setattr(tasks, "EXPLORE_KEY_RATE", 0.1)  # another corpus, another model
+    assert os.path.basename(data.embedded_path(train.parse_args(["--task", "explore"]))) != explore
 
 
 def test_a_run_on_the_explore_task_is_scored_by_its_gold_reward(tmp_path, monkeypatch):
@@ -663,7 +675,7 @@ def test_a_run_on_the_explore_task_is_scored_by_its_gold_reward(tmp_path, monkey
             "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "o"), *FAST[2:]]
     train.main(train.parse_args(argv))
     assert len(scored) > building and set(scored) <= set(task.train_prompts + task.eval_prompts)  # its online pairs and evaluations too
-    assert os.path.isdir(tmp_path / "cache" / "embedded-sft-explore-task0-steps20")
+    assert os.path.isdir(data.embedded_path(train.parse_args(argv)))
 
 
 def test_labelled_pairs_by_hand():
@@ -679,18 +691,6 @@ def test_an_explore_decoy_is_another_categorys_key_word_and_the_corpus_covers_ev
     assert tasks.make_description(first, "pizza") == " the pizza is classic ."  # film's key word, not food's "fresh"
     task = tasks.make_explore_task(0)
     assert {p for p, _ in task.sft} == set(task.train_prompts + task.eval_prompts)
-
-
-def test_the_offpolicy_tasks_pairs_held_out_ones_included_are_its_own():
-    review, off = data.make_task(0), tasks.make_offpolicy_task(0)
-    sft_words = {w for _, y in review.sft for w in y.split()}
-    assert all(set(x[k].split()) - sft_words for x in off.eval_pairs for k in ("chosen", "rejected"))
-    assert {w for x in off.pairs for w in x["rejected"].split()} & set(reward.NEGATIVE)
-
-    def respond(rng, prompt):
-        return tasks.make_offpolicy_review(rng, reward.subject_of(prompt))
-
-    assert off.pairs[:1] == tasks.labelled_pairs(tasks.task_rng(0, "offpolicy"), review.train_prompts, 1, respond, reward.gold_reward)
 
 
 def test_the_task_follows_task_seed_not_seed():
