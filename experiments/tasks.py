@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 import data
-from experiments.compare import CompareOptions, compare
+from experiments import frontier
+from experiments.compare import CompareOptions, compare, holm, interval, t_test
 from plumbing.distributed import pick_device
 from plumbing.options import arg
 from plumbing.tasks import KEY_WORDS, TASKS
@@ -102,23 +103,56 @@ def properties(cfg, task, model, tokenizer, device, samples_per_prompt):
             "logp_offline": token_logp(model, off_batches, device), "offline_pairs": len(offline)}
 
 
-def verdicts(tests, budgets, rows):
-    """{row: "+0.12 [-0.1, +0.3]" ...} per budget: each row's Δ against online DPO with its Holm-adjusted
-    p, as one short cell per (row, budget); '—' where the comparison was not tested."""
+def interactions(runs, task, budgets, by):
+    """{"row@b": d values}: per budget, (row - online DPO) on `task` minus (row - online DPO) on the
+    review task, paired by seed (seed s's runs on both tasks draw from the same root seed): what the
+    task changes in each row's gap to online DPO, cross-fitted as frontier.budget_section's tests are,
+    and skipped where frontier.paired finds nothing to test. runs: {task: its compare.json runs}."""
+    rows = frontier.by_row_and_seed([{**r, "method": f"{t}/{r['method']}"} for t in (task, "review") for r in runs[t]])
+    out = {}
+    for b in budgets:
+        found = {(row, b): {s: frontier.best_within(points, b, by) for s, points in seeds.items()} for row, seeds in rows.items()}
+        alone = {(row, b): {s: all(p["step"] == 0 for p in frontier.within(points, b, by)) for s, points in seeds.items()}
+                 for row, seeds in rows.items()}
+        for row in dict.fromkeys(r["method"] for r in runs[task]):
+            quad = [f"{task}/{row}", f"{task}/online-dpo", f"review/{row}", "review/online-dpo"]
+            if row != "online-dpo" and all(q in rows for q in quad) and frontier.paired(found, alone, b, quad) is not None:
+                out[f"{row}@{b:g}"] = [(x - y) - (z - w) for x, y, z, w in frontier.paired(found, alone, b, quad)]
+    return out
+
+
+def task_family(vs, crossed):
+    """One Holm family for a task and a section: its rows against online DPO (compare.py's tests, their
+    unadjusted p) and its interactions with the review task; an interaction whose every difference is
+    exactly 0 (a row that reads no offline pair, on a task that changes only those) is the same runs
+    twice, and is not tested. Returns {key: {difference, half_width, p, p_holm} or {"identical": True}}."""
+    tests = {k: (v["difference"], v["half_width"], v["p"]) for k, v in vs.items()}
+    identical = {k for k, d in crossed.items() if not any(d)}
+    tests.update({f"{k} x review": (*interval(d), t_test(d)) for k, d in crossed.items() if k not in identical and len(d) >= 2})
+    adjusted = holm({k: v[2] for k, v in tests.items()})
+    return {**{k: {"difference": d, "half_width": h, "p": p, "p_holm": adjusted[k]} for k, (d, h, p) in tests.items()},
+            **{f"{k} x review": {"identical": True} for k in identical}}
+
+
+def verdicts(tests, budgets, rows, suffix=""):
+    """{row: [one cell per budget]}: the row's test "row@b" + suffix as "+0.12 [-0.10, +0.34]", * where
+    its Holm-adjusted p < 0.05; "≡ 0" for the same runs twice; "—" where nothing was tested."""
     out = {}
     for row in rows:
         cells = []
         for b in budgets:
-            t = tests.get(f"{row}@{b:g}")
-            cells.append("—" if t is None else f"{t['difference']:+.2f} [{t['difference'] - t['half_width']:+.2f}, "
-                         f"{t['difference'] + t['half_width']:+.2f}]" + (" *" if t["p_holm"] < 0.05 else ""))
+            t = tests.get(f"{row}@{b:g}{suffix}")
+            cells.append("—" if t is None else "≡ 0 (the same runs)" if t.get("identical") else
+                         f"{t['difference']:+.2f} [{t['difference'] - t['half_width']:+.2f}, {t['difference'] + t['half_width']:+.2f}]"
+                         + (" *" if t["p_holm"] < 0.05 else ""))
         out[row] = cells
     return out
 
 
 def summary_lines(results, opts):
-    """tasks.md: the measured properties, one row per task, then per task and section the Δ of every
-    row against online DPO at each budget (* where Holm's p < 0.05 within that task's section)."""
+    """tasks.md: the measured properties, one row per task; per section, every row against online DPO
+    on each task, then each other task against the review task (the interaction), * where Holm's p <
+    0.05 over that task's section (its rows against online DPO and its interactions, together)."""
     kl, labels = opts.numbers("compare_kl_budgets"), opts.numbers("compare_label_budgets")
     lines = ["## What each task is built to have, measured", "",
              f"On the SFT model, {next(iter(results.values()))['measured']['samples']} samples (temperature 1) on the held-out prompts: "
@@ -131,31 +165,48 @@ def summary_lines(results, opts):
         lines.append(f"| {name} | {m['gold_sft']:.2f} ± {m['gold_sft_half']:.2f} | {100 * m['top_band_share']:.1f}% | "
                      f"{m['best_response']:.0f} | {m['logp_own']:.2f} | {m['logp_offline']:.2f} | {m['logp_offline'] - m['logp_own']:+.2f} |")
     for by, budgets, unit in (("kl", kl, "nats"), ("labels", labels, "gold labels")):
-        lines += ["", f"## Δ gold reward against online DPO at equal {'KL' if by == 'kl' else 'gold labels'}", "",
-                  f"Best cross-fitted gold reward within each budget ({unit}) minus online DPO's, paired by seed, [95% t-interval]; "
-                  "* where Holm's p < 0.05 over that task's section; without * not resolved at this budget.", "",
+        what = "KL" if by == "kl" else "gold labels"
+        lines += ["", f"## Δ gold reward against online DPO at equal {what}", "",
+                  f"Best cross-fitted gold reward within each budget ({unit}) minus online DPO's on the same task, paired by seed, "
+                  "[95% t-interval]; * where Holm's p < 0.05 over that task's section (its rows against online DPO and its "
+                  "interactions below, together); without * not resolved at this budget.", "",
                   "| task | row | " + " | ".join(f"within {b:g}" for b in budgets) + " |", "|---|---" + "|---" * len(budgets) + "|"]
         for name, r in results.items():
             for row, cells in verdicts(r["tests"][by], budgets, [x for x in r["rows"] if x != "online-dpo"]).items():
                 lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
+        crossed = [name for name in results if name != "review" and any(k.endswith(" x review") for k in results[name]["tests"][by])]
+        if crossed:
+            lines += ["", f"Against the review task at equal {what}: (row − online DPO) on the task minus (row − online DPO) on the "
+                      "review task, paired by seed, in the task's Holm family: what the task changes in the row's gap.", "",
+                      "| task | row | " + " | ".join(f"within {b:g}" for b in budgets) + " |", "|---|---" + "|---" * len(budgets) + "|"]
+            for name in crossed:
+                r = results[name]
+                for row, cells in verdicts(r["tests"][by], budgets, [x for x in r["rows"] if x != "online-dpo"], " x review").items():
+                    lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
     lines += ["", "Time: " + "; ".join(f"{name} {r['minutes']:.1f} min of runs ({r['wall'] / 60:.1f} min this invocation)"
                                         for name, r in results.items())]
     return lines
 
 
 def run_tasks(cfg, opts):
-    """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK."""
-    results = {}
+    """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK;
+    then each other task against the review task (if it ran), and tasks.md."""
+    results, runs = {}, {}
     for name in opts.tasks.split(","):
         tcfg = dataclasses.replace(cfg, task=name, out_dir=os.path.join(cfg.out_dir, name))
         measured = measure(tcfg, opts.tasks_samples)
         print(f"tasks: {name}: {json.dumps(measured)}")
         t0 = time.perf_counter()
-        tests = compare(tcfg, opts)
+        vs = compare(tcfg, opts)
         with open(os.path.join(tcfg.out_dir, "compare", "compare.json")) as f:
-            runs = json.load(f)["runs"]
-        results[name] = {"measured": measured, "tests": tests, "rows": opts.compare_methods.split(","),
-                         "wall": time.perf_counter() - t0, "minutes": sum(r["summary"]["seconds"] for r in runs) / 60}
+            runs[name] = json.load(f)["runs"]
+        results[name] = {"measured": measured, "vs": vs, "rows": opts.compare_methods.split(","),
+                         "wall": time.perf_counter() - t0, "minutes": sum(r["summary"]["seconds"] for r in runs[name]) / 60}
+    for name, r in results.items():
+        r["tests"] = {by: task_family(r["vs"][by], interactions(runs, name, opts.numbers(budgets), by)
+                                      if name != "review" and "review" in runs else {})
+                      for by, budgets in (("kl", "compare_kl_budgets"), ("labels", "compare_label_budgets"))}
+        del r["vs"]
     lines = summary_lines(results, opts)
     with open(os.path.join(cfg.out_dir, "tasks.json"), "w") as f:
         json.dump({"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)}, "tasks": results}, f, indent=1)

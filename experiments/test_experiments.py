@@ -531,3 +531,28 @@ def test_paired_skips_a_pair_of_rows_only_when_both_hold_the_sft_model_alone_at_
             ({0: True, 1: True}, {0: False, 1: False}, both),  # one row alone is a finding, not a construction: tested
             ({0: True, 1: True}, {0: True, 1: True}, None)]:   # both alone at every seed: 0 by construction, not tested
         assert frontier.paired(found, {("a", 2): a_alone, ("b", 2): b_alone}, 2, ["a", "b"]) == expected
+
+
+def test_a_task_against_the_review_task_is_paired_by_seed_in_one_family_by_hand():
+    """Two tasks x three rows x 3 seeds, one evaluation each after the SFT model. The interaction is
+    (row - online DPO) on the task minus the same on the review task, per seed; a row whose runs are
+    the same on both tasks (reads no offline pair) is '≡ 0', untested; the task's family holds its
+    rows against online DPO and its interactions, Holm over them together."""
+    def run(row, seed, b):
+        return {"method": row, "seed": seed, "beta": 0.1, "history": [point(0, 0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0),
+                                                                       point(10, 160, b, b, b, 2.0, 2.0, 2.0)]}
+    values = {"review": {"online-dpo": [1.0, 1.2, 0.9], "dpo": [0.8, 1.0, 0.6], "sail-pr-g1": [1.1, 1.0, 1.3]},
+              "offpolicy": {"online-dpo": [1.0, 1.2, 0.9], "dpo": [0.6, 0.7, 0.55], "sail-pr-g1": [1.1, 1.0, 1.3]}}
+    runs = {task: [run(row, s, v) for row, vs in rows.items() for s, v in enumerate(vs)] for task, rows in values.items()}
+    crossed = tasks.interactions(runs, "offpolicy", [1, 5], "kl")
+    assert set(crossed) == {"dpo@5", "sail-pr-g1@5"}  # within KL 1: the SFT model alone everywhere, no test
+    assert crossed["dpo@5"] == pytest.approx([-0.2, -0.3, -0.05]) and crossed["sail-pr-g1@5"] == [0.0, 0.0, 0.0]
+    _, vs = frontier.budget_section(runs["offpolicy"], [1, 5], "kl", "t", compare.interval, compare.t_test, compare.holm)
+    family = tasks.task_family(vs, crossed)
+    assert family["sail-pr-g1@5 x review"] == {"identical": True}
+    assert set(family) == {"dpo@5", "sail-pr-g1@5", "dpo@5 x review", "sail-pr-g1@5 x review"}
+    p = {k: v["p"] for k, v in family.items() if "p" in v}
+    assert {k: family[k]["p_holm"] for k in p} == pytest.approx(compare.holm(p))  # three tested, one family
+    assert family["dpo@5 x review"]["difference"] == pytest.approx(-0.55 / 3)
+    cells = tasks.verdicts(family, [1, 5], ["dpo", "sail-pr-g1"], " x review")
+    assert cells["sail-pr-g1"] == ["—", "≡ 0 (the same runs)"] and cells["dpo"][1].startswith("-0.18 [")
