@@ -6,7 +6,7 @@ what it is built to have, measured, then the comparison at equal KL and at equal
     python -m experiments.tasks --out_dir runs/tasks --eval_every 10   # 3 tasks x 6 rows x 3 betas x 5 seeds
     python -m experiments.tasks --out_dir runs/tasks --tasks explore --compare_seeds 2   # any compare or train.py option
 
-Writes OUT_DIR/tasks.md and tasks.json: per task, its measured properties (`measure`): the SFT
+Writes OUT_DIR/tasks.md, tasks.json and tasks.png (each task's frontier, one panel each): per task, its measured properties (`measure`): the SFT
 model's gold reward on the held-out prompts, the share of its samples in the top reward band, the
 best reward a response can score, and how far off-policy the offline pairs are (the SFT model's
 mean log-likelihood per response token of the offline responses, against that of its own samples
@@ -28,6 +28,7 @@ from experiments import frontier
 from experiments.compare import CompareOptions, compare, holm, interval, t_test
 from plumbing.distributed import pick_device
 from plumbing.options import arg
+from plumbing.outputs import pyplot
 from plumbing.tasks import KEY_WORDS, TASKS
 from reward import CATEGORY_OF, subject_of
 from sail import sample, sequence_logps_of
@@ -188,6 +189,30 @@ def summary_lines(results, opts):
     return lines
 
 
+def plot_tasks(runs, path, budget):
+    """tasks.png: one panel per task, each row's upper envelope over its betas and checkpoints against
+    KL (frontier.envelope, cross-fitted), the mean over seeds with its 95% t-band, up to 1.5 x budget."""
+    plt = pyplot("the tasks' frontier plot")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True, squeeze=False)
+    grid = np.linspace(0, 1.5 * budget, 90)
+    for ax, (name, task_runs) in zip(axes[0], runs.items()):
+        for row, seeds in frontier.by_row_and_seed(task_runs).items():
+            curves = np.array([frontier.envelope(points, grid, "kl") for points in seeds.values()])  # (S, len(grid))
+            stats = [interval(c) for c in curves.T]
+            mean, half = np.array([m for m, _ in stats]), np.array([h or 0.0 for _, h in stats])
+            line, = ax.plot(grid, mean, label=row)
+            ax.fill_between(grid, mean - half, mean + half, alpha=0.08, color=line.get_color())
+        ax.set(title=f"task: {name}", xlabel="KL budget (nats)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best gold reward within the budget")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_tasks(cfg, opts):
     """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK;
     then each other task against the review task (if it ran), and tasks.md."""
@@ -208,6 +233,7 @@ def run_tasks(cfg, opts):
                       for by, budgets in (("kl", "compare_kl_budgets"), ("labels", "compare_label_budgets"))}
         del r["vs"]
     lines = summary_lines(results, opts)
+    plot_tasks(runs, os.path.join(cfg.out_dir, "tasks.png"), max(opts.numbers("compare_kl_budgets")))
     with open(os.path.join(cfg.out_dir, "tasks.json"), "w") as f:
         json.dump({"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)}, "tasks": results}, f, indent=1)
     with open(os.path.join(cfg.out_dir, "tasks.md"), "w") as f:
