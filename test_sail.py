@@ -1513,6 +1513,19 @@ def test_selms_loss_reference_is_its_last_iterate(cache):
     assert all(torch.equal(p, q) for p, q in zip(run.reference.parameters(), sft.parameters()))  # the yardstick never moves
 
 
+def test_selms_reference_is_refreshed_after_every_ref_update_every_th_update(cache):
+    """--ref_update_every 2: the loss's reference stays the SFT model after update 1 and becomes the
+    policy after update 2 (state.step is the last step done while a step runs)."""
+    run, state = perturbed_run(cache, ["--method", "selm", "--ref_update_every", "2"])
+    state.step = 0
+    train.train_step(run, state, 1)
+    assert all(torch.equal(p, q) for p, q in zip(run.train_reference.parameters(), run.reference.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(run.train_reference.parameters(), run.policy.parameters()))
+    state.step = 1
+    train.train_step(run, state, 2)
+    assert all(torch.equal(p, q) for p, q in zip(run.train_reference.parameters(), run.policy.parameters()))
+
+
 def test_each_routes_loss_and_self_labels_by_hand():
     """train.self_labels and train.pair_losses on a literal batch of four pairs, one per route, with
     distinct coefficients, against the losses written out by hand: offline -l; SAIL-DP
@@ -1776,3 +1789,33 @@ def test_a_context_longer_than_the_model_is_refused_before_sft_trains(tmp_path):
     with pytest.raises(SystemExit, match="60 \\+ --max_new_tokens 24 = 84 tokens, more than the model's 64 positions"):
         train.main(train.parse_args(["--max_prompt_len", "60", "--cache_dir", str(tmp_path / "c"), "--out_dir", str(tmp_path / "o")]))
     assert not any((tmp_path / "c").iterdir())  # refused before any SFT step
+
+
+@pytest.mark.parametrize("method,revkl,estimate,expected", [
+    ("selm", 0.0, "exact", [("train_reference", 0.0, "explore_gen")]),   # SELM: the last iterate's greedy y~
+    ("xpo", 0.0, "exact", [("train_reference", 0.7, "explore_gen")]),    # XPO: a sample at the run's temperature
+    ("sail-pr", 0.1, "exact", [("reference", 1.0, "revkl_gen")]),        # SAIL-RevKL exact: the SFT model's sample at temperature 1
+    ("sail-pr", 0.1, "proxy-aligned", []),                               # the proxies read the pairs' own responses: no sample
+    ("sail-pr", 0.1, "proxy", []),
+])
+def test_the_references_responses_and_their_count(monkeypatch, method, revkl, estimate, expected):
+    """extensions/step.reference_samples: which model samples, at which temperature, from which stream,
+    and every sampled token counted in pairs.generated (3 + 4 here, per call)."""
+    calls = []
+    y = (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]))
+
+    def sampled(run, model, ids, mask, temperature, generator, amp):
+        calls.append((model, temperature, generator))
+        return y
+
+    monkeypatch.setattr(extended, "sample_responses", sampled)
+    monkeypatch.setattr(extended.data, "encode_prompts", lambda tok, prompts, n: (torch.zeros(2, 3, dtype=torch.long),) * 2)
+    run = SimpleNamespace(cfg=SimpleNamespace(method=method, revkl=revkl, revkl_estimate=estimate, max_prompt_len=3, temperature=0.7),
+                          tokenizer=SimpleNamespace(pad_token_id=0), ref_device="cpu", device="cpu", ref_amp=None,
+                          train_reference="train_reference", reference="reference")
+    state = SimpleNamespace(explore_gen="explore_gen", revkl_gen="revkl_gen")
+    pairs = SimpleNamespace(prompts=["a", "b"], batch=(torch.zeros(4, 3, dtype=torch.long),) * 3, generated=10, extension={})
+    extended.reference_samples(run, state, pairs)
+    assert calls == expected and pairs.generated == 10 + 7 * len(expected)
+    assert pairs.batch[0].shape[0] == (6 if method in extended.EXPLORE else 4)  # SELM/XPO: y~ as rows 2B..3B-1
+    assert ("revkl_samples" in pairs.extension) == (estimate == "exact" and revkl > 0)
