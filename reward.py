@@ -6,6 +6,7 @@ reward.py: the preference side of SAIL. Who says which response is better?
     It is programmatic, deterministic and cheap, and it plays two roles that are kept apart in
     the code: the labeller that answers oracle queries during training, and the yardstick for
     evaluation (`train.py` calls it for both, but counts only the labelling calls as queries).
+    `GoldReward` batches any embedded task's score (`--task`: plumbing/tasks.py has two more).
   * `HFRewardModel`: any Hugging Face sequence-classification reward model with its own
     tokenizer. It scores *decoded text*, never the policy's token ids.
   * `fit_reward_model`: a learned labeller, as in real RLHF: a small GPT-2 sequence classifier

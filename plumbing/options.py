@@ -71,7 +71,7 @@ class RunOptions:
     eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
     holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction of their distinct prompts held out for evaluation, with all their rows")
     task: str = arg("review", "the embedded task: review (data.make_task), explore (the best responses rare under the SFT model) "
-                              "or offpolicy (offline pairs in another style than the SFT corpus's): plumbing/tasks.py")
+                              "or offpolicy (the review task, each offline response opened by a phrase the SFT model never writes): plumbing/tasks.py")
     task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
     sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
     sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
