@@ -40,10 +40,11 @@ import numpy as np
 from data import Task, make_task
 from reward import ASPECTS, CATEGORY_OF, STOPWORDS, gold_reward, subject_of
 
+STREAM_ID = {"explore": 1, "offpolicy": 2}  # each task's spawn key for its random stream: never renumber (it would change the texts)
+
 # ---------------------------------------------------------------------------------------------
 # explore: the best responses are rare under the SFT model
 
-STREAM_ID = {"explore": 1, "offpolicy": 2}  # each task's spawn key for its random stream: never renumber (it would change the texts)
 KEY_WORDS = {"food": "fresh", "film": "classic", "place": "hidden", "gadget": "wireless"}  # worth 3 points each
 EXPLORE_KEY_RATE = 0.05  # the share of SFT texts with the subject's own key word (and, as often, another category's)
 DESCRIPTIONS = ["red", "blue", "green", "small", "large", "round", "heavy", "light", "soft", "warm", "cold", "dark", "bright",
