@@ -88,27 +88,31 @@ def make_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs
     rng.shuffle(prompts)
     eval_prompts, train_prompts = prompts[:n_eval_prompts], prompts[n_eval_prompts:]
 
-    def review_of(prompt):
+    def review_of(rng, prompt):
         return make_review(rng, subject_of(prompt))
-
-    def labelled_pairs(prompt_list, n):
-        pairs, spent = [], 0
-        while len(pairs) < n:
-            prompt = rng.choice(prompt_list)
-            y1, y2 = review_of(prompt), review_of(prompt)
-            r1, r2 = gold_reward(prompt, y1), gold_reward(prompt, y2)
-            spent += 1  # one oracle label, a tie too (as online)
-            if r1 != r2:  # a tie carries no preference: dropped, its label charged to the next pair kept
-                chosen, rejected = (y1, y2) if r1 > r2 else (y2, y1)
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "labels": spent})
-                spent = 0
-        return pairs
 
     # SFT text covers every prompt, the held-out ones included: the model should know how to
     # review every subject; what alignment must learn is *which* reviews the oracle prefers.
-    sft = [(p, review_of(p)) for p in (rng.choice(prompts) for _ in range(n_sft))]
-    return Task(sft, train_prompts, eval_prompts, labelled_pairs(train_prompts, n_pairs),
-                labelled_pairs(eval_prompts, n_eval_pairs))
+    sft = [(p, review_of(rng, p)) for p in (rng.choice(prompts) for _ in range(n_sft))]
+    return Task(sft, train_prompts, eval_prompts, labelled_pairs(rng, train_prompts, n_pairs, review_of, gold_reward),
+                labelled_pairs(rng, eval_prompts, n_eval_pairs, review_of, gold_reward))
+
+
+def labelled_pairs(rng, prompts, n, respond, gold):
+    """n offline pairs on `prompts`: two responses `respond(rng, prompt)`, the chosen one by the gold
+    reward. Each candidate pair costs one oracle label, a tie too (as online); a tie carries no
+    preference, so it is dropped and its label charged to the next pair kept (its "labels")."""
+    pairs, spent = [], 0
+    while len(pairs) < n:
+        prompt = rng.choice(prompts)
+        y1, y2 = respond(rng, prompt), respond(rng, prompt)
+        r1, r2 = gold(prompt, y1), gold(prompt, y2)
+        spent += 1
+        if r1 != r2:
+            chosen, rejected = (y1, y2) if r1 > r2 else (y2, y1)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "labels": spent})
+            spent = 0
+    return pairs
 
 
 def embedded_task(cfg):

@@ -6,7 +6,7 @@ SAIL claims, and the registry that `--task` names.
     python -m experiments.tasks           # each task's measured properties, and its comparison
 
 A task is a data.Task: training and held-out prompts, an SFT corpus, offline pairs labelled by its
-gold reward (ties dropped and charged, as data.make_task does), and that gold reward (Task.gold).
+gold reward (data.labelled_pairs: ties dropped and charged), and that gold reward (Task.gold).
 The step's code does not know which task runs; a learner who reads the review task need not read
 this file.
 
@@ -37,7 +37,7 @@ import re
 
 import numpy as np
 
-from data import Task, make_task
+from data import Task, labelled_pairs, make_task
 from reward import ASPECTS, CATEGORY_OF, STOPWORDS, gold_reward, subject_of
 
 STREAM_ID = {"explore": 1, "offpolicy": 2}  # each task's spawn key for its random stream: never renumber (it would change the texts)
@@ -84,22 +84,6 @@ def task_rng(seed, task):
     its spawn key STREAM_ID[task], so that no two tasks (nor the review task's random.Random(seed))
     share numbers."""
     return random.Random(int(np.random.SeedSequence(seed, spawn_key=(STREAM_ID[task],)).generate_state(1)[0]))
-
-
-def labelled_pairs(rng, prompts, n, respond, gold):
-    """n offline pairs on `prompts`: two responses of `respond(rng, prompt)`, the chosen one by the
-    gold reward; a tie is dropped and its label charged to the next pair kept (data.make_task's rule)."""
-    pairs, spent = [], 0
-    while len(pairs) < n:
-        prompt = rng.choice(prompts)
-        y1, y2 = respond(rng, prompt), respond(rng, prompt)
-        r1, r2 = gold(prompt, y1), gold(prompt, y2)
-        spent += 1
-        if r1 != r2:
-            chosen, rejected = (y1, y2) if r1 > r2 else (y2, y1)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "labels": spent})
-            spent = 0
-    return pairs
 
 
 def make_description(rng, subject):

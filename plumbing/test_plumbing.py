@@ -682,7 +682,7 @@ def test_labelled_pairs_by_hand():
     """A tie is dropped and its label charged to the next pair kept; the chosen response is the gold reward's."""
     import random
     texts = iter(["a", "b", "a", "c", "c", "a"])  # a tie (a, b: both 0), then (a, c) and (c, a)
-    pairs = tasks.labelled_pairs(random.Random(0), ["P"], 2, lambda rng, p: next(texts), lambda p, y: float(y == "c"))
+    pairs = data.labelled_pairs(random.Random(0), ["P"], 2, lambda rng, p: next(texts), lambda p, y: float(y == "c"))
     assert [(x["chosen"], x["rejected"], x["labels"]) for x in pairs] == [("c", "a", 2), ("c", "a", 1)]
 
 
