@@ -154,6 +154,17 @@ def early_stopping(runs, interval, t_test, holm):
     return {row: (*map(np.array, out[row]), (*tests[row], adjusted[row])) for row in out}
 
 
+def draw_envelopes(ax, rows, grid, by, interval, suffixes=()):
+    """On `ax`, each row's envelope at the budgets `grid`: the mean over seeds and its 95% t-band;
+    rows labelled by a proxy (ending in one of `suffixes`) dashed. rows: by_row_and_seed's."""
+    for row, seeds in rows.items():
+        curves = np.array([envelope(points, grid, by) for points in seeds.values()])  # (S, len(grid))
+        stats = [interval(c) for c in curves.T]
+        mean, half = np.array([s[0] for s in stats]), np.array([s[1] or 0.0 for s in stats])
+        line, = ax.plot(grid, mean, label=row, linestyle="--" if labeller_of(row, suffixes) else "-")
+        ax.fill_between(grid, mean - half, mean + half, alpha=0.08, color=line.get_color())
+
+
 def plot_frontier(runs, path, by, interval, pyplot, budgets, suffixes=()):
     """frontier.png (by="kl") or frontier_labels.png (by="labels"): each row's upper envelope over its
     betas and checkpoints, the mean over seeds with its 95% t-band, against KL or gold labels, up to
@@ -166,12 +177,7 @@ def plot_frontier(runs, path, by, interval, pyplot, budgets, suffixes=()):
     top = max(p["eval_kl_a" if by == "kl" else "labels"] for seeds in rows.values() for pts in seeds.values() for p in pts)
     grid = np.linspace(0, min(top, 1.5 * max(budgets)), 120)
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    for row, seeds in rows.items():
-        curves = np.array([envelope(points, grid, by) for points in seeds.values()])  # (S, len(grid))
-        stats = [interval(c) for c in curves.T]
-        mean, half = np.array([s[0] for s in stats]), np.array([s[1] or 0.0 for s in stats])
-        line, = ax.plot(grid, mean, label=row, linestyle="--" if labeller_of(row, suffixes) else "-")
-        ax.fill_between(grid, mean - half, mean + half, alpha=0.08, color=line.get_color())
+    draw_envelopes(ax, rows, grid, by, interval, suffixes)
     ax.set(xlabel="KL budget (KL(policy || SFT) on the choosing half)" if by == "kl" else "gold labels spent (oracle queries, offline pairs', a proxy's fit pairs')",
            ylabel="best gold reward within the budget (the reading half)",
            title="Gold reward " + ("at equal KL" if by == "kl" else "at equal labels") + ": the envelope over betas and checkpoints")

@@ -34,10 +34,13 @@ from reward import CATEGORY_OF, subject_of
 from sail import sample, sequence_logps_of
 from train import cli
 
-BEST_RESPONSE = {"review": lambda s: f" the {s} was great , excellent and lovely .",  # a response at each task's maximum, 4
-                 "explore": lambda s: f" the {s} is {KEY_WORDS[CATEGORY_OF[s]]} .",
-                 "offpolicy": lambda s: f" the {s} was great , excellent and lovely ."}
-TOP_BAND = 3.0  # the top reward band: 3 and above of the maximum 4 (explore: the key word said)
+def best_review(subject):
+    return f" the {subject} was great , excellent and lovely ."
+
+
+BEST_RESPONSE = {"review": best_review, "offpolicy": best_review,  # subject -> a response at the task's maximum, 4
+                 "explore": lambda s: f" the {s} is {KEY_WORDS[CATEGORY_OF[s]]} ."}
+TOP_BAND = 3.0  # the top reward band: 3 and above of the maximum 4
 
 
 @dataclass
@@ -191,19 +194,14 @@ def summary_lines(results, opts):
 
 def plot_tasks(runs, path, budget):
     """tasks.png: one panel per task, each row's upper envelope over its betas and checkpoints against
-    KL (frontier.envelope, cross-fitted), the mean over seeds with its 95% t-band, up to 1.5 x budget."""
+    KL (frontier.draw_envelopes, cross-fitted), the mean over seeds with its 95% t-band, up to 1.5 x budget."""
     plt = pyplot("the tasks' frontier plot")
     if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True, squeeze=False)
     grid = np.linspace(0, 1.5 * budget, 90)
     for ax, (name, task_runs) in zip(axes[0], runs.items()):
-        for row, seeds in frontier.by_row_and_seed(task_runs).items():
-            curves = np.array([frontier.envelope(points, grid, "kl") for points in seeds.values()])  # (S, len(grid))
-            stats = [interval(c) for c in curves.T]
-            mean, half = np.array([m for m, _ in stats]), np.array([h or 0.0 for _, h in stats])
-            line, = ax.plot(grid, mean, label=row)
-            ax.fill_between(grid, mean - half, mean + half, alpha=0.08, color=line.get_color())
+        frontier.draw_envelopes(ax, frontier.by_row_and_seed(task_runs), grid, "kl", interval)
         ax.set(title=f"task: {name}", xlabel="KL budget (nats)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("best gold reward within the budget")
@@ -216,22 +214,21 @@ def plot_tasks(runs, path, budget):
 def run_tasks(cfg, opts):
     """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK;
     then each other task against the review task (if it ran), and tasks.md."""
-    results, runs = {}, {}
+    results, runs, vs = {}, {}, {}
     for name in opts.tasks.split(","):
         tcfg = dataclasses.replace(cfg, task=name, out_dir=os.path.join(cfg.out_dir, name))
         measured = measure(tcfg, opts.tasks_samples)
         print(f"tasks: {name}: {json.dumps(measured)}")
         t0 = time.perf_counter()
-        vs = compare(tcfg, opts)
+        vs[name] = compare(tcfg, opts)  # each row against online DPO, per section
         with open(os.path.join(tcfg.out_dir, "compare", "compare.json")) as f:
             runs[name] = json.load(f)["runs"]
-        results[name] = {"measured": measured, "vs": vs, "rows": opts.compare_methods.split(","),
+        results[name] = {"measured": measured, "rows": opts.compare_methods.split(","),
                          "wall": time.perf_counter() - t0, "minutes": sum(r["summary"]["seconds"] for r in runs[name]) / 60}
     for name, r in results.items():
-        r["tests"] = {by: task_family(r["vs"][by], interactions(runs, name, opts.numbers(budgets), by)
+        r["tests"] = {by: task_family(vs[name][by], interactions(runs, name, opts.numbers(budgets), by)
                                       if name != "review" and "review" in runs else {})
                       for by, budgets in (("kl", "compare_kl_budgets"), ("labels", "compare_label_budgets"))}
-        del r["vs"]
     lines = summary_lines(results, opts)
     plot_tasks(runs, os.path.join(cfg.out_dir, "tasks.png"), max(opts.numbers("compare_kl_budgets")))
     with open(os.path.join(cfg.out_dir, "tasks.json"), "w") as f:
