@@ -115,12 +115,12 @@ def labelled_pairs(rng, prompts, n, respond, gold):
     return pairs
 
 
+TASKS = {"review": make_task}  # --task NAME -> its builder; plumbing/tasks.py adds explore and offpolicy
+
+
 def embedded_task(cfg):
     """The embedded task that --task names: this file's review task (the default), or one of
     plumbing/tasks.py's, which are built to probe exploration and off-policy pairs."""
-    if cfg.task == "review":
-        return make_task(cfg.task_seed)
-    from plumbing.tasks import TASKS  # the other tasks live off the learner's path (and build on this file)
     return TASKS[cfg.task](cfg.task_seed)
 
 
@@ -198,7 +198,7 @@ def supervised_finetune(model, tokenizer, task, cfg, device):
     for _ in bar:
         prompts, responses = zip(*rng.sample(task.sft, cfg.sft_batch_size))
         batch = [t.to(device) for t in encode_responses(tokenizer, prompts, responses, cfg.max_prompt_len, cfg.max_new_tokens)]
-        logps = sequence_logps_of(model, *batch, amp=torch.autocast(device.type, enabled=False))  # (B,)
+        logps = sequence_logps_of(model, *batch)  # (B,)
         loss = -logps.sum() / batch[2].sum()  # mean negative log-likelihood per response token
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

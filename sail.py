@@ -35,7 +35,6 @@ Departures from the paper and the official code:
   4. Log-probs are the untempered policy's (temperature 1): with another sampling temperature the
      response term is an approximation (the paper samples at 0.9).
 """
-import contextlib
 import inspect
 
 import torch
@@ -43,42 +42,32 @@ import torch.nn.functional as F
 
 
 def sequence_logps(logits, labels, mask):
-    """Summed log-probabilities of the response tokens of each sequence.
+    """L(y) = log pi(y | x) = sum_t log pi(y_t | x, y_<t): each row's log-probabilities of its
+    response tokens, summed.
 
-    logits: (B, K, V) model outputs at the last K <= T positions of `labels` (K = T: all of them;
-    fewer when no response token is predicted before those); labels: (B, T) the input ids; mask:
-    (B, T), 1 on response tokens at their own positions in `labels` (0 on prompt, padding, after-EOS).
+    logits: (B, T, V) the model's outputs at every position of labels (B, T), the input ids (or at
+    the last K of them only, (B, K, V): sequence_logps_of computes no logit that predicts no
+    response token); mask: (B, T), 1 on response tokens (0 on prompt, padding, after EOS).
     Returns (B,), float32 (float64 for float64 logits).
     """
     T, K = labels.shape[1], logits.shape[1]
     # Position t predicts token t+1. bf16/fp16 logits go to fp32 before log_softmax (float64 stays).
     logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))  # (B, K-1, V)
     logps = logits.log_softmax(-1).gather(2, labels[:, T - K + 1:].unsqueeze(2)).squeeze(2)  # (B, K-1)
-    logps, mask = F.pad(logps, (T - K, 0)), mask[:, 1:].bool()  # (B, T-1): 0 where no logits were computed
+    logps = F.pad(logps, (T - K, 0))  # (B, T-1): 0 where no logits were computed (K < T)
     # Sum, not mean: log pi(y|x) of a whole response is the sum of its token log-probs, and the
     # DPO/SAIL implicit reward beta * log pi(y|x) / ref(y|x) is defined on that sequence log-prob.
     # torch.where rather than multiplying by the mask, so a non-finite value at a masked position
     # can never leak into the sum or its gradient.
-    return torch.where(mask, logps, 0.0).sum(-1)  # (B,)
+    return torch.where(mask[:, 1:].bool(), logps, 0.0).sum(-1)  # (B,)
 
 
-def logits_of(model, ids, attention_mask, amp=contextlib.nullcontext(), keep=0):
-    """Why: one forward pass with position ids counted over real tokens, so that left padding never
-    shifts a prompt (GPT-2's positions are learned). The logits (B, T, V) of ids, attention_mask
-    (B, T); keep > 0: those of the last `keep` positions only (B, keep, V); amp: an autocast context."""
-    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    with amp:  # use_cache=False: a single pass keeps no KV cache
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False,
-                       **keep_only(model, keep)).logits  # keep_only: the model computes the last `keep` alone where it can
-    return logits[:, -keep:] if keep else logits  # (B, keep or T, V)
-
-
-def sequence_logps_of(model, ids, attention_mask, response_mask, amp=contextlib.nullcontext()):
-    """Why: L(y) of a batch of rows through a model, the quantity every loss here is built from.
-    `sequence_logps` of one batch (each (B, T)), with logits from the position before the batch's
-    first response token on (the prompts' own logits are never used). Returns (B,)."""
-    T, first = ids.shape[1], int(response_mask.any(0).int().argmax())  # the first column holding a response token
-    return sequence_logps(logits_of(model, ids, attention_mask, amp, keep=min(T, T - first + 1)), ids, response_mask)  # (B,)
+def sequence_logps_of(model, ids, attention_mask, response_mask):
+    """L(y) (B,) of each row of a batch through a model: one forward pass, then sequence_logps.
+    ids, attention_mask, response_mask: (B, T), a batch of data.encode_responses or sample."""
+    logits = logits_of(model, ids, attention_mask, keep=response_positions(response_mask))  # (B, K, V)
+    on = logits.device  # a model may compute on another device (--offload_reference: the CPU); L(y) comes back
+    return sequence_logps(logits, ids.to(on), response_mask.to(on)).to(ids.device)  # (B,)
 
 
 OFFLINE, DP, PP, PR = range(4)  # the routes a pair can take: offline DPO, SAIL-DP, SAIL-PP, SAIL-PR
@@ -233,7 +222,26 @@ def disable_dropout(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# transformers-version shims (off the learner's path)
+# The forward pass under the log-probs, and transformers-version shims (off the learner's path)
+
+def logits_of(model, ids, attention_mask, keep=0):
+    """The logits (B, T, V) of ids, attention_mask (B, T), in one forward pass with position ids
+    counted over real tokens, so that left padding never shifts a prompt (GPT-2's positions are
+    learned); keep > 0: those of the last `keep` positions only (B, keep, V)."""
+    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    # use_cache=False: a single pass keeps no KV cache; keep_only: the model computes the last `keep` alone where it can
+    logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=False, **keep_only(model, keep)).logits
+    return logits[:, -keep:] if keep else logits  # (B, keep or T, V)
+
+
+def response_positions(response_mask):
+    """How many last positions' logits sequence_logps needs (a saving of memory and time): those
+    from the position before the batch's first response token on. response_mask: (B, T)."""
+    T, first = response_mask.shape[1], int(response_mask.any(0).int().argmax())  # the first column holding a response token
+    return min(T, T - first + 1)
+
+
+# transformers-version shims
 
 def forward_takes(model, name):
     """Does the Hugging Face model inside `model` (ddp's .module, LoRA's base model, the LoRA

@@ -332,7 +332,7 @@ def test_logps_from_the_response_positions_alone_equal_those_from_every_position
     """sequence_logps_of asks the model for the logits from the position before the first response
     token on (logits_to_keep); the sum runs over the same width as with every position's logits,
     so the log-probs are the same bit for bit, and so are their gradients."""
-    model, amp = tiny_causal_lm(arch), torch.autocast("cpu", enabled=False)
+    model = tiny_causal_lm(arch)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 30, (6, 12), generator=g)
     attention = torch.ones_like(ids)
@@ -341,28 +341,28 @@ def test_logps_from_the_response_positions_alone_equal_those_from_every_position
     response[:, 7:11], response[4, 5:] = 1, 1  # responses from column 5 on: logits from position 4
     assert sail.forward_takes(model, "logits_to_keep")
     grads = []
-    for logps in (lambda: sail.sequence_logps(sail.logits_of(model, ids, attention, amp), ids, response),
-                  lambda: sail.sequence_logps_of(model, ids, attention, response, amp)):
+    for logps in (lambda: sail.sequence_logps(sail.logits_of(model, ids, attention), ids, response),
+                  lambda: sail.sequence_logps_of(model, ids, attention, response)):
         model.zero_grad()
         value = logps()
         value.sum().backward()
         grads.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0]) and all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
-    assert sail.logits_of(model, ids, attention, amp, keep=8).shape == (6, 8, 32)
+    assert sail.logits_of(model, ids, attention, keep=8).shape == (6, 8, 32)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_padding_invariance_of_logps_and_sampling(arch):
     """A sequence's log-prob must not change with its neighbours or its padding."""
-    model, amp = tiny_causal_lm(arch), torch.autocast("cpu", enabled=False)
+    model = tiny_causal_lm(arch)
     alone = (t([[3, 4, 5, 6, 7]]), t([[1, 1, 1, 1, 1]]), t([[0, 0, 1, 1, 1]]))
     # The same sequence, left-padded by 3 and right-padded by 2, beside a longer neighbour.
     ids = t([[0, 0, 0, 3, 4, 5, 6, 7, 0, 0], [9, 8, 7, 6, 5, 4, 3, 2, 1, 2]])
     attention = t([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0], [1] * 10])
     response = t([[0, 0, 0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        a = sail.sequence_logps_of(model, *alone, amp)
-        b = sail.sequence_logps_of(model, ids, attention, response, amp)
+        a = sail.sequence_logps_of(model, *alone)
+        b = sail.sequence_logps_of(model, ids, attention, response)
     assert a.item() == pytest.approx(b[0].item(), abs=1e-5)
     # Greedy continuation of a left-padded prompt equals that of the unpadded prompt.
     out_alone = sample(model, t([[3, 4, 5]]), t([[1, 1, 1]]), max_new_tokens=6, temperature=0, eos_token_id=30)
@@ -1162,7 +1162,6 @@ def assert_same_metrics(a, b):
 # a figure computed a little differently, a count that includes what it should leave out, or a
 # random stream a resume forgets, makes one of these fail.
 
-OFF = torch.autocast("cpu", enabled=False)
 SHORT = ["--batch_size", "4", "--eval_samples", "1", "--eval_every", "100", "--sample_every", "100", "--sft_steps", "40"]
 
 
@@ -1201,8 +1200,8 @@ def test_an_offline_step_recomputed_by_hand(tmp_path, cache, no_eval):
     batch = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
     with torch.no_grad():
-        ref = sail.sequence_logps_of(reference, *batch, OFF)  # (8,) chosen rows, then rejected rows
-    logps = sail.sequence_logps_of(policy.train(), *batch, OFF)  # (8,)
+        ref = sail.sequence_logps_of(reference, *batch)  # (8,) chosen rows, then rejected rows
+    logps = sail.sequence_logps_of(policy.train(), *batch)  # (8,)
     delta = (logps - ref).detach()  # (8,)
     h = delta[:4] - delta[4:]  # (4,)
     loss = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.1)[0].mean()
@@ -1260,12 +1259,12 @@ def evaluate_by_hand(model, sft, tokenizer, prompts, pairs, temperature, seed, b
     with torch.no_grad():
         (mine, texts), (theirs, _) = scores(model), scores(sft)
         batch = draw(model, temperature, "eval") if temperature == 1 else draw(model, 1.0, "eval_kl")
-        kl = sail.sequence_logps_of(model, *batch, OFF) - sail.sequence_logps_of(sft, *batch, OFF)
+        kl = sail.sequence_logps_of(model, *batch) - sail.sequence_logps_of(sft, *batch)
         ids, attention, response = draw(sft, 1.0, "eval_revkl")
         revkl = ext_revkl.reverse_kl(sail.logits_of(model, ids, attention), sail.logits_of(sft, ids, attention), response)
         rows = data.encode_responses(tokenizer, [x["prompt"] for x in pairs] * 2,
                                      [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 24)
-        delta = sail.sequence_logps_of(model, *rows, OFF) - sail.sequence_logps_of(sft, *rows, OFF)
+        delta = sail.sequence_logps_of(model, *rows) - sail.sequence_logps_of(sft, *rows)
     h = delta[:len(pairs)] - delta[len(pairs):]
     out = {"eval_kl": kl.mean().item(), "eval_revkl": revkl.mean().item(),
            "eval_acc": ((h > 0).float() + 0.5 * (h == 0).float()).mean().item(), "eval_margin": (beta * h).mean().item()}
@@ -1354,9 +1353,9 @@ def test_the_extended_step_is_the_sail_step_on_a_plain_run(cache, method):
     """extensions/step.py's step with nothing to add (one device, one micro-batch, no extension) gives
     train.alignment_step's bits: the same pairs, labels, Delta, gradient and updated weights."""
     out = []
-    for step in (train.alignment_step, lambda run, state: extended.alignment_step(run, state, sail_step=train)):
+    for step in (train.alignment_step, lambda run, state: extended.alignment_step(run, state, sail_step=train.SAIL_STEP)):
         run, state = perturbed_run(cache, ["--method", *method.split()])
-        assert not extended.needed(run)
+        assert train.is_plain(run)
         pairs, labels, delta, grad_norm = step(run, state)
         out.append((pairs.batch, labels.y1_wins, labels.valid, delta, grad_norm, gradient(run.policy),
                     torch.cat([p.detach().flatten() for p in run.policy.parameters()])))
@@ -1377,7 +1376,7 @@ def test_one_alignment_step_by_hand(cache, method):
     run, state = perturbed_run(cache, ["--method", *method.split(), "--lr", "1e-3"])
     cfg, B = run.cfg, run.cfg.batch_size
     before = copy.deepcopy(run.policy)
-    pairs, labels, delta, grad_norm = train.alignment_step(run, state)
+    pairs, labels, delta, grad_norm, samples = step_recording_samples(run, state)
     route, (ids, attention, response) = pairs.route, pairs.batch
     # 1. routes and responses
     assert len(route) == B and ids.shape[0] == 2 * B and len(pairs.texts) == 2 * B
@@ -1388,6 +1387,7 @@ def test_one_alignment_step_by_hand(cache, method):
     online = np.flatnonzero(route >= sail.PP)
     rows = np.r_[online, B + online]  # their y1 rows, then their y2 rows
     assert [pairs.texts[i] for i in rows] == data.decode(run.tokenizer, ids[rows], response[rows])
+    check_online_responses(run, state, pairs, samples)
     for i in online:
         assert pairs.prompts[i] in run.train_prompts
         for row in (i, B + i):
@@ -1424,6 +1424,63 @@ def test_one_alignment_step_by_hand(cache, method):
         p.grad = q.grad.clone()
     torch.optim.AdamW(before.parameters(), lr=1e-3, weight_decay=0.0).step()
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(run.policy.parameters(), before.parameters()))
+
+
+def step_recording_samples(run, state):
+    """train.alignment_step, recording each call of sail.sample that build_pairs makes (its model,
+    temperature, generator and the rows it returned)."""
+    samples, sample = [], train.sample
+
+    def recorded(model, *args, **kwargs):
+        out = sample(model, *args, **kwargs)
+        samples.append((model, kwargs.get("temperature"), kwargs.get("generator"), out))
+        return out
+    train.sample = recorded
+    try:
+        return (*train.alignment_step(run, state), samples)
+    finally:
+        train.sample = sample
+
+
+def check_online_responses(run, state, pairs, samples):
+    """The online pairs' responses, whatever order the step draws them in: two per pair, sampled
+    from the policy itself (not the reference, not greedily: at --temperature with the sampling
+    stream), each row after its own pair's prompt, and y1, y2 two samples, not one twice."""
+    B, tok, (ids, attention, response) = len(pairs.route), run.tokenizer, pairs.batch
+    online = np.flatnonzero(pairs.route >= sail.PP)
+    if not len(online):
+        return
+    assert samples and all(m is run.policy and temp == run.cfg.temperature and gen is state.sampling_gen for m, temp, gen, _ in samples)
+    drawn = {tuple(row[mask.bool()].tolist()) for *_, (ids_, _, response_) in samples for row, mask in zip(ids_, response_)}  # each sample's tokens
+    for i in online:
+        prompt = [x for x, m in zip(*(t[0].tolist() for t in data.encode_prompts(tok, [pairs.prompts[i]], run.cfg.max_prompt_len))) if m]
+        for row in (i, B + i):
+            assert tuple(ids[row][response[row].bool()].tolist()) in drawn  # a sample of the policy's
+            assert ids[row][attention[row].bool() & ~response[row].bool()].tolist() == prompt  # after its own pair's prompt
+    assert sum(pairs.texts[i] != pairs.texts[B + i] for i in online) > len(online) // 2  # two samples per prompt, not one twice
+
+
+@pytest.mark.parametrize("method", ["sail-pp --p 0.5", "sail-dp --r 0.5", "mix --r 0.3 --p 0.3 --g 0.4"])
+def test_self_labels_of_one_step_by_hand(cache, method):
+    """The step's self-labels (docs/exercises.md, 8), whatever order it draws its random numbers in:
+    at beta = 1e4 a SAIL-DP or SAIL-PP pair's label z ~ Bernoulli(sigmoid(beta h)), h = Delta(y1) -
+    Delta(y2) at the policy before the update, is 1 exactly when h > 0 (|beta h| > 40: sigmoid is 0
+    or 1 in float32), so skipping the self-labels, labelling with the oracle, with -h or without
+    beta fails; the SAIL-PR pairs keep the oracle's labels, and the offline pairs y1 (their chosen)."""
+    run, state = perturbed_run(cache, ["--method", *method.split(), "--beta", "1e4"])
+    B = run.cfg.batch_size
+    pairs, labels, delta, _, samples = step_recording_samples(run, state)
+    check_online_responses(run, state, pairs, samples)
+    h = delta[:B] - delta[B:]  # (B,)
+    mine = np.flatnonzero((pairs.route == sail.DP) | (pairs.route == sail.PP))
+    sure = [i for i in mine if abs(run.cfg.beta * h[i].item()) > 40]
+    assert len(sure) >= 3  # the perturbed policy separates these pairs' responses
+    assert [bool(labels.y1_wins[i]) for i in sure] == [bool(h[i] > 0) for i in sure]
+    assert any(not labels.y1_wins[i] for i in sure) and any(labels.y1_wins[i] for i in sure)  # both ways: not y1 always
+    assert labels.y1_wins[pairs.route == sail.OFFLINE].all() and labels.valid[pairs.route != sail.PR].all()
+    for i in np.flatnonzero(pairs.route == sail.PR):
+        r1, r2 = reward.GoldReward()([pairs.prompts[i]] * 2, [pairs.texts[i], pairs.texts[B + i]]).tolist()
+        assert (bool(labels.y1_wins[i]), bool(labels.valid[i])) == (r1 > r2, r1 != r2)
 
 
 def test_routes_are_drawn_when_the_offline_share_rounds_below_zero():
@@ -1487,10 +1544,10 @@ def test_the_extended_step_is_taken_exactly_when_a_run_needs_it(cache):
                          (["--grad_accum", "2"], True), (["--method", "selm"], True), (["--method", "xpo"], True),
                          (["--revkl", "0.1"], True), (["--response_term", "official-sign"], True)):
         run = SimpleNamespace(cfg=train.parse_args(argv), world=1, ref_every=0)
-        assert extended.needed(run) == needed, argv
-    assert extended.needed(SimpleNamespace(cfg=train.parse_args([]), world=2, ref_every=0))  # torchrun
+        assert train.is_plain(run) != needed, argv
+    assert not train.is_plain(SimpleNamespace(cfg=train.parse_args([]), world=2, ref_every=0))  # torchrun
     run, _ = perturbed_run(cache, ["--ref_update_every", "5"])  # a moving reference (train.setup_run sets ref_every)
-    assert run.ref_every == 5 and extended.needed(run)
+    assert run.ref_every == 5 and not train.is_plain(run)
 
 
 def test_selms_loss_reference_is_its_last_iterate(cache):
@@ -1503,7 +1560,7 @@ def test_selms_loss_reference_is_its_last_iterate(cache):
     state.step = 1
     assert all(torch.equal(p, q) for p, q in zip(run.train_reference.parameters(), run.policy.parameters()))
     last = copy.deepcopy(run.policy)
-    pairs, labels, delta, _ = extended.alignment_step(run, state, sail_step=train)
+    pairs, labels, delta, _ = extended.alignment_step(run, state, sail_step=train.SAIL_STEP)
     B = len(pairs.route)
     with torch.no_grad():
         rows = tuple(x[:2 * B] for x in pairs.batch)
@@ -1804,14 +1861,14 @@ def test_the_references_responses_and_their_count(monkeypatch, method, revkl, es
     calls = []
     y = (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]))
 
-    def sampled(run, model, ids, mask, temperature, generator, amp):
+    def sampled(run, model, ids, mask, temperature, generator):
         calls.append((model, temperature, generator))
         return y
 
     monkeypatch.setattr(extended, "sample_responses", sampled)
     monkeypatch.setattr(extended.data, "encode_prompts", lambda tok, prompts, n: (torch.zeros(2, 3, dtype=torch.long),) * 2)
     run = SimpleNamespace(cfg=SimpleNamespace(method=method, revkl=revkl, revkl_estimate=estimate, max_prompt_len=3, temperature=0.7),
-                          tokenizer=SimpleNamespace(pad_token_id=0), ref_device="cpu", device="cpu", ref_amp=None,
+                          tokenizer=SimpleNamespace(pad_token_id=0), ref_device="cpu", device="cpu",
                           train_reference="train_reference", reference="reference")
     state = SimpleNamespace(explore_gen="explore_gen", revkl_gen="revkl_gen")
     pairs = SimpleNamespace(prompts=["a", "b"], batch=(torch.zeros(4, 3, dtype=torch.long),) * 3, generated=10, extension={})
@@ -1819,3 +1876,16 @@ def test_the_references_responses_and_their_count(monkeypatch, method, revkl, es
     assert calls == expected and pairs.generated == 10 + 7 * len(expected)
     assert pairs.batch[0].shape[0] == (6 if method in extended.EXPLORE else 4)  # SELM/XPO: y~ as rows 2B..3B-1
     assert ("revkl_samples" in pairs.extension) == (estimate == "exact" and revkl > 0)
+
+
+def test_the_tutorial_notebook_runs_top_to_bottom():
+    """docs/tutorial.ipynb, executed as a reader runs it (an error in any cell fails the test): one
+    SAIL step cell by cell, the tabular check, two short runs (about a minute with the SFT model cached)."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(os.path.join(HERE, "docs", "tutorial.ipynb"), as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Delta(y1):        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]" in outputs  # the first step: the policy is the reference
+    assert "largest difference, with the response term:" in outputs and "gold reward" in outputs

@@ -29,9 +29,9 @@ Departures from the paper (see also sail.py):
   5. The response term has a leave-one-out baseline (unbiased, less variance) and is scaled by
      --response_scale (0.1); --response_term official runs the official code's hook instead.
 """
-import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 import data
+import extensions
 import reward
 from extensions import step as extended
 from plumbing import checkpoint, distributed, models, options, outputs
@@ -76,17 +77,20 @@ class Config(RunOptions):  # the other options (the extensions, models, data, ch
     seed: int = arg(0, "seed of the alignment run (routing, prompt order, sampling, labels)")
 
 
-METHODS = {  # method -> probabilities of the routes (OFFLINE, DP, PP, PR), as in the official code
+METHODS = {  # the SAIL family: method -> probabilities of the routes (OFFLINE, DP, PP, PR), as in the official code
     "dpo": lambda c: (1, 0, 0, 0),
     "online-dpo": lambda c: (0, 0, 0, 1),  # all pairs online and oracle-labelled, gamma = 0
     "sail-dp": lambda c: (1 - c.r, c.r, 0, 0),  # the rest of the pairs stay offline DPO pairs
     "sail-pp": lambda c: (1 - c.p, 0, c.p, 0),
     "sail-pr": lambda c: (1 - c.g, 0, 0, c.g),  # --g 1 for purely online SAIL-PR
     "mix": lambda c: (1 - c.r - c.p - c.g, c.r, c.p, c.g),
-    "selm": lambda c: (0, 0, 0, 1),  # extensions/selm.py: online DPO + a bonus on the reference's greedy response
-    "xpo": lambda c: (0, 0, 0, 1),  # extensions/xpo.py: online DPO + a bonus on a sample of the reference
 }
-NO_RESPONSE_TERM = ("online-dpo", "selm", "xpo")  # plain DPO on their online pairs: gamma = 0
+NO_RESPONSE_TERM = {"online-dpo"}  # plain DPO on its online pairs: gamma = 0
+SAIL_FAMILY = tuple(METHODS)
+# SELM and XPO (extensions/) are online DPO plus a bonus on a response of the reference: they add
+# themselves here (--method selm, --method xpo), and extensions/step.py steps them.
+METHODS.update(extensions.METHODS)
+NO_RESPONSE_TERM.update(extensions.METHODS)
 
 
 def coefficients(cfg, response_scale=None):
@@ -102,49 +106,49 @@ def coefficients(cfg, response_scale=None):
 # -----------------------------------------------------------------------------
 # ONE SAIL STEP, on one device, in the paper's order: `alignment_step` (the end of this section)
 # calls the functions above it. They read `run` (plumbing/models.Run: run.cfg, the Config above;
-# run.policy; run.reference, its frozen SFT copy; run.labeller, the oracle) and `state`
-# (plumbing/checkpoint.State: the random streams). @timed(phase) adds a function's seconds to its
-# phase of the metrics line (plumbing/outputs.py); it changes nothing else.
+# run.policy; run.reference, its frozen SFT copy; run.labeller, the oracle; run.pairs, the offline
+# pairs, each {"prompt", "chosen", "rejected"}; run.train_prompts) and `state` (plumbing/checkpoint.
+# State: the run's random streams). Nothing else of a run is here: timing, bf16 and data
+# parallelism wrap these functions and the models from outside (the end of this section).
 
 def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
-    (offline DPO, SAIL-DP) or a training prompt (SAIL-PP, SAIL-PR). Returns the routes (B,), sorted
-    so that the dataset pairs come first, the dataset pairs' ids and the online pairs' prompt ids."""
+    (offline DPO, SAIL-DP) or a training prompt (SAIL-PP, SAIL-PR), each from a stream that goes
+    through its items in shuffled epochs (data.Stream). Returns the routes (B,), sorted so that the
+    n dataset pairs come first, the dataset pairs' ids (n,) and the online pairs' prompt ids (B - n,)."""
     probs = np.clip(METHODS[run.cfg.method](run.cfg), 0, 1)  # (4,) OFFLINE, DP, PP, PR (1 - r - p - g may round below 0)
     route = np.sort(state.route_rng.choice(4, size=B, p=probs))  # (B,) OFFLINE < DP < PP < PR
     n_dataset = int((route <= DP).sum())  # offline DPO and SAIL-DP pairs are the dataset's
     return route, state.pair_stream.next(n_dataset), state.prompt_stream.next(B - n_dataset)
 
 
-@timed("generate")
 def build_pairs(run, state, B):
-    """Route B pairs and give each its two responses: a dataset pair's own (offline DPO, SAIL-DP),
-    or two fresh samples y1, y2 ~ pi_theta for a training prompt (SAIL-PP, SAIL-PR). Returns
-    data.Pairs: its batch holds y1 of every pair in rows 0..B-1 and y2 in rows B..2B-1."""
-    cfg, tok, device = run.cfg, run.tokenizer, run.device
-    route, pair_ids, prompt_ids = draw_routes(run, state, B)
-    dataset, n = [run.pairs[i] for i in pair_ids], len(pair_ids)  # the dataset pairs come first, then B - n online pairs
-    prompts = [x["prompt"] for x in dataset] + [run.train_prompts[i] for i in prompt_ids]
-    y1, y2 = [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]  # texts; a dataset y1 is its chosen
-    rows1, rows2, generated = [], [], 0  # blocks of rows (ids, attention_mask, response_mask) of y1, of y2
-    if n:
-        ds = data.encode_responses(tok, prompts[:n] * 2, y1 + y2, cfg.max_prompt_len, cfg.max_new_tokens)  # (2n, T)
-        rows1.append(tuple(t[:n].to(device) for t in ds))
-        rows2.append(tuple(t[n:].to(device) for t in ds))
-    if n < B:
-        x, x_mask = (t.to(device) for t in data.encode_prompts(tok, prompts[n:] * 2, cfg.max_prompt_len))  # (2(B-n), Tp)
-        with run.amp:  # y1, y2 ~ pi_theta: two responses per prompt (sail.sample)
-            online = sample(run.policy, x, x_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            eos_token_id=tok.eos_token_id, generator=state.sampling_gen)
-        rows1.append(tuple(t[:B - n] for t in online))
-        rows2.append(tuple(t[B - n:] for t in online))
-        texts = data.decode(tok, online[0], online[2])
-        y1, y2, generated = y1 + texts[:B - n], y2 + texts[B - n:], int(online[2].sum())
+    """Route B pairs and give each its two responses y1, y2: a dataset pair's own (offline DPO,
+    SAIL-DP), or two fresh samples y1, y2 ~ pi_theta for a training prompt (SAIL-PP, SAIL-PR).
+    Returns data.Pairs: its batch holds y1 of every pair in rows 0..B-1 and y2 in rows B..2B-1."""
+    cfg, tok = run.cfg, run.tokenizer
+    route, pair_ids, prompt_ids = draw_routes(run, state, B)  # (B,), (n,), (B - n,)
+    prompts, y1, y2, rows1, rows2, generated = [], [], [], [], [], 0  # per pair; rows: blocks of (ids, attention_mask, response_mask)
+    if pair_ids:  # dataset pairs: y1 is the pair's chosen response, y2 its rejected one
+        dataset = [run.pairs[i] for i in pair_ids]
+        p, chosen, rejected = [x["prompt"] for x in dataset], [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]
+        rows = [t.to(run.device) for t in data.encode_responses(tok, p + p, chosen + rejected, cfg.max_prompt_len, cfg.max_new_tokens)]  # (2n, T1) each
+        prompts, y1, y2 = p, chosen, rejected
+        rows1.append(tuple(t[:len(p)] for t in rows))  # (n, T1) each
+        rows2.append(tuple(t[len(p):] for t in rows))
+    if prompt_ids:  # online pairs: two responses y1, y2 ~ pi_theta to each prompt (sail.sample)
+        p = [run.train_prompts[i] for i in prompt_ids]
+        x, x_mask = (t.to(run.device) for t in data.encode_prompts(tok, p + p, cfg.max_prompt_len))  # (2m, Tp) each, m = B - n
+        rows = sample(run.policy, x, x_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      eos_token_id=tok.eos_token_id, generator=state.sampling_gen)  # (2m, T2) each: y1 rows, then y2 rows
+        texts = data.decode(tok, rows[0], rows[2])  # (2m,)
+        prompts, y1, y2, generated = prompts + p, y1 + texts[:len(p)], y2 + texts[len(p):], int(rows[2].sum())
+        rows1.append(tuple(t[:len(p)] for t in rows))  # (m, T2) each
+        rows2.append(tuple(t[len(p):] for t in rows))
     batch = data.pad_cat(rows1 + rows2, tok.pad_token_id)  # (2B, T) each: y1 of every pair, then y2
     return data.Pairs(route, prompts, y1 + y2, batch, generated, pair_ids)
 
 
-@timed("label")
 def oracle_labels(run, state, pairs):
     """Bradley-Terry labels from the labeller (the oracle, or --proxy) for the SAIL-PR pairs: one
     query each, a tie too; every other pair keeps y1 as its winner here."""
@@ -163,18 +167,15 @@ def oracle_labels(run, state, pairs):
     return labels
 
 
-@timed("reference")
 @torch.no_grad()  # reference log-probs never need a graph
 def reference_logps(run, batch):
     """L_ref(y) (rows,) of a batch's rows (ids, attention_mask, response_mask) under the frozen reference."""
-    batch = tuple(t.to(run.ref_device) for t in batch)  # the reference may live on the CPU (--offload_reference)
-    return sequence_logps_of(run.reference, *batch, run.ref_amp).to(run.device)
+    return sequence_logps_of(run.reference, *batch)
 
 
-@timed("policy")
 def policy_logps(run, batch):
     """L_theta(y) (rows,) of a batch's rows under the policy, with the graph that the loss is built on."""
-    return sequence_logps_of(run.policy, *batch, run.amp)
+    return sequence_logps_of(run.policy, *batch)
 
 
 def order_pairs(y1_wins, x):
@@ -219,14 +220,12 @@ def pair_losses(run, route, y1_wins, valid, baseline, logps, ref):
     return sail_loss(*pair, label_coef=label_coef, response_coef=response_coef, baseline=baseline, valid=valid)[0]
 
 
-@timed("policy")
 def backward(run, loss):
     """The gradient of the loss, in the policy's .grad (zeroed first)."""
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
 
 
-@timed("optimizer")
 def optimizer_step(run):
     """Clip the gradient's norm to --grad_clip, then one AdamW step. Returns the norm before clipping."""
     clip = run.cfg.grad_clip if run.cfg.grad_clip > 0 else float("inf")
@@ -258,15 +257,34 @@ def alignment_step(run, state):
     return pairs, labels, delta, grad_norm
 
 
+# -----------------------------------------------------------------------------
+# Around the step: what a run adds to it, none of it SAIL's
+
+# Each phase's seconds (t_generate, ... in the metrics line): the step's functions, wrapped once here.
+build_pairs, oracle_labels, reference_logps = timed("generate")(build_pairs), timed("label")(oracle_labels), timed("reference")(reference_logps)
+policy_logps, backward, optimizer_step = timed("policy")(policy_logps), timed("policy")(backward), timed("optimizer")(optimizer_step)
+# The extended step (extensions/step.py) is built from these same functions: no part of SAIL is written twice.
+SAIL_STEP = SimpleNamespace(build_pairs=build_pairs, oracle_labels=oracle_labels, self_labels=self_labels, order_pairs=order_pairs,
+                            response_baselines=response_baselines, pair_losses=pair_losses, coefficients=coefficients,
+                            optimizer_step=optimizer_step)
+
+
+def is_plain(run):
+    """Is `alignment_step` this run's whole step? Yes for the SAIL family on one device in one
+    micro-batch with its exact response term; anything else (torchrun, --grad_accum, SELM, XPO,
+    --revkl, --response_term official*, a moving reference) takes extensions/step.py's step."""
+    cfg = run.cfg
+    return (cfg.method in SAIL_FAMILY and run.world == 1 and cfg.grad_accum == 1 and cfg.revkl == 0
+            and cfg.response_term == "exact" and run.ref_every == 0)
+
+
 def train_step(run, state, step):
-    """One step of the loop and its metrics line. A plain run takes `alignment_step` above; data
-    parallelism, micro-batches and the extensions take extensions/step.py's, which runs this file's
-    functions (handed over as this module) with them around."""
-    clock = outputs.Clock()  # the phases' seconds, from the @timed functions
-    if extended.needed(run):
-        pairs, labels, delta, grad_norm = extended.alignment_step(run, state, sail_step=sys.modules[__name__])
-    else:
+    """One step of the loop, `alignment_step` or the extended one, and its metrics line."""
+    clock = outputs.Clock()  # the phases' seconds, from the timed functions
+    if is_plain(run):
         pairs, labels, delta, grad_norm = alignment_step(run, state)
+    else:
+        pairs, labels, delta, grad_norm = extended.alignment_step(run, state, sail_step=SAIL_STEP)
     row = outputs.step_metrics(run, state, step, pairs, labels, margin(labels, delta), delta, grad_norm, clock)
     return row, (pairs, labels)
 
@@ -292,7 +310,7 @@ def evaluate(run, eval_set, sft_rewards):
         scores["eval_proxy_"] = run.labeller(eval_set.prompts, texts)
     if cfg.temperature != 1:  # KL(pi || ref) = E_{y ~ pi}[log pi(y) - log ref(y)] needs samples of pi itself
         ids, attention, response = eval_samples(run, eval_set, 1.0, "eval_kl")
-    kl = sequence_logps_of(policy, ids, attention, response, run.amp) - reference_logps(run, (ids, attention, response))  # (N,)
+    kl = sequence_logps_of(policy, ids, attention, response) - reference_logps(run, (ids, attention, response))  # (N,)
     for prefix, rewards in scores.items():  # eval_reward, eval_win (--proxy: eval_proxy_reward, eval_proxy_win)
         out[prefix + "reward"] = rewards.mean().item()
         if sft_rewards is not None:  # against the SFT model's response to the same prompt, with the same noise
@@ -300,7 +318,7 @@ def evaluate(run, eval_set, sft_rewards):
     out.update(eval_kl=kl.mean().item(), eval_revkl=eval_reverse_kl(run, eval_set.ref_samples))
     out.update(halves(eval_set, eval_reward=scores["eval_"], eval_kl=kl))  # eval_reward_a, _b, eval_kl_a, _b: the prompts' halves
     if eval_set.pair_batch is not None:
-        logps = sequence_logps_of(policy, *eval_set.pair_batch[:3], run.amp) - eval_set.pair_batch[3]  # (2M,)
+        logps = sequence_logps_of(policy, *eval_set.pair_batch[:3]) - eval_set.pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
     policy.train(was_training)

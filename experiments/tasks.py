@@ -82,7 +82,7 @@ def sample_batches(model, tokenizer, prompts, cfg, device, generator):
 
 def token_logp(model, batches, device):
     """The model's mean log-likelihood per response token over `batches` of (ids, attention_mask, response_mask)."""
-    logps = [sequence_logps_of(model, *b, amp=torch.autocast(device.type, enabled=False)).sum().item() for b in batches]  # summed per row
+    logps = [sequence_logps_of(model, *b).sum().item() for b in batches]  # summed per row
     return sum(logps) / sum(b[2].sum().item() for b in batches)
 
 

@@ -510,7 +510,7 @@ def test_the_measured_properties_by_hand(monkeypatch):
 
 
 def test_token_logp_is_per_response_token(monkeypatch):
-    monkeypatch.setattr(tasks, "sequence_logps_of", lambda m, ids, attn, resp, amp: -resp.sum(1).float())  # -1 per response token
+    monkeypatch.setattr(tasks, "sequence_logps_of", lambda m, ids, attn, resp: -resp.sum(1).float())  # -1 per response token
     b = (torch.zeros(2, 5), torch.ones(2, 5), torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]))
     assert tasks.token_logp(None, [b, b], torch.device("cpu")) == -1.0
 

@@ -15,9 +15,9 @@ the hook would divide by zero, is clamped to 1e-6.
 """
 import torch
 
+from plumbing.options import RESPONSE_TERMS
 from sail import pair_value, sail_loss
 
-RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")
 
 
 def official_sail_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,

@@ -9,7 +9,7 @@ loss, with any method, which makes SAIL's objective Polyak-Lojasiewicz.
 It enters the step through extensions/step.py: the reference's samples are drawn with the pairs'
 responses, and `revkl_backward` adds the penalty's gradient after each micro-batch's loss, in a
 pass of its own. `reverse_kl` also gives every run's held-out KL(reference || policy)
-(plumbing/evaluation.py).
+(plumbing/evaluation.py, where it is written).
 
 Departures from the paper's code:
   1. The penalty is estimated without bias on a sample of the reference (`reverse_kl`); the
@@ -17,34 +17,9 @@ Departures from the paper's code:
 """
 import torch
 
+from plumbing.evaluation import reverse_kl  # noqa: F401 (the penalty's estimator, written once)
+from plumbing.options import REVKL_ESTIMATES  # noqa: F401
 from sail import DP, logits_of
-
-
-REVKL_ESTIMATES = ("exact", "proxy", "proxy-aligned")
-
-
-def reverse_kl(policy_logits, reference_logits, response_mask):
-    """SAIL-RevKL's penalty (Wu et al. 2026, arXiv 2606.31524): KL(pi_ref || pi_theta) of each row,
-    for rows y ~ pi_ref (sampled at temperature 1), as the sum over its response positions of the
-    full-vocabulary KL between the next-token distributions,
-
-        sum_t KL(pi_ref(. | x, y<t) || pi_theta(. | x, y<t)).
-
-    Its expectation over y ~ pi_ref is the sequence-level KL(pi_ref || pi_theta) (the chain rule of
-    KL: each position's log-ratio averaged over its token given the prefix), and since y's
-    distribution does not depend on theta, its gradient's expectation is that KL's gradient,
-    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both. Each position's term is averaged over
-    its next token exactly, which usually gives less variance than the plain log-ratio
-    log pi_ref(y) - log pi_theta(y), though not always (a later position's KL depends on the
-    earlier tokens). On samples of the policy it would estimate neither: the prefixes must come
-    from pi_ref.
-    policy_logits, reference_logits: (B, T, V) on the rows; response_mask: (B, T), as in
-    sequence_logps (position t predicts token t + 1). Returns (B,)."""
-    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
-    log_p = policy_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
-    log_r = reference_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
-    kl = torch.where(log_r > -torch.inf, log_r.exp() * (log_r - log_p), 0.0).sum(-1)  # (B, T-1) each next token's KL (0 log 0 = 0)
-    return torch.where(response_mask[:, 1:].bool(), kl, 0.0).sum(-1)  # (B,)
 
 
 def revkl_proxy(policy_logits, reference_logits, ids, response_mask, aligned=False):
@@ -90,9 +65,9 @@ def revkl_backward(run, pairs, labels, rows, idx):
         ids, attention, response = (t[idx.to(t.device)] for t in pairs.extension["revkl_samples"])  # (m, T') each
     else:
         ids, attention, response = (t[:2 * m] for t in rows)  # (2m, T') y1 rows, then y2 rows
-    policy = logits_of(run.train_policy, ids, attention, run.amp)  # (rows, T', V)
+    policy = logits_of(run.train_policy, ids, attention)  # (rows, T', V)
     with torch.no_grad():
-        reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
+        reference = logits_of(run.reference, ids, attention).to(run.device)  # --offload_reference: computed on the CPU
     if cfg.revkl_estimate == "exact":
         penalty = reverse_kl(policy, reference, response)  # (m,)
     else:  # the chosen rows as the authors' code has them: y1 for a SAIL-DP pair (it never swaps its texts) and a tie (a strict >)

@@ -1,6 +1,7 @@
 """
 extensions/step.py: SAIL's step with what is not SAIL on one device around it. train.py's
-`alignment_step` is this step without any of it; `train.train_step` takes this one when a run needs
+`alignment_step` is this step without any of it; `train.train_step` takes this one (train.is_plain)
+when a run needs
 
   * data parallelism (torchrun): the loss's forward through DDP, the mean over all ranks' pairs;
   * micro-batches (--grad_accum K): Delta from a pass without a graph, then each micro-batch's
@@ -33,13 +34,6 @@ from sail import sequence_logps_of
 import data
 
 EXPLORE = {"selm", "xpo"}  # methods that also need a response y~ of the reference per prompt
-
-
-def needed(run):
-    """Does this run need this step (anything but the SAIL family on one device, one micro-batch)?"""
-    cfg = run.cfg
-    return (run.world > 1 or cfg.grad_accum > 1 or cfg.method in EXPLORE or cfg.revkl > 0 or cfg.response_term != "exact"
-            or run.ref_every > 0)
 
 
 def alignment_step(run, state, sail_step):
@@ -78,11 +72,11 @@ def reference_samples(run, state, pairs):
         p_ids, p_mask = (t.to(run.ref_device) for t in data.encode_prompts(run.tokenizer, pairs.prompts, cfg.max_prompt_len))
     if explore:  # all pairs online: one y~ of the training reference (SELM: its last iterate) per prompt
         y = sample_responses(run, run.train_reference, p_ids, p_mask, 0.0 if cfg.method == "selm" else cfg.temperature,
-                             state.explore_gen, run.ref_amp)
+                             state.explore_gen)
         pairs.batch = data.pad_cat([pairs.batch, tuple(t.to(run.device) for t in y)], run.tokenizer.pad_token_id)  # (3B, T)
         pairs.generated += int(y[2].sum())
     if revkl:
-        y = sample_responses(run, run.reference, p_ids, p_mask, 1.0, state.revkl_gen, run.ref_amp)
+        y = sample_responses(run, run.reference, p_ids, p_mask, 1.0, state.revkl_gen)
         pairs.extension["revkl_samples"] = tuple(t.to(run.device) for t in y)
         pairs.generated += int(y[2].sum())
 
@@ -92,8 +86,7 @@ def reference_samples(run, state, pairs):
 def reference_logps(run, rows):
     """train.reference_logps against the loss's reference, run.train_reference: the frozen SFT model,
     or SELM's last iterate."""
-    rows = tuple(t.to(run.ref_device) for t in rows)
-    return sequence_logps_of(run.train_reference, *rows, run.ref_amp).to(run.device)
+    return sequence_logps_of(run.train_reference, *rows)  # --offload_reference: computed on the CPU
 
 
 @timed("policy")
@@ -103,10 +96,10 @@ def policy_delta(run, micro, ref):
     Delta comes from a pass without a graph, and each micro-batch's loss redoes its forward)."""
     B = micro.B
     if len(micro) == 1:
-        logps = sequence_logps_of(run.train_policy, *micro.rows(micro.idx[0]), run.amp)  # (2B [+ B],)
+        logps = sequence_logps_of(run.train_policy, *micro.rows(micro.idx[0]))  # (2B [+ B],)
         return (logps[:2 * B] - ref[0][:2 * B]).detach(), logps
     with torch.no_grad():
-        return micro.gather([sequence_logps_of(run.policy, *micro.rows(idx), run.amp) - r for idx, r in zip(micro, ref)]), None
+        return micro.gather([sequence_logps_of(run.policy, *micro.rows(idx)) - r for idx, r in zip(micro, ref)]), None
 
 
 def pair_losses(run, sail_step, pairs, labels, baseline, idx, logps, ref):
@@ -142,7 +135,7 @@ def backward(run, sail_step, pairs, labels, baseline, micro, ref, logps=None):
         last = k == len(micro) - 1
         with no_sync(run, last=last and not cfg.revkl):  # ddp: average the gradients after the last backward
             if logps is None or k > 0:
-                logps = sequence_logps_of(run.train_policy, *micro.rows(idx), run.amp)  # (2m [+ m],)
+                logps = sequence_logps_of(run.train_policy, *micro.rows(idx))  # (2m [+ m],)
             losses = pair_losses(run, sail_step, pairs, labels, baseline, idx, logps, ref[k])  # (m,)
             (losses.sum() * run.world / cfg.batch_size).backward()  # the mean over the step's pairs (ddp: of all ranks)
         if cfg.revkl:  # SAIL-RevKL: its penalty, in a pass of its own (DDP allows one forward per backward)

@@ -10,7 +10,6 @@ import torch
 import data
 from plumbing.checkpoint import stream_seeds
 from plumbing.models import sample_responses
-from extensions.revkl import reverse_kl
 from sail import logits_of, sample
 
 
@@ -29,7 +28,7 @@ def make_eval_set(run, inputs, reference_logps):
             cfg.max_prompt_len, cfg.max_new_tokens))
         pair_batch += (reference_logps(run, pair_batch),)
     generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
-    ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator, run.ref_amp)
+    ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator)
     return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples),
                            cut=len(inputs.eval_prompts) // 2 * cfg.eval_samples)  # the rows of the first half of the prompts
 
@@ -58,19 +57,42 @@ def eval_samples(run, eval_set, temperature, stream):
     each (N, T), from a generator seeded afresh from `stream` at every evaluation: the same noise as
     the SFT baseline's (common random numbers make the comparison less noisy)."""
     generator = torch.Generator(eval_set.batch[0].device).manual_seed(stream_seeds(run.cfg.seed)[stream])
-    with run.amp:
-        return sample(run.policy, *eval_set.batch, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
-                      eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+    return sample(run.policy, *eval_set.batch, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                  eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+
+
+def reverse_kl(policy_logits, reference_logits, response_mask):
+    """SAIL-RevKL's penalty (Wu et al. 2026, arXiv 2606.31524): KL(pi_ref || pi_theta) of each row,
+    for rows y ~ pi_ref (sampled at temperature 1), as the sum over its response positions of the
+    full-vocabulary KL between the next-token distributions,
+
+        sum_t KL(pi_ref(. | x, y<t) || pi_theta(. | x, y<t)).
+
+    Its expectation over y ~ pi_ref is the sequence-level KL(pi_ref || pi_theta) (the chain rule of
+    KL: each position's log-ratio averaged over its token given the prefix), and since y's
+    distribution does not depend on theta, its gradient's expectation is that KL's gradient,
+    -E_{y ~ pi_ref}[grad log pi_theta(y)]: unbiased for both. Each position's term is averaged over
+    its next token exactly, which usually gives less variance than the plain log-ratio
+    log pi_ref(y) - log pi_theta(y), though not always (a later position's KL depends on the
+    earlier tokens). On samples of the policy it would estimate neither: the prefixes must come
+    from pi_ref.
+    policy_logits, reference_logits: (B, T, V) on the rows; response_mask: (B, T), as in
+    sequence_logps (position t predicts token t + 1). Returns (B,)."""
+    float_type = torch.promote_types(policy_logits.dtype, torch.float32)
+    log_p = policy_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
+    log_r = reference_logits[:, :-1].to(float_type).log_softmax(-1)  # (B, T-1, V)
+    kl = torch.where(log_r > -torch.inf, log_r.exp() * (log_r - log_p), 0.0).sum(-1)  # (B, T-1) each next token's KL (0 log 0 = 0)
+    return torch.where(response_mask[:, 1:].bool(), kl, 0.0).sum(-1)  # (B,)
 
 
 def eval_reverse_kl(run, rows, chunk=32):
-    """KL(pi_ref || pi_theta) on held-out prompts: extensions/revkl.reverse_kl on responses of the reference
+    """KL(pi_ref || pi_theta) on held-out prompts: reverse_kl on responses of the reference
     (rows: (ids, attention_mask, response_mask), each (N, T)), averaged; `chunk` rows at a time,
     since it needs the full logits of both models."""
     kl = []
     for i in range(0, len(rows[0]), chunk):
         ids, attention, response = (t[i:i + chunk] for t in rows)
-        policy = logits_of(run.policy, ids, attention, run.amp)  # (chunk, T, V)
-        reference = logits_of(run.reference, ids.to(run.ref_device), attention.to(run.ref_device), run.ref_amp).to(run.device)
+        policy = logits_of(run.policy, ids, attention)  # (chunk, T, V)
+        reference = logits_of(run.reference, ids, attention).to(run.device)  # --offload_reference: computed on the CPU
         kl.append(reverse_kl(policy, reference, response))
     return torch.cat(kl).mean().item()

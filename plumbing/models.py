@@ -8,10 +8,12 @@ policy itself with its adapters switched off (`AdaptersOff`): exactly the SFT mo
 copy in memory. SELM's moving reference (its last iterate) is a copy of its own.
 """
 import copy
+import functools
 import hashlib
 import json
 import os
 import time
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +43,6 @@ class Run:
     pairs: list
     device: torch.device
     ref_device: torch.device          # the reference may live on the CPU (--offload_reference)
-    amp: object                       # bf16 autocast where supported, else a no-op
-    ref_amp: object
     pair_labels: np.ndarray           # per offline pair: the oracle labels its dataset spent on it (ties included)
     ref_every: int                    # SELM: copy the policy into train_reference every this many steps (0: never)
     sft_seconds: float = 0.0
@@ -58,8 +58,7 @@ class Run:
 def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
     """The oracle, the SFT policy, its frozen reference and the optimiser, in a Run; ref_every: SELM's
     moving reference, copied from the policy every this many steps (0: never)."""
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # fp32 master weights
+    use_bf16 = bf16_supported(device)
     oracle = reward.GoldReward(inputs.task.gold if inputs.task else reward.gold_reward)  # the yardstick, and the labeller unless --proxy
     if cfg.reward_model:  # in eval mode, no gradients, its own tokenizer; bf16 weights where the policy computes in bf16
         oracle = reward.HFRewardModel(cfg.reward_model, device, cfg.reward_batch_size, label=cfg.reward_label,
@@ -86,10 +85,18 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
               # fused on CUDA: one kernel per step, without the foreach path's temporary copy of the
               # second moments (+4 bytes per trained parameter at the step)
               optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"),
-              train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device, amp=amp,
-              ref_amp=amp if ref_device == device else torch.autocast("cpu", enabled=False),
+              train_prompts=inputs.train_prompts, pairs=inputs.pairs, device=device, ref_device=ref_device,
               pair_labels=np.array([x.get("labels", 1) for x in inputs.pairs or []], dtype=np.int64),
               ref_every=ref_every, sft_seconds=sft_seconds, rank=rank, world=world)
+    # The instruments around the step, on the models themselves, so that no caller names them: bf16
+    # autocast inside each forward pass (fp32 master weights), and the offloaded reference's inputs
+    # moved to the CPU (sail.sequence_logps_of brings L(y) back).
+    for model in {id(m): m for m in (policy, reference, train_reference) if isinstance(m, torch.nn.Module)}.values():
+        on_device = model is policy or ref_device == device  # an offloaded reference computes in fp32 on the CPU
+        if use_bf16 and on_device:
+            compute_in_bf16(model, device)
+        if not on_device:
+            inputs_to_cpu(model)
     lora = f", {sum(p.numel() for p in trained) / 1e6:.2f}M in LoRA adapters of rank {cfg.lora_rank} trained" if cfg.lora_rank else ""
     print(f"policy: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{lora}) | "
           f"reference {'= the policy, adapters off' if cfg.lora_rank else 'on ' + str(ref_device)} | oracle: {cfg.reward_model or 'embedded gold reward'}"
@@ -99,12 +106,38 @@ def setup_run(cfg, inputs, device, rank=0, world=1, *, ref_every=0):
     return run
 
 
-def sample_responses(run, model, prompt_ids, prompt_mask, temperature, generator, amp):
+def bf16_supported(device):
+    """Do the models compute in bf16 on this device (CUDA with bf16), or in fp32?"""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def compute_in_bf16(model, device):
+    """Every forward pass of `model` under bf16 autocast on `device` (its weights stay fp32): the
+    same arithmetic as `with torch.autocast(...)` around each call, with no caller naming it. A bound
+    method of the model's own, so that copy.deepcopy rebinds it to the copy."""
+    cls_forward = type(model).forward
+
+    @functools.wraps(cls_forward)  # its signature stays the model's (sail.forward_takes reads it)
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return cls_forward(self, *args, **kwargs)
+    model.forward = types.MethodType(forward, model)
+
+
+def inputs_to_cpu(model):
+    """--offload_reference: the model lives on the CPU, and a pre-hook moves each call's tensors
+    there; its outputs stay on the CPU (sail.sequence_logps_of moves L(y) back)."""
+    def to_cpu(module, args, kwargs):
+        move = lambda x: x.cpu() if torch.is_tensor(x) else x
+        return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+    model.register_forward_pre_hook(to_cpu, with_kwargs=True)
+
+
+def sample_responses(run, model, prompt_ids, prompt_mask, temperature, generator):
     """One response per row of `model` (sail.sample, which samples in eval mode), with the run's
-    length limit and EOS, under `amp`: the reference's responses (extensions/, evaluation)."""
-    with amp:
-        return sample(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
-                      eos_token_id=run.tokenizer.eos_token_id, generator=generator)
+    length limit and EOS: the reference's responses (extensions/, evaluation)."""
+    return sample(model, prompt_ids, prompt_mask, max_new_tokens=run.cfg.max_new_tokens, temperature=temperature,
+                  eos_token_id=run.tokenizer.eos_token_id, generator=generator)
 
 
 def proxy_labeller(cfg, inputs, tokenizer, device, rank=0, world=1):

@@ -20,8 +20,6 @@ import torch
 
 import data
 import reward
-from extensions.official import RESPONSE_TERMS
-from extensions.revkl import REVKL_ESTIMATES
 from plumbing.tasks import TASKS
 from sail import DP, OFFLINE
 
@@ -86,6 +84,9 @@ class RunOptions:
     resume: str = arg("auto", "auto: continue from the checkpoint in --out_dir if there is one | no: start over")
     device: str = arg("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
 
+
+RESPONSE_TERMS = ("exact", "official", "official-size", "official-sign")  # --response_term (extensions/official.py)
+REVKL_ESTIMATES = ("exact", "proxy", "proxy-aligned")  # --revkl_estimate (extensions/revkl.py)
 
 # The valid range of every numeric option, train.py's and the run's: (test, what the test says, options).
 RANGES = [

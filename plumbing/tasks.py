@@ -37,6 +37,7 @@ import re
 
 import numpy as np
 
+import data
 from data import Task, labelled_pairs, make_task
 from reward import ASPECTS, CATEGORY_OF, STOPWORDS, gold_reward, subject_of
 
@@ -138,4 +139,5 @@ def make_offpolicy_task(seed=0):
                 gold=gold_reward)
 
 
-TASKS = {"review": make_task, "explore": make_explore_task, "offpolicy": make_offpolicy_task}  # --task NAME
+TASKS = data.TASKS  # --task NAME: the review task's registry (data.py), with these two added
+TASKS.update(explore=make_explore_task, offpolicy=make_offpolicy_task)

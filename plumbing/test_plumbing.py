@@ -25,7 +25,7 @@ import reward
 import sail
 import train
 from plumbing import checkpoint, models, options, outputs, tasks
-from test_sail import (FAST, HERE, OFF, SHORT, SUMMARY_KEYS, assert_same_metrics, bad_files, cache, few_eval_pairs, gradient, load_model, metrics_without_timing, no_eval, perturbed_run, refusal, runs, tiny_causal_lm, weights, word_tokenizer, write_jsonl)  # noqa: F401  (fixtures)
+from test_sail import (FAST, HERE, SHORT, SUMMARY_KEYS, assert_same_metrics, bad_files, cache, few_eval_pairs, gradient, load_model, metrics_without_timing, no_eval, perturbed_run, refusal, runs, tiny_causal_lm, weights, word_tokenizer, write_jsonl)  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,10 +377,10 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     batch = data.encode_responses(run.tokenizer, [x["prompt"] for x in pairs] * 2,
                                   [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], 32, 8)
     sft = load_model(run.cfg.model if arch == "neox" else os.path.join(cache, "embedded-sft-task0-steps40"))[0]
-    sft_logps = sail.sequence_logps_of(sft, *batch, OFF)  # (12,)
+    sft_logps = sail.sequence_logps_of(sft, *batch)  # (12,)
     # At the start B = 0: the policy, its reference and the SFT model give the same log-probs.
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
-    assert torch.equal(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    assert torch.equal(sail.sequence_logps_of(run.policy, *batch), sft_logps)
     frozen = {n: p.detach().clone() for n, p in run.policy.named_parameters() if not p.requires_grad}
     for step in (1, 2, 3):
         train.train_step(run, state, step)
@@ -393,7 +393,7 @@ def test_lora_trains_the_adapters_only_and_its_reference_is_the_sft_model(cache,
     assert sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]) == sum(g.numel() for g in grads.values())
     # The frozen weights did not move; the policy did; the reference is still exactly the SFT model.
     assert all(torch.equal(p, frozen[n]) for n, p in run.policy.named_parameters() if n in frozen)
-    assert not torch.allclose(sail.sequence_logps_of(run.policy, *batch, OFF), sft_logps)
+    assert not torch.allclose(sail.sequence_logps_of(run.policy, *batch), sft_logps)
     assert torch.equal(train.reference_logps(run, batch), sft_logps)
 
 def test_lora_with_gradient_checkpointing_gives_the_same_gradient(cache, checkpoints):
@@ -447,8 +447,8 @@ def test_a_killed_lora_run_resumes_exactly_and_saves_a_merged_policy(tmp_path, c
     lora = peft.PeftModel.from_pretrained(load_model(checkpoints.root / "neox")[0], tmp_path / "full" / "checkpoint")
     merged = load_model(tmp_path / "full" / "policy")[0]
     rows = data.encode_responses(data.prepare_tokenizer(tok), ["Review of the pizza:"] * 2, [" great", " awful"], 16, 8)
-    lora_logps, merged_logps = sail.sequence_logps_of(lora, *rows, OFF), sail.sequence_logps_of(merged, *rows, OFF)
-    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, sail.sequence_logps_of(sft, *rows, OFF))
+    lora_logps, merged_logps = sail.sequence_logps_of(lora, *rows), sail.sequence_logps_of(merged, *rows)
+    assert torch.allclose(lora_logps, merged_logps, atol=1e-5) and not torch.allclose(merged_logps, sail.sequence_logps_of(sft, *rows))
     ids = tok("Review of the pizza:", return_tensors="pt")["input_ids"]
     assert merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                            pad_token_id=tok.pad_token_id).shape[1] > ids.shape[1]
