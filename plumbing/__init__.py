@@ -13,7 +13,7 @@ is called from train.py and never calls back into it.
   evaluation.py   the held-out set, its sampling, its two halves, distinct-2, the chunked KL(pi_ref || pi_theta)
   tasks.py        the embedded tasks beyond the review task (explore, offpolicy) and the registry --task names
   outputs.py      the step's metrics line, metrics.jsonl, the samples shown, summary.json, the plot, the
-                  phase timing (@timed on the step's functions)
+                  phase timing (`timed`, which train.py wraps around the step's functions)
 
 Its tests are in plumbing/test_plumbing.py (`python -m pytest -q plumbing`).
 """
