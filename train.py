@@ -108,8 +108,9 @@ def coefficients(cfg, response_scale=None):
 # calls the functions above it. They read `run` (plumbing/models.Run: run.cfg, the Config above;
 # run.policy; run.reference, its frozen SFT copy; run.labeller, the oracle; run.pairs, the offline
 # pairs, each {"prompt", "chosen", "rejected"}; run.train_prompts) and `state` (plumbing/checkpoint.
-# State: the run's random streams). Nothing else of a run is here: timing, bf16 and data
-# parallelism wrap these functions and the models from outside (the end of this section).
+# State: the run's random streams). Nothing else of a run is here: the phase timers wrap these
+# functions below the step, bf16 and offloading live on the models (plumbing/models.py), and data
+# parallelism, micro-batches and the extensions take extensions/step.py's step (`is_plain`).
 
 def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
@@ -131,11 +132,10 @@ def build_pairs(run, state, B):
     prompts, y1, y2, rows1, rows2, generated = [], [], [], [], [], 0  # per pair; rows: blocks of (ids, attention_mask, response_mask)
     if pair_ids:  # dataset pairs: y1 is the pair's chosen response, y2 its rejected one
         dataset = [run.pairs[i] for i in pair_ids]
-        p, chosen, rejected = [x["prompt"] for x in dataset], [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]
-        rows = [t.to(run.device) for t in data.encode_responses(tok, p + p, chosen + rejected, cfg.max_prompt_len, cfg.max_new_tokens)]  # (2n, T1) each
-        prompts, y1, y2 = p, chosen, rejected
-        rows1.append(tuple(t[:len(p)] for t in rows))  # (n, T1) each
-        rows2.append(tuple(t[len(p):] for t in rows))
+        prompts, y1, y2 = [x["prompt"] for x in dataset], [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]
+        rows = data.encode_responses(tok, prompts + prompts, y1 + y2, cfg.max_prompt_len, cfg.max_new_tokens)  # (2n, T1) each
+        rows1.append(tuple(t[:len(prompts)].to(run.device) for t in rows))  # (n, T1) each
+        rows2.append(tuple(t[len(prompts):].to(run.device) for t in rows))
     if prompt_ids:  # online pairs: two responses y1, y2 ~ pi_theta to each prompt (sail.sample)
         p = [run.train_prompts[i] for i in prompt_ids]
         x, x_mask = (t.to(run.device) for t in data.encode_prompts(tok, p + p, cfg.max_prompt_len))  # (2m, Tp) each, m = B - n
