@@ -1364,7 +1364,8 @@ def test_the_extended_step_is_the_sail_step_on_a_plain_run(cache, method):
     assert out[0][5].abs().max() > 0
 
 
-@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "online-dpo"])
+@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "online-dpo",
+                                    "sail-pr --g 0.5 --baseline loo-all", "mix --r 0.25 --p 0.25 --g 0.5 --baseline none"])
 def test_one_alignment_step_by_hand(cache, method):
     """train.alignment_step checked against the README's pseudocode from what it returns, whatever
     order it draws its random numbers in (docs/exercises.md, 8: write the step): each dataset pair's
@@ -1413,8 +1414,10 @@ def test_one_alignment_step_by_hand(cache, method):
     label_coef = t([0.0, cfg.rho, cfg.pi, 0.0])[route]
     gamma = 0.0 if cfg.method == "online-dpo" else cfg.gamma
     response_coef = cfg.response_scale * t([0.0, 0.0, cfg.pi, gamma])[route]
-    cost, pool = (-v).detach(), response_coef > 0
+    cost = (-v).detach()
+    pool = response_coef > 0 if cfg.baseline == "loo" else torch.ones(B, dtype=torch.bool)  # loo-all: every other pair
     b = t([cost[pool & (torch.arange(B) != i)].mean().item() if (pool & (torch.arange(B) != i)).any() else 0.0 for i in range(B)])
+    b = b if cfg.baseline != "none" else torch.zeros(B)
     loss = -v - 0.5 * label_coef * torch.where(labels.valid, v, 0.0) ** 2 + response_coef * (cost - b) * (L_w + L_l)
     loss.mean().backward()
     assert torch.allclose(gradient(run.policy), gradient(before), rtol=1e-4, atol=1e-6)
@@ -1888,4 +1891,4 @@ def test_the_tutorial_notebook_runs_top_to_bottom():
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Delta(y1):        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]" in outputs  # the first step: the policy is the reference
-    assert "largest difference, with the response term:" in outputs and "gold reward" in outputs
+    assert "largest difference with both terms:" in outputs and "gold reward" in outputs

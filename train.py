@@ -104,13 +104,15 @@ def coefficients(cfg, response_scale=None):
 
 
 # -----------------------------------------------------------------------------
-# ONE SAIL STEP, on one device, in the paper's order: `alignment_step` (the end of this section)
-# calls the functions above it. They read `run` (plumbing/models.Run: run.cfg, the Config above;
-# run.policy; run.reference, its frozen SFT copy; run.labeller, the oracle; run.pairs, the offline
-# pairs, each {"prompt", "chosen", "rejected"}; run.train_prompts) and `state` (plumbing/checkpoint.
-# State: the run's random streams). Nothing else of a run is here: the phase timers wrap these
-# functions below the step, bf16 and offloading live on the models (plumbing/models.py), and data
-# parallelism, micro-batches and the extensions take extensions/step.py's step (`is_plain`).
+# ONE SAIL STEP, on one device, in the paper's order. `alignment_step`, at the end of this section,
+# calls the functions above it. They read two things:
+#   run    plumbing/models.Run: run.cfg (the Config above), run.policy, run.reference (its frozen
+#          SFT copy), run.labeller (the oracle), run.pairs (offline pairs, each {"prompt",
+#          "chosen", "rejected"}) and run.train_prompts;
+#   state  plumbing/checkpoint.State: the run's random streams.
+# Nothing else of a run is here. Timing wraps these functions below the step. bf16 and offloading
+# live on the models (plumbing/models.py). Data parallelism, micro-batches and the extensions take
+# extensions/step.py's step instead (`is_plain`, below).
 
 def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
