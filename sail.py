@@ -129,7 +129,7 @@ def leave_one_out_mean(x, pool=None):
     pair i, so it keeps the response term unbiased. x: (B,); pool: None or (B,) bool."""
     x = x.detach()
     if pool is None:
-        return (x.sum() - x) / (x.numel() - 1)  # (B,)
+        return (x.sum() - x) / (x.numel() - 1) if x.numel() > 1 else torch.zeros_like(x)  # (B,)
     x = torch.where(pool, x, 0.0)  # (B,)
     others = pool.sum() - pool.long()  # (B,) pool members other than i
     return torch.where(others > 0, (x.sum() - x) / others.clamp(min=1), 0.0)  # (B,)

@@ -219,6 +219,8 @@ def test_official_ties_keep_the_sample_order_and_get_the_hook():
 
 def test_leave_one_out_mean():
     assert torch.allclose(leave_one_out_mean(t([1.0, 2.0, 6.0])), t([4.0, 3.5, 1.5]))
+    assert torch.equal(leave_one_out_mean(t([5.0])), t([0.0]))  # no other entry: 0, as the docstring says (not 0/0)
+    assert torch.equal(leave_one_out_mean(t([5.0]), t([True])), t([0.0]))
 
 
 # ---------------------------------------------------------------------------------------------

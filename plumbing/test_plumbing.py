@@ -612,6 +612,28 @@ def test_each_task_is_deterministic_held_out_and_labelled_by_its_gold_reward(nam
     assert a.gold is {"explore": tasks.explore_reward, "offpolicy": reward.gold_reward}[name]
 
 
+TASK_DIGESTS = {  # sha256 (first 16 hex) of each task's texts, per field: hashed at 878d4e1, where the figures of docs/ were made
+    ("review", 0): {"sft": "65916f783ab7ace4", "train_prompts": "79c9bd7fc44ef0ab", "eval_prompts": "5dff6d897193035f", "pairs": "5de9c6b3962c8553", "eval_pairs": "85110c0ca807f2ac"},
+    ("review", 1): {"sft": "0f07813686019698", "train_prompts": "6020d41c97d3a550", "eval_prompts": "12d40a3fbc587709", "pairs": "8f912d9b7c61e4d5", "eval_pairs": "78574fb79b500e28"},
+    ("explore", 0): {"sft": "05317eed38cc624e", "train_prompts": "b1679f931cb44f8a", "eval_prompts": "e5427e141ff47803", "pairs": "29721246bf96946d", "eval_pairs": "003fd6a5240bad6b"},
+    ("explore", 1): {"sft": "68ef32269ef7d788", "train_prompts": "67af4015e543a3fa", "eval_prompts": "3e244d7b70bdf87d", "pairs": "1ed76981974ee594", "eval_pairs": "f130cd44065f6d92"},
+    ("offpolicy", 0): {"sft": "65916f783ab7ace4", "train_prompts": "79c9bd7fc44ef0ab", "eval_prompts": "5dff6d897193035f", "pairs": "e2be71e5cd7215f7", "eval_pairs": "bf5ac12cc412454b"},
+    ("offpolicy", 1): {"sft": "0f07813686019698", "train_prompts": "6020d41c97d3a550", "eval_prompts": "12d40a3fbc587709", "pairs": "58ffdf45eb34f4c8", "eval_pairs": "4efc336d496c87c8"},
+}
+
+
+@pytest.mark.parametrize("name, seed", sorted(TASK_DIGESTS))
+def test_each_tasks_texts_are_the_ones_its_results_were_made_on(name, seed):
+    """Every text of every task (its SFT corpus, prompts, offline and held-out pairs, at --task_seed 0
+    and 1) hashes as when docs/tasks.md and docs/results.md were measured: a change to a task's
+    templates, words, rates or random draws fails here, field by field."""
+    import hashlib
+
+    task = tasks.TASKS[name](seed)
+    digests = {f: hashlib.sha256(json.dumps(getattr(task, f)).encode()).hexdigest()[:16] for f in TASK_DIGESTS[name, seed]}
+    assert digests == TASK_DIGESTS[name, seed]
+
+
 def test_the_tasks_draw_their_texts_from_streams_of_their_own():
     import random
     assert set(tasks.STREAM_ID) == set(tasks.TASKS) - {"review"} and len(set(tasks.STREAM_ID.values())) == len(tasks.STREAM_ID)
