@@ -1553,6 +1553,9 @@ def test_the_extended_step_is_taken_exactly_when_a_run_needs_it(cache):
     assert not train.is_plain(SimpleNamespace(cfg=train.parse_args([]), world=2, ref_every=0))  # torchrun
     run, _ = perturbed_run(cache, ["--ref_update_every", "5"])  # a moving reference (train.setup_run sets ref_every)
     assert run.ref_every == 5 and not train.is_plain(run)
+    # SELM's default is steps // 3; --ref_update_every 0 is "never", not "unset"
+    assert perturbed_run(cache, ["--method", "selm"])[0].ref_every == 50
+    assert perturbed_run(cache, ["--method", "selm", "--ref_update_every", "0"])[0].ref_every == 0
 
 
 def test_selms_loss_reference_is_its_last_iterate(cache):
