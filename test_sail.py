@@ -1366,7 +1366,7 @@ def test_the_extended_step_is_the_sail_step_on_a_plain_run(cache, method):
     assert out[0][5].abs().max() > 0
 
 
-@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "online-dpo",
+@pytest.mark.parametrize("method", ["sail-pr --g 0.5", "mix --r 0.25 --p 0.25 --g 0.5", "online-dpo", "sail-pp --p 0.75",
                                     "sail-pr --g 0.5 --baseline loo-all", "mix --r 0.25 --p 0.25 --g 0.5 --baseline none"])
 def test_one_alignment_step_by_hand(cache, method):
     """train.alignment_step checked against the README's pseudocode from what it returns, whatever

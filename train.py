@@ -108,7 +108,7 @@ def coefficients(cfg, response_scale=None):
 # calls the functions above it. They read two things:
 #   run    plumbing/models.Run: run.cfg (the Config above), run.policy, run.reference (its frozen
 #          SFT copy), run.labeller (the oracle), run.pairs (offline pairs, each {"prompt",
-#          "chosen", "rejected"}) and run.train_prompts;
+#          "chosen", "rejected"}), run.train_prompts, run.tokenizer, run.device, run.optimizer;
 #   state  plumbing/checkpoint.State: the run's random streams.
 # Nothing else of a run is here. Timing wraps these functions below the step. bf16 and offloading
 # live on the models (plumbing/models.py). Data parallelism, micro-batches and the extensions take

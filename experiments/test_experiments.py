@@ -557,3 +557,12 @@ def test_a_task_against_the_review_task_is_paired_by_seed_in_one_family_by_hand(
     assert family["dpo@5 x review"]["difference"] == pytest.approx(-0.55 / 3)
     cells = tasks.verdicts(family, [1, 5], ["dpo", "sail-pr-g1"], " x review")
     assert cells["sail-pr-g1"] == ["—", "≡ 0 (the same runs)"] and cells["dpo"][1].startswith("-0.18 [")
+
+
+def test_each_seeded_mistake_of_exercise_8_still_applies_to_train_py():
+    """experiments/exercise_mistakes.py's edits are text replacements of train.py: each must find
+    its text exactly once, so that the script seeds what it says (running it takes minutes)."""
+    from experiments import exercise_mistakes as m
+
+    for name, edits in [*m.MISTAKES.items(), ("correct", m.CORRECT_OTHER_ORDER)]:
+        assert m.seeded(edits) != open(os.path.join(m.HERE, "train.py")).read(), name
