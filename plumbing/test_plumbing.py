@@ -265,6 +265,59 @@ def test_a_run_continues_under_a_newer_option_only_at_its_default():
 
 
 # ---------------------------------------------------------------------------------------------
+# models.py: bf16 and offloading live on the models (the step names neither)
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_a_bf16_model_computes_as_under_autocast_and_its_copy_is_its_own(arch):
+    """compute_in_bf16 (the CUDA path's arithmetic, forced here on the CPU) gives every forward pass,
+    sampling's and the log-probs', exactly what `with torch.autocast(bf16)` around the call gives,
+    and not fp32's; the model still takes logits_to_keep; a deepcopy computes with its own weights."""
+    import copy
+
+    model = tiny_causal_lm(arch)
+    plain = copy.deepcopy(model)
+    models.compute_in_bf16(model, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    ids, attention = torch.randint(2, 30, (4, 10), generator=g), torch.ones(4, 10, dtype=torch.long)
+    response = torch.zeros_like(ids)
+    response[:, 5:] = 1
+    with torch.no_grad():
+        got = sail.sequence_logps_of(model, ids, attention, response)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = sail.sequence_logps_of(plain, ids, attention, response)
+            want_sample = sail.sample(plain, ids[:, :5], attention[:, :5], max_new_tokens=6, temperature=1.0, eos_token_id=0,
+                                      generator=torch.Generator().manual_seed(1))
+        fp32 = sail.sequence_logps_of(plain, ids, attention, response)
+        got_sample = sail.sample(model, ids[:, :5], attention[:, :5], max_new_tokens=6, temperature=1.0, eos_token_id=0,
+                                 generator=torch.Generator().manual_seed(1))
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.add_(0.5)
+        assert not torch.equal(sail.sequence_logps_of(twin, ids, attention, response), got)  # the copy's own weights
+        assert torch.equal(sail.sequence_logps_of(model, ids, attention, response), got)
+    assert torch.equal(got, want) and not torch.equal(got, fp32)
+    assert all(torch.equal(a, b) for a, b in zip(got_sample, want_sample))
+    assert sail.forward_takes(model, "logits_to_keep")
+
+
+def test_bf16_is_set_on_the_runs_models_and_an_offloaded_reference_takes_gpu_inputs(cache, monkeypatch):
+    """setup_run with bf16 (forced) wraps the policy's and the reference's forward; an offloaded
+    reference's pre-hook moves a call's tensors to the CPU and L(y) comes back on the batch's device."""
+    monkeypatch.setattr(models, "bf16_supported", lambda device: True)
+    run, _ = perturbed_run(cache, ["--method", "selm"])
+    assert all(hasattr(m.forward, "__wrapped__") for m in (run.policy, run.reference, run.train_reference))
+    model = tiny_causal_lm("gpt2")
+    models.inputs_to_cpu(model)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].device), with_kwargs=True)
+    ids = torch.randint(2, 30, (2, 6))
+    response = torch.zeros_like(ids)
+    response[:, 3:] = 1
+    out = sail.sequence_logps_of(model, ids, torch.ones_like(ids), response)
+    assert seen == [torch.device("cpu")] and out.device == ids.device and out.shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
 # microbatch.py: --grad_accum gives the update of one batch
 
 def one_step_gradient(cache, method, grad_accum, monkeypatch):
