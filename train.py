@@ -218,8 +218,10 @@ def pair_losses(run, route, y1_wins, valid, baseline, logps, ref):
     SAIL-PR -l + s gamma sg(-l - b)(L_w + L_l), s = --response_scale (sail.sail_loss)."""
     y1_wins, valid = y1_wins.to(run.device), valid.to(run.device)  # (B,) each
     label_coef, response_coef = (c[route].to(run.device) for c in coefficients(run.cfg))  # (B,) each, by route
-    pair = (*order_pairs(y1_wins, logps), *order_pairs(y1_wins, ref), run.cfg.beta)  # policy w, l, reference w, l: (B,)
-    return sail_loss(*pair, label_coef=label_coef, response_coef=response_coef, baseline=baseline, valid=valid)[0]
+    chosen, rejected = order_pairs(y1_wins, logps)  # (B,) each: L_theta(y_w), L_theta(y_l)
+    ref_chosen, ref_rejected = order_pairs(y1_wins, ref)  # (B,) each: L_ref(y_w), L_ref(y_l)
+    return sail_loss(chosen, rejected, ref_chosen, ref_rejected, run.cfg.beta, label_coef=label_coef, response_coef=response_coef,
+                     baseline=baseline, valid=valid)[0]
 
 
 def backward(run, loss):
