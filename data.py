@@ -437,9 +437,18 @@ def load_inputs(cfg):
         raise DataError(f"{cfg.eval_prompts or cfg.prompts}: {len(x.eval_prompts)} distinct held-out prompt; evaluation needs two at least "
                         "(it reports each figure on both halves of them)")
     print(f"data: training {len(x.train_prompts)} prompts and {len(x.pairs or [])} pairs | held out {len(x.eval_prompts)} prompts and "
-          f"{len(x.eval_pairs or [])} pairs, split by prompt"
+          f"{len(x.eval_pairs or [])} pairs" + (f" ({sum(unseen_pairs(x.pairs, x.eval_pairs))} with texts in no training pair)" if x.eval_pairs else "")
+          + ", split by prompt"
           + (f" | dropped {dropped[0]} training prompts and {dropped[1]} training pairs whose prompt is held out" if any(dropped) else ""))
     return x
+
+
+def unseen_pairs(pairs, eval_pairs):
+    """[bool] per held-out pair: neither of its responses is a training pair's text. Held-out prompts
+    are never trained on, but they share their subjects (and so their responses) with training
+    prompts: held-out pair accuracy on these alone is accuracy on texts never trained on."""
+    seen = {text for x in pairs or [] for text in (x["chosen"], x["rejected"])}
+    return [x["chosen"] not in seen and x["rejected"] not in seen for x in eval_pairs]
 
 
 def check_writable_dir(path, option="--out_dir"):

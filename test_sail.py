@@ -832,6 +832,17 @@ def test_the_embedded_task_splits_are_disjoint_and_nothing_is_dropped(capsys):
     assert "dropped" not in capsys.readouterr().out
 
 
+def test_held_out_pairs_with_unseen_texts_by_hand(capsys):
+    """eval_acc_unseen's pairs: neither response is a training pair's text (chosen or rejected);
+    the embedded task has 60 of its 256, which `load_inputs` says."""
+    train_pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    held = [{"prompt": "x", "chosen": c, "rejected": r} for c, r in (("a", "e"), ("e", "d"), ("e", "f"), ("b", "c"), ("f", "g"))]
+    assert data.unseen_pairs(train_pairs, held) == [False, False, True, False, True]
+    assert data.unseen_pairs(None, held) == [True] * 5
+    x = data.load_inputs(train.parse_args([]))
+    assert sum(data.unseen_pairs(x.pairs, x.eval_pairs)) == 60 and "256 pairs (60 with texts in no training pair)" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenisation and batching, against literal tensors. One token per word, so every id can be
 # read off by hand: [PAD] 0, [UNK] 1, <eos> 2, a 3, b 4, c 5, d 6, e 7.
@@ -1117,6 +1128,7 @@ def test_train_py_end_to_end(runs, cache):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9)) and "eval_win" in lines[3]
     assert SUMMARY_KEYS <= set(summary) and 0 < summary["oracle_queries"] < 8 * 8  # self-labelled pairs cost none
+    assert 0 <= summary["pair_accuracy_unseen_final"] <= 1 and len(summary["code"]["digest"]) == 64
     # The policy's parameters changed, and the saved policy loads back and generates.
     from transformers import AutoModelForCausalLM
     sft = AutoModelForCausalLM.from_pretrained(os.path.join(cache, "embedded-sft-task0-steps40"))

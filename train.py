@@ -267,6 +267,9 @@ def alignment_step(run, state):
 # Each phase's seconds (t_generate, ... in the metrics line): the step's functions, wrapped once here.
 build_pairs, oracle_labels, reference_logps = timed("generate")(build_pairs), timed("label")(oracle_labels), timed("reference")(reference_logps)
 policy_logps, backward, optimizer_step = timed("policy")(policy_logps), timed("policy")(backward), timed("optimizer")(optimizer_step)
+# Non-finite stops (plumbing/distributed.py): Delta is checked before the self-labels, the pairs' losses
+# before the backward pass; a NaN or inf raises NonFinite, and main stops the run before the update.
+self_labels, pair_losses = distributed.checks("Delta (a log-probability)", self_labels, arg=4), distributed.checks("a pair's loss", pair_losses)
 # The extended step (extensions/step.py) is built from these same functions: no part of SAIL is written twice.
 SAIL_STEP = SimpleNamespace(build_pairs=build_pairs, oracle_labels=oracle_labels, self_labels=self_labels, order_pairs=order_pairs,
                             response_baselines=response_baselines, pair_losses=pair_losses, coefficients=coefficients,
@@ -301,8 +304,9 @@ def evaluate(run, eval_set, sft_rewards):
     """Held-out figures of the policy: gold reward (--proxy: and the proxy's), win rate against the
     SFT model's responses (a tie is half a win), KL(policy || reference) from samples at temperature
     1, KL(reference || policy) on the reference's samples, implicit-reward accuracy and margin on
-    the held-out pairs. Returns them, and the rewards by figure prefix. Every evaluation samples with
-    the same seed as the SFT baseline's: common random numbers make the comparison less noisy."""
+    the held-out pairs (accuracy also on those whose texts no training pair has: eval_acc_unseen).
+    Returns them, and the rewards by figure prefix. Every evaluation samples with the same seed as
+    the SFT baseline's: common random numbers make the comparison less noisy."""
     cfg, policy = run.cfg, run.policy
     was_training = policy.training
     policy.eval()
@@ -325,6 +329,8 @@ def evaluate(run, eval_set, sft_rewards):
         logps = sequence_logps_of(policy, *eval_set.pair_batch[:3]) - eval_set.pair_batch[3]  # (2M,)
         h = logps[:len(logps) // 2] - logps[len(logps) // 2:]  # (M,) chosen rows first
         out["eval_acc"], out["eval_margin"] = accuracy(h).mean().item(), (cfg.beta * h).mean().item()
+        if eval_set.unseen.any():  # on the held-out pairs whose texts no training pair has
+            out["eval_acc_unseen"] = accuracy(h)[eval_set.unseen.to(h.device)].mean().item()
     policy.train(was_training)
     return out, scores
 
@@ -356,7 +362,9 @@ def main(cfg):
     seconds = {"sft": run.sft_seconds, "load_and_setup": time.perf_counter() - t0 - run.sft_seconds}
     # The evaluation baseline: the SFT policy on held-out prompts (a resumed run loads its weights after this).
     eval_set = make_eval_set(run, inputs, reference_logps)
-    sft_eval, sft_rewards = evaluate(run, eval_set, None) if master else ({}, None)  # ddp: rank 0 evaluates
+    distributed.stop_on_non_finite(run)  # a NaN or inf reward or gradient raises NonFinite; stop_at stops the run
+    with distributed.stop_at("the SFT model's evaluation", cfg.out_dir):
+        sft_eval, sft_rewards = evaluate(run, eval_set, None) if master else ({}, None)  # ddp: rank 0 evaluates
     sft_eval.update({prefix + "win": 0.5 for prefix in sft_rewards or ()})  # the SFT model against itself
     print("sft  | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in sft_eval.items() if not k.endswith(("_a", "_b"))))
     state = State.new(cfg, run, len(inputs.train_prompts), len(inputs.pairs or []), history=[{"step": 0, **sft_eval}])
@@ -364,20 +372,22 @@ def main(cfg):
     if saved:
         checkpoint.load_checkpoint(*saved, run, state)
     distributed.wrap_ddp(run)
-    distributed.stop_on_non_finite(run, state)  # a NaN or inf reward or gradient stops the run before the update
     metrics_file = outputs.open_metrics(cfg, state.step) if master else None
     # The loop: one alignment step, then (rank 0) its log line, evaluation and checkpoint when due.
     t_align = time.perf_counter()
     for step in tqdm(range(state.step + 1, cfg.steps + 1), initial=state.step, total=cfg.steps, desc=cfg.method,
                      dynamic_ncols=True, leave=False, disable=not master):
-        row, (pairs, labels) = train_step(run, state, step)
+        with distributed.stop_at(f"step {step}", cfg.out_dir):  # a NaN or inf: stopped before the update
+            row, (pairs, labels) = train_step(run, state, step)
         state.step = step
         save = step % cfg.save_every == 0 or step == cfg.steps
         streams = distributed.gather_rng_states(state, world) if save else None  # ddp: every rank's random streams
         if not master:
             continue  # ddp: evaluation, logging and checkpoints are rank 0's
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate(run, eval_set, sft_rewards)[0])
+            with distributed.stop_at(f"step {step}'s evaluation", cfg.out_dir, updated=True,
+                                     on_stop=lambda: save and checkpoint.save_checkpoint(run, state, streams)):
+                row.update(evaluate(run, eval_set, sft_rewards)[0])
             state.history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
         outputs.log_step(metrics_file, row)
         if step % cfg.sample_every == 0:

@@ -17,6 +17,7 @@ to be labelled by a reward model fit for each seed instead of the gold reward. W
 compares the methods at equal KL and at equal gold labels instead (experiments/frontier.py), with
 a proxy row's interaction with its labeller, and the early-stopping rule at --beta.
 """
+import collections
 import contextlib
 import dataclasses
 import io
@@ -37,7 +38,7 @@ from plumbing.checkpoint import refuse_changed_settings
 from plumbing.distributed import pick_device
 from plumbing.models import proxy_labeller
 from plumbing.options import arg, check_config, check_values
-from plumbing.outputs import pyplot
+from plumbing.outputs import CODE, pyplot
 from sail import PP
 from extensions.step import EXPLORE
 from train import METHODS, cli, main
@@ -84,13 +85,16 @@ class CompareOptions:
     compare_kl_budgets: str = arg("2,5,10,20", "--compare_betas: the KL budgets (nats) of the equal-KL section")
     compare_label_budgets: str = arg("500,1000,2000", "--compare_betas: the oracle-label budgets of the equal-labels section")
     compare_workers: int = arg(2, "runs at once, in processes sharing the CPU threads (1: one after another, in this process)")
+    compare_reuse: str = arg("same-code", "finished runs to reuse: same-code (made by this code, summary.json's digest of the "
+                                          "source a run executes; one made by other code is moved to OUT.code-DIGEST and rerun) | any")
 
     def numbers(self, name):
         """The comma-separated numbers of option `name` (an empty list for '')."""
         return [float(x) for x in getattr(self, name).split(",")] if getattr(self, name) else []
 
     def problems(self):
-        problems = check_values(self, [(lambda x: x >= 1, ">= 1", ["compare_seeds", "compare_workers"])], {})
+        problems = check_values(self, [(lambda x: x >= 1, ">= 1", ["compare_seeds", "compare_workers"])],
+                                {"compare_reuse": ("same-code", "any")})
         for name in ("compare_betas", "compare_kl_budgets", "compare_label_budgets"):
             try:
                 values = self.numbers(name)
@@ -158,7 +162,7 @@ def compare(cfg, opts):
     check_writable_dir(root)
     # The longest runs first (the exploring methods, then by their share of online pairs), so that
     # the workers finish together instead of one running the last long run alone.
-    todo = sorted((c for c in configs.values() if not finished(c)),
+    todo = sorted((c for c in configs.values() if not finished(c, opts.compare_reuse)),
                   key=lambda c: (c.method in EXPLORE, sum(METHODS[c.method](c)[PP:])), reverse=True)
     if opts.compare_workers == 1 or len(todo) < 2:
         for c in tqdm(todo, desc="compare", dynamic_ncols=True):
@@ -224,14 +228,37 @@ def compare_config(cfg, name, seed, out, beta):
     return dataclasses.replace(cfg, method=method, seed=seed, out_dir=out, beta=beta, **settings)
 
 
-def finished(c):
-    """Has this run finished with these settings? (A run with more --steps resumes and goes on.)"""
+def finished(c, reuse="same-code"):
+    """Has this run finished with these settings, and (reuse="same-code") by this code? A run with
+    more --steps resumes and goes on; one made by other code (or before runs recorded theirs) is
+    moved aside to OUT.code-DIGEST, nothing lost, and run again."""
     if not os.path.isfile(os.path.join(c.out_dir, "summary.json")):
         return False
     with open(os.path.join(c.out_dir, "config.json")) as f:
         refuse_changed_settings(json.load(f), c, "delete it or use another --out_dir")
     with open(os.path.join(c.out_dir, "summary.json")) as f:
-        return json.load(f)["steps"] == c.steps
+        summary = json.load(f)
+    made_by = (summary.get("code") or {}).get("digest")
+    if reuse == "same-code" and made_by != CODE["digest"]:
+        aside = f"{c.out_dir}.code-{(made_by or 'unrecorded')[:12]}"
+        k = 1
+        while os.path.exists(aside if k == 1 else f"{aside}.{k}"):
+            k += 1
+        os.replace(c.out_dir, aside if k == 1 else f"{aside}.{k}")
+        print(f"compare: {c.out_dir} was made by other code ({(made_by or 'unrecorded')[:12]}); moved aside, rerun by {CODE['digest'][:12]}")
+        return False
+    return summary["steps"] == c.steps
+
+
+def code_line(runs):
+    """Which code made a table's runs: each digest (summary.json's "code") with its commit, and how many runs."""
+    made = collections.Counter(json.dumps(r["summary"].get("code"), sort_keys=True) for r in runs)
+    def one(code):
+        if code is None:
+            return "code not recorded (runs made before it was)"
+        commit = f"commit {code['commit'][:7]}" + (" with uncommitted changes" if code["dirty"] else "") if code["commit"] else "no git commit"
+        return f"code {code['digest'][:12]} ({commit})"
+    return "Made by " + "; ".join(f"{one(json.loads(k))}: {n} runs" for k, n in made.items()) + "."
 
 
 def compare_run(c):
@@ -394,7 +421,7 @@ def results_table(cfg, opts, runs, stats, tests, machine, wall):
              "Win rate and KL: mean [its 95% t-interval cut to the figure's range: [0, 1], >= 0]. Δ: the difference "
              "in gold reward paired by seed, [its 95% t-interval], and its paired t-test's p after Holm's correction over all "
              f"{len(tests)} comparisons of the table; * where that p < 0.05. A Δ without * is not resolved at this budget: "
-             "its interval says how large it may be either way.", "",
+             "its interval says how large it may be either way. " + code_line(runs), "",
              f"| method | gold reward (SFT {np.mean([r['summary']['gold_reward_sft'] for r in runs]):.2f}) | Δ vs online DPO | Δ vs its method's row "
              "| win rate vs SFT | KL to SFT | KL(SFT ‖ policy) | distinct-2 | oracle labels (-rm: gold labels) | tie rate | s/step |", "|---" * 11 + "|"]
     for m, st in stats.items():
@@ -570,7 +597,7 @@ def frontier_report(cfg, opts, runs, root, machine, wall):
     lines = [f"{len(runs)} runs: {len(rows)} rows x {len(betas)} betas ({', '.join(f'{b:g}' for b in betas)}) x {len(seeds)} seeds, "
              f"{cfg.steps} updates x {cfg.batch_size} pairs, evaluated every {cfg.eval_every} steps on the "
              f"held-out prompts; {machine}; {opts.compare_workers} at once; this invocation took {wall / 60:.1f} min, the runs "
-             f"{sum(r['summary']['seconds'] for r in runs) / 60:.1f} min in all.", "",
+             f"{sum(r['summary']['seconds'] for r in runs) / 60:.1f} min in all. " + code_line(runs), "",
              "Where each run stops (descriptive: each row at each beta, mean over seeds of the last evaluation):", "",
              "| row | " + " | ".join(f"beta {b:g}: gold, KL, gold labels" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
     for row in rows:

@@ -25,7 +25,7 @@ import torch
 
 import data
 from experiments import frontier
-from experiments.compare import CompareOptions, compare, holm, interval, t_test
+from experiments.compare import CompareOptions, code_line, compare, holm, interval, t_test
 from plumbing.distributed import pick_device
 from plumbing.options import arg
 from plumbing.outputs import pyplot
@@ -67,7 +67,29 @@ def measure(cfg, samples_per_prompt=8):
     model, tokenizer, _ = data.embedded_policy(cfg, task, device)  # trained here if not cached: before no_grad
     model, tokenizer = model.to(device).eval(), data.prepare_tokenizer(tokenizer)
     with torch.no_grad():
-        return {**properties(cfg, task, model, tokenizer, device, samples_per_prompt), "seconds": time.perf_counter() - t0}
+        return {**properties(cfg, task, model, tokenizer, device, samples_per_prompt), **data_properties(task),
+                "seconds": time.perf_counter() - t0}
+
+
+def data_properties(task):
+    """What a task's texts hold, exactly (no model): its SFT corpus's share of texts in the top band;
+    its offline pairs, the oracle labels spent on them (a tied candidate pair is dropped and charged),
+    the share of candidate pairs that tied, and the share of chosen responses in the top band."""
+    sft = np.array([task.gold(p, y) for p, y in task.sft])
+    chosen = np.array([task.gold(x["prompt"], x["chosen"]) for x in task.pairs])
+    labels = sum(x["labels"] for x in task.pairs)
+    return {"sft_texts": len(sft), "sft_top": int((sft >= TOP_BAND).sum()), "pairs": len(task.pairs), "labels": labels,
+            "tie_share": 1 - len(task.pairs) / labels, "chosen_top": int((chosen >= TOP_BAND).sum())}
+
+
+def fisher_exact(a, n, b, m):
+    """Two-sided Fisher exact test of a of n against b of m (the sum of the tables as likely as or
+    less likely than the one seen, given both margins)."""
+    from math import comb
+    k = a + b
+    prob = [comb(n, x) * comb(m, k - x) / comb(n + m, k) for x in range(max(0, k - m), min(n, k) + 1)]
+    seen = comb(n, a) * comb(m, b) / comb(n + m, k)
+    return min(1.0, sum(q for q in prob if q <= seen * (1 + 1e-9)))
 
 
 def sample_batches(model, tokenizer, prompts, cfg, device, generator):
@@ -100,7 +122,7 @@ def properties(cfg, task, model, tokenizer, device, samples_per_prompt):
                                                                      cfg.max_prompt_len, cfg.max_new_tokens))
                    for i in range(0, len(off_prompts), 64)]
     return {"gold_sft": float(gold.mean()), "gold_sft_half": float(1.96 * per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))),
-            "top_band_share": float((gold >= TOP_BAND).mean()), "samples": len(texts),
+            "top_band_share": float((gold >= TOP_BAND).mean()), "top_band_count": int((gold >= TOP_BAND).sum()), "samples": len(texts),
             "best_response": min(task.gold(p, BEST_RESPONSE[cfg.task](subject_of(p))) for p in task.eval_prompts),
             # the SFT model's own samples on the offline pairs' prompts, one per offline response, against those responses
             "logp_own": token_logp(model, sample_batches(model, tokenizer, off_prompts, cfg, device, generator), device),
@@ -168,6 +190,21 @@ def summary_lines(results, opts):
         m = r["measured"]
         lines.append(f"| {name} | {m['gold_sft']:.2f} ± {m['gold_sft_half']:.2f} | {100 * m['top_band_share']:.1f}% | "
                      f"{m['best_response']:.0f} | {m['logp_own']:.2f} | {m['logp_offline']:.2f} | {m['logp_offline'] - m['logp_own']:+.2f} |")
+    review = results.get("review", {}).get("measured")
+    for name, r in results.items():  # the top band's share against the review task's, tested, not two figures side by side
+        m = r["measured"]
+        if review and name != "review" and "top_band_count" in m:
+            lines.append(f"\n{name} against review, SFT samples in the top band: {m['top_band_count']} of {m['samples']} against "
+                         f"{review['top_band_count']} of {review['samples']}, Fisher's exact p = "
+                         f"{fisher_exact(m['top_band_count'], m['samples'], review['top_band_count'], review['samples']):.2g}.")
+    lines += ["", "What each task's texts hold (exact, no model; `data_properties`):", "",
+              "| task | SFT texts in the top band | offline pairs | oracle labels spent on them | candidate pairs that tied | "
+              "offline chosen responses in the top band |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m = r["measured"]
+        if "labels" in m:
+            lines.append(f"| {name} | {m['sft_top']} of {m['sft_texts']} ({100 * m['sft_top'] / m['sft_texts']:.1f}%) | {m['pairs']} | "
+                         f"{m['labels']} | {100 * m['tie_share']:.1f}% | {m['chosen_top']} ({100 * m['chosen_top'] / m['pairs']:.1f}%) |")
     for by, budgets, unit in (("kl", kl, "nats"), ("labels", labels, "gold labels")):
         what = "KL" if by == "kl" else "gold labels"
         lines += ["", f"## Δ gold reward against online DPO at equal {what}", "",
@@ -229,7 +266,7 @@ def run_tasks(cfg, opts):
         r["tests"] = {by: task_family(vs[name][by], interactions(runs, name, opts.numbers(budgets), by)
                                       if name != "review" and "review" in runs else {})
                       for by, budgets in (("kl", "compare_kl_budgets"), ("labels", "compare_label_budgets"))}
-    lines = summary_lines(results, opts)
+    lines = summary_lines(results, opts) + ["", code_line([r for task_runs in runs.values() for r in task_runs])]
     plot_tasks(runs, os.path.join(cfg.out_dir, "tasks.png"), max(opts.numbers("compare_kl_budgets")))
     with open(os.path.join(cfg.out_dir, "tasks.json"), "w") as f:
         json.dump({"config": {**dataclasses.asdict(cfg), **dataclasses.asdict(opts)}, "tasks": results}, f, indent=1)

@@ -522,6 +522,12 @@ def test_the_tasks_property_row_by_hand():
     lines = tasks.summary_lines({"explore": {"measured": m, "tests": {"kl": {}, "labels": {}}, "rows": ["online-dpo", "sail-pr"],
                                              "wall": 60.0, "minutes": 2.0}}, opts)
     assert "| explore | 1.00 ± 0.10 | 50.0% | 4 | -2.00 | -5.00 | -3.00 |" in lines
+    m.update(top_band_count=9, sft_texts=20000, sft_top=857, pairs=4096, labels=6974, tie_share=0.413, chosen_top=633)
+    review = {**m, "top_band_count": 15}
+    lines = tasks.summary_lines({name: {"measured": x, "tests": {"kl": {}, "labels": {}}, "rows": ["online-dpo"], "wall": 1.0, "minutes": 1.0}
+                                 for name, x in (("review", review), ("explore", m))}, opts)
+    assert "\nexplore against review, SFT samples in the top band: 9 of 512 against 15 of 512, Fisher's exact p = 0.3." in lines
+    assert "| explore | 857 of 20000 (4.3%) | 4096 | 6974 | 41.3% | 633 (15.5%) |" in lines
 
 
 def test_paired_skips_a_pair_of_rows_only_when_both_hold_the_sft_model_alone_at_every_seed():
@@ -566,3 +572,67 @@ def test_each_seeded_mistake_of_exercise_8_still_applies_to_train_py():
 
     for name, edits in [*m.MISTAKES.items(), ("correct", m.CORRECT_OTHER_ORDER)]:
         assert m.seeded(edits) != open(os.path.join(m.HERE, "train.py")).read(), name
+
+
+def test_an_interaction_is_the_same_runs_only_when_every_seeds_difference_is_zero():
+    """'≡ 0' drops an interaction from Holm's family: only when the runs are the same on both tasks
+    (every seed's difference exactly 0); one seed at exactly 0 is a difference like any other."""
+    crossed = {"a@5": [0.0, -0.2, 0.1], "b@5": [0.0, 0.0, 0.0], "c@5": [-0.1, -0.3, -0.2]}
+    family = tasks.task_family({}, crossed)
+    assert family["b@5 x review"] == {"identical": True}
+    assert family["a@5 x review"]["difference"] == pytest.approx(-0.1 / 3) and family["c@5 x review"]["difference"] == pytest.approx(-0.2)
+    p = {k: compare.t_test(crossed[k.removesuffix(" x review")]) for k in ("a@5 x review", "c@5 x review")}
+    assert {k: family[k]["p_holm"] for k in p} == pytest.approx(compare.holm(p))  # both tested, one family
+    cells = tasks.verdicts(family, [5], ["a", "b"], " x review")
+    assert cells["a"][0].startswith("-0.03 [") and cells["b"] == ["≡ 0 (the same runs)"]
+
+
+def test_a_finished_run_made_by_other_code_is_moved_aside_and_rerun(tmp_path, capsys):
+    """compare reuses a finished run only when summary.json's code digest is this code's (or when
+    asked: --compare_reuse any); another's, or none recorded, is moved to OUT.code-DIGEST, nothing lost."""
+    from plumbing import outputs
+    cfg = train.parse_args(["--out_dir", str(tmp_path / "run"), "--steps", "3"])
+
+    def made_by(code):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        outputs.open_metrics(cfg, 0).close()  # config.json, as the run wrote it
+        (tmp_path / "run" / "summary.json").write_text(json.dumps({"steps": 3, **({"code": code} if code else {})}))
+
+    made_by(outputs.CODE)
+    assert compare.finished(cfg) and compare.finished(cfg, "any")
+    made_by({**outputs.CODE, "digest": "0123456789abcdef"})
+    assert compare.finished(cfg, "any")  # kept when asked
+    assert not compare.finished(cfg) and not (tmp_path / "run").exists()
+    assert json.loads((tmp_path / "run.code-0123456789ab" / "summary.json").read_text())["code"]["digest"] == "0123456789abcdef"
+    assert "made by other code (0123456789ab); moved aside" in capsys.readouterr().out
+    made_by(None)  # a run from before runs recorded their code
+    assert not compare.finished(cfg) and (tmp_path / "run.code-unrecorded" / "summary.json").exists()
+    made_by({**outputs.CODE, "digest": "0123456789abcdef"})  # moved aside again: the first is not overwritten
+    assert not compare.finished(cfg) and (tmp_path / "run.code-0123456789ab.2" / "summary.json").exists()
+    runs = [{"summary": {"code": outputs.CODE}}, {"summary": {"code": outputs.CODE}}, {"summary": {}}]
+    line = compare.code_line(runs)
+    assert line.startswith(f"Made by code {outputs.CODE['digest'][:12]} (") and ": 2 runs; code not recorded" in line
+
+
+def test_what_each_tasks_texts_hold_is_what_docs_tasks_md_says():
+    """data_properties recomputed on every task (exact, no model) and pinned: docs/tasks.md's figures
+    are these, and a change to a task's texts that moves them fails here."""
+    import plumbing.tasks  # noqa: F401  (registers explore and offpolicy)
+    found = {name: tasks.data_properties(data.TASKS[name](0)) for name in ("review", "explore", "offpolicy")}
+    pinned = {"review": (5344, 23.4, 393, 698), "explore": (6974, 41.3, 633, 857), "offpolicy": (5344, 23.4, 393, 698)}
+    doc = open(os.path.join(HERE, "docs", "tasks.md"), encoding="utf-8").read()
+    for name, (labels, tie, chosen, sft) in pinned.items():
+        m = found[name]
+        assert (m["pairs"], m["labels"], m["sft_texts"], m["chosen_top"], m["sft_top"]) == (4096, labels, 20000, chosen, sft), name
+        assert round(100 * m["tie_share"], 1) == tie, name
+        row = f"| {name} | {sft} of 20000 ({sft / 200:.1f}%) | 4096 | {labels} | {tie:.1f}% | {chosen} ({100 * chosen / 4096:.1f}%) |"
+        assert row in doc, row
+
+
+def test_fisher_exact_by_hand():
+    """Two-sided: 9 of 512 against 15 of 512 (explore's and review's SFT samples in the top band) is p = 0.30;
+    a table and its mirror give one p; 0 of 3 against 3 of 3 is 2 / 20."""
+    from math import comb
+    assert tasks.fisher_exact(9, 512, 15, 512) == pytest.approx(0.3017, abs=1e-4) == tasks.fisher_exact(15, 512, 9, 512)
+    assert tasks.fisher_exact(0, 3, 3, 3) == pytest.approx(2 / comb(6, 3))
+    assert tasks.fisher_exact(2, 4, 2, 4) == pytest.approx(1.0)

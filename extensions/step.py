@@ -25,7 +25,7 @@ from extensions.official import has_baseline, official_sail_loss, response_scale
 from extensions.revkl import revkl_backward
 from extensions.selm import selm_bonus
 from extensions.xpo import xpo_bonus
-from plumbing.distributed import no_sync
+from plumbing.distributed import check_finite, no_sync
 from plumbing.microbatch import MicroBatches
 from plumbing.models import sample_responses
 from plumbing.outputs import timed
@@ -137,6 +137,7 @@ def backward(run, sail_step, pairs, labels, baseline, micro, ref, logps=None):
             if logps is None or k > 0:
                 logps = sequence_logps_of(run.train_policy, *micro.rows(idx))  # (2m [+ m],)
             losses = pair_losses(run, sail_step, pairs, labels, baseline, idx, logps, ref[k])  # (m,)
+            check_finite({"a pair's loss": losses}, run.world, run.device)  # with the bonus or official term: stop before the backward
             (losses.sum() * run.world / cfg.batch_size).backward()  # the mean over the step's pairs (ddp: of all ranks)
         if cfg.revkl:  # SAIL-RevKL: its penalty, in a pass of its own (DDP allows one forward per backward)
             with no_sync(run, last=last):

@@ -8,12 +8,13 @@ a no-op. The step never sees the ranks: `share_draws` makes train.draw_routes on
 share of one draw for all ranks, and extensions/step.py (which every ddp run takes) runs the loss's
 forward through DDP (`wrap_ddp`) and averages over the ranks' pairs.
 
-Non-finite values (`stop_on_non_finite`): a NaN or inf oracle reward, or gradient, stops the run
-before the update, with the last good checkpoint kept; the step needs no check of its own.
+Non-finite values (`stop_on_non_finite`, `checks`, `stop_at`): a NaN or inf oracle reward, Delta,
+loss or gradient stops the run before the update that would use it, with the last good checkpoint
+kept and a line naming the step (or evaluation) and the quantity; the step holds no check.
 """
 import contextlib
+import functools
 import gc
-import math
 import os
 import sys
 
@@ -155,37 +156,73 @@ def finish_ddp(run):
     return True
 
 
-def stop_if_not_finite(step, values, out_dir, world=1, device="cpu"):
-    """A NaN or inf would poison every later step: stop now, before the update, with the last good
-    checkpoint kept. values: {name: number}. Under DDP every rank stops if any rank must."""
-    bad = [not math.isfinite(v) for v in values.values()]
+class NonFinite(Exception):
+    """A NaN or inf where a number must be finite: args (what, its value). `stop_at` turns it into the
+    run's stop, naming where it happened."""
+
+
+def check_finite(values, world=1, device="cpu"):
+    """Raise NonFinite for the first of values ({name: number or tensor}) holding a NaN or inf. A NaN
+    or inf would poison every later step. Under DDP every rank raises if any rank must."""
+    firsts = {}
+    for name, value in values.items():
+        t = torch.as_tensor(value).detach().reshape(-1)
+        bad = t[~torch.isfinite(t)]
+        firsts[name] = bad[0].item() if len(bad) else None
+    stop = [v is not None for v in firsts.values()]
     if world > 1:  # ddp
-        bad = (all_ranks_sum(torch.tensor(bad, dtype=torch.float64, device=device), world) > 0).tolist()
-    for (name, value), stop in zip(values.items(), bad):
-        if stop:
-            raise SystemExit(not_finite_message(step, name, value if not math.isfinite(value) else "not finite on another rank", out_dir))
+        stop = (all_ranks_sum(torch.tensor(stop, dtype=torch.float64, device=device), world) > 0).tolist()
+    for (name, value), must in zip(firsts.items(), stop):
+        if must:
+            raise NonFinite(name, "not finite on another rank" if value is None else value)
 
 
-def not_finite_message(step, name, value, out_dir):
-    kept = latest_checkpoint(out_dir)
-    return (f"error: step {step}: {name} is {value}; stopped before the update. "
-            + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet."))
+def checks(name, fn, arg=None):
+    """fn(run, ...), checked: a NaN or inf in its result (or, arg=i, in its i-th argument, before it
+    runs; counting run as 0) raises NonFinite(name). train.py wraps the step's functions with it, below the step."""
+    @functools.wraps(fn)
+    def checked(run, *args, **kwargs):
+        if arg is not None:
+            check_finite({name: args[arg - 1]}, run.world, run.device)
+        out = fn(run, *args, **kwargs)
+        if arg is None:
+            check_finite({name: out}, run.world, run.device)
+        return out
+    return checked
 
 
-def stop_on_non_finite(run, state):
-    """A NaN or inf stops the run before it reaches the weights, with the last good checkpoint kept:
-    an oracle's or labeller's reward when it is given (`FiniteRewards`), and the gradient's norm
-    just before the optimiser's step (a step pre-hook; under ddp every rank stops if any must).
-    A non-finite loss shows in the gradient."""
+@contextlib.contextmanager
+def stop_at(where, out_dir, updated=False, on_stop=None):
+    """A NonFinite raised inside stops the run (exit status 1) with one line naming where and what,
+    the last good checkpoint kept. where: "step N" (before its update), "step N's evaluation" (after
+    it: updated=True; on_stop writes its checkpoint when one is due) or the SFT model's evaluation."""
+    try:
+        yield
+    except NonFinite as stop:
+        name, value = stop.args
+        if on_stop:
+            on_stop()
+        kept = latest_checkpoint(out_dir)
+        raise SystemExit(f"error: {where}: {name} is {value}; "
+                         + ("stopped after the update. " if updated else "stopped before the update. ")
+                         + (f"The last good checkpoint is kept in {kept}." if kept else "No checkpoint was written yet.")) from None
+
+
+def stop_on_non_finite(run):
+    """A NaN or inf stops the run before it reaches the weights (raised as NonFinite, stopped by
+    `stop_at`): an oracle's or labeller's reward when it is given (`FiniteRewards`; installed before
+    the SFT model's evaluation), and the gradient's norm just before the optimiser's step (a step
+    pre-hook; under ddp every rank stops if any must). train.py also checks Delta before the
+    self-labels and the pairs' losses before the backward pass (`checks`)."""
     if run.labeller is run.gold:
-        run.labeller = run.gold = FiniteRewards(run.gold, run, state)
+        run.labeller = run.gold = FiniteRewards(run.gold)
     else:
-        run.labeller, run.gold = FiniteRewards(run.labeller, run, state), FiniteRewards(run.gold, run, state)
+        run.labeller, run.gold = FiniteRewards(run.labeller), FiniteRewards(run.gold)
 
     def check_gradient(optimizer, args, kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
-        stop_if_not_finite(state.step + 1, {"the gradient norm": norm}, run.cfg.out_dir, run.world, run.device)
+        check_finite({"the gradient norm": norm}, run.world, run.device)
 
     run.optimizer.register_step_pre_hook(check_gradient)
 
@@ -193,14 +230,12 @@ def stop_on_non_finite(run, state):
 class FiniteRewards:
     """A reward (texts -> rewards) that stops the run on a non-finite one; anything else is the reward's own."""
 
-    def __init__(self, reward, run, state):
-        self.reward, self.run, self.state = reward, run, state
+    def __init__(self, reward):
+        self.reward = reward
 
     def __call__(self, prompts, responses):
         rewards = self.reward(prompts, responses)
-        bad = rewards[~torch.isfinite(rewards)]
-        if len(bad):
-            raise SystemExit(not_finite_message(self.state.step + 1, "an oracle reward", bad[0].item(), self.run.cfg.out_dir))
+        check_finite({"an oracle reward": rewards})  # each rank its own: every rank labels its own pairs
         return rewards
 
     def __getattr__(self, name):  # only for names not found on the wrapper itself

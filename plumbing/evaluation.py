@@ -15,21 +15,23 @@ from sail import logits_of, sample
 
 def make_eval_set(run, inputs, reference_logps):
     """The held-out batches: eval_samples prompts per held-out prompt; the held-out pairs with their
-    reference log-probs (computed once, by train.reference_logps: the reference is frozen); and
+    reference log-probs (computed once, by train.reference_logps: the reference is frozen) and which
+    of them have texts no training pair has (`unseen`); and
     responses of the reference at temperature 1, for KL(pi_ref || pi_theta), drawn once."""
     cfg = run.cfg
     prompts = [p for p in inputs.eval_prompts for _ in range(cfg.eval_samples)]
     batch = tuple(t.to(run.device) for t in data.encode_prompts(run.tokenizer, prompts, cfg.max_prompt_len))
-    pair_batch = None
+    pair_batch = unseen = None
     if inputs.eval_pairs:
         pairs = inputs.eval_pairs
+        unseen = torch.tensor(data.unseen_pairs(inputs.pairs, pairs))  # (M,) texts in no training pair: eval_acc_unseen
         pair_batch = tuple(t.to(run.device) for t in data.encode_responses(
             run.tokenizer, [x["prompt"] for x in pairs] * 2, [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs],
             cfg.max_prompt_len, cfg.max_new_tokens))
         pair_batch += (reference_logps(run, pair_batch),)
     generator = torch.Generator(run.ref_device).manual_seed(stream_seeds(cfg.seed)["eval_revkl"])
     ref_samples = sample_responses(run, run.reference, *(t.to(run.ref_device) for t in batch), 1.0, generator)
-    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, ref_samples=tuple(t.to(run.device) for t in ref_samples),
+    return SimpleNamespace(prompts=prompts, batch=batch, pair_batch=pair_batch, unseen=unseen, ref_samples=tuple(t.to(run.device) for t in ref_samples),
                            cut=len(inputs.eval_prompts) // 2 * cfg.eval_samples)  # the rows of the first half of the prompts
 
 

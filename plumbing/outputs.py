@@ -5,12 +5,15 @@ Per step: `step_metrics` (the line of metrics.jsonl: means over the valid pairs 
 counts and timings added to the run's totals), `log_step` (that line, and one fixed-format line
 on the terminal), `show_sample` (a prompt with its chosen and rejected responses, now and then).
 At the end: policy/ (from_pretrained-ready), summary.json, reward.png, and the final table.
-`Clock` times the step's phases.
+`Clock` times the step's phases. `CODE`: the code this process runs (summary.json's "code"), so
+that a result stays tied to the code that made it (experiments/compare.py reruns one made by other code).
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -155,6 +158,35 @@ def show_sample(run, pairs, labels):
                f"  chosen   {pairs.texts[w]!r}  (reward {shown[0]:.2f})\n  rejected {pairs.texts[l]!r}  (reward {shown[1]:.2f})")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = ("train.py", "sail.py", "reward.py", "data.py", "plumbing", "extensions")  # what `python train.py` executes
+
+
+def code_revision(root=ROOT):
+    """The code a run executes: {"digest": sha256 of its source (SOURCE's .py files, tests excluded,
+    each path and its bytes), "commit": git's HEAD or None, "dirty": whether that source differs
+    from the commit (None without git)}. Two runs with one digest ran the same code."""
+    files = [t for t in SOURCE if t.endswith(".py")] + sorted(
+        os.path.relpath(os.path.join(d, f), root) for top in SOURCE if not top.endswith(".py")
+        for d, _, names in os.walk(os.path.join(root, top)) for f in names if f.endswith(".py") and not f.startswith("test_"))
+    digest = hashlib.sha256()
+    for f in files:
+        with open(os.path.join(root, f), "rb") as fh:
+            digest.update(f.replace(os.sep, "/").encode() + b"\0" + fh.read() + b"\0")
+    commit = dirty = None
+    try:
+        git = ["git", "-C", root]
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(git + ["status", "--porcelain", "--", *files], capture_output=True, text=True, timeout=10,
+                                    check=True).stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git, or not a clone: the digest alone
+        pass
+    return {"digest": digest.hexdigest(), "commit": commit, "dirty": dirty}
+
+
+CODE = code_revision()  # read when this process imported the code, which is the code it runs
+
+
 def write_outputs(run, state, sft_eval, seconds, t_start):
     """policy/ (from_pretrained-ready), summary.json and reward.png; returns the summary. A LoRA
     policy is saved merged (W + (alpha / r) B A), a plain model again; the run's last use of it."""
@@ -169,6 +201,8 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "gold_reward_sft": sft_eval["eval_reward"], "gold_reward_final": final["eval_reward"],
         "win_rate_vs_sft": final["eval_win"], "kl": final["eval_kl"], "reverse_kl": final.get("eval_revkl"),
         "pair_accuracy_sft": sft_eval.get("eval_acc"), "pair_accuracy_final": final.get("eval_acc"),
+        # on the held-out pairs whose texts are in no training pair (data.unseen_pairs; None if there is none)
+        "pair_accuracy_unseen_sft": sft_eval.get("eval_acc_unseen"), "pair_accuracy_unseen_final": final.get("eval_acc_unseen"),
         **({"proxy_reward_sft": sft_eval["eval_proxy_reward"], "proxy_reward_final": final["eval_proxy_reward"],
             "proxy_win_rate_vs_sft": final["eval_proxy_win"], "proxy_accuracy": run.labeller.held_out_accuracy,
             "proxy_fit_pairs": run.labeller.fit_pairs} if cfg.proxy else {}),
@@ -183,6 +217,7 @@ def write_outputs(run, state, sft_eval, seconds, t_start):
         "peak_memory_gb": peak_memory(run.device) / 2 ** 30,  # RSS on a CPU, allocated on CUDA; a resumed run's since it resumed
     }
     summary["tie_rate"] = summary["ties"] / summary["oracle_queries"] if summary["oracle_queries"] else None
+    summary["code"] = CODE  # the code that made this run: experiments/compare.py reuses it only under the same digest
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_history(state.history, os.path.join(cfg.out_dir, "reward.png"), cfg.method)
@@ -194,7 +229,7 @@ def print_summary(cfg, summary, sft_eval, final):
     for name, key in [("gold reward", "eval_reward"), ("win rate vs SFT", "eval_win"), ("proxy reward (the labeller)", "eval_proxy_reward"),
                       ("proxy win rate vs SFT", "eval_proxy_win"), ("KL to reference", "eval_kl"),
                       ("KL(reference || policy)", "eval_revkl"),
-                      ("pair accuracy", "eval_acc"), ("implicit margin", "eval_margin"), ("distinct bigrams", "eval_distinct2")]:
+                      ("pair accuracy", "eval_acc"), ("  on unseen texts", "eval_acc_unseen"), ("implicit margin", "eval_margin"), ("distinct bigrams", "eval_distinct2")]:
         if key in final:
             print(f"{name:<26}{sft_eval[key]:>10.3f}{final[key]:>12.3f}")
     print("time per step: " + " | ".join(f"{k} {1000 * v:.0f}ms ({100 * summary['phase_share'][k]:.0f}%)"

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import extensions.step
 import reward
 import sail
 import train
@@ -243,15 +244,86 @@ def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path, cache,
     cfg = train.parse_args(["--steps", "4", "--g", "1", "--save_every", "1", "--out_dir", str(tmp_path), "--cache_dir", cache,
                             "--sft_steps", "40", "--eval_every", "100", "--sample_every", "100", "--eval_samples", "1"])
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({"eval_reward": 0.0}, None))  # keep the call count simple
-    with pytest.raises(SystemExit, match=r"step 2: an oracle reward is nan.*checkpoint is kept"):
+    with pytest.raises(SystemExit, match=r"step 2: an oracle reward is nan; stopped before the update.*checkpoint is kept"):
         train.main(cfg)
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
 
-    monkeypatch.setattr(reward.GoldReward, "__call__", real_oracle)
-    real_loss = train.sail_loss
-    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("inf"), None, None))  # a loss of inf
-    with pytest.raises(SystemExit, match=r"step 1: the gradient norm is (nan|inf); stopped before the update"):
+
+NON_FINITE = ["--steps", "3", "--save_every", "1", "--eval_every", "100", "--sample_every", "100", "--eval_samples", "1",
+              "--sft_steps", "40"]
+
+
+@pytest.mark.parametrize("extended, calls", [([], 1), (["--grad_accum", "2"], 2), (["--response_term", "official"], 1)])
+def test_an_infinite_loss_stops_the_run_though_its_gradient_is_finite(tmp_path, cache, monkeypatch, extended, calls):
+    """One pair's loss made +inf by a constant: its gradient stays finite, so only the loss's own
+    check stops the run, before step 2's update, on the plain step and the extended one."""
+    step = {"n": 0}  # calls: of the loss, per step (one per micro-batch)
+    real = train.sail_loss, extensions.step.pair_losses
+
+    def inf_at_step_2(losses):
+        step["n"] += 1
+        return losses + torch.tensor([float("inf")] + [0.0] * (len(losses) - 1)) if step["n"] == calls + 1 else losses
+
+    if extended:  # its check is on the extended step's final losses (the official term does not call sail_loss)
+        monkeypatch.setattr(extensions.step, "pair_losses", lambda *a, **k: inf_at_step_2(real[1](*a, **k)))
+    else:
+        monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (inf_at_step_2(real[0](*a, **k)[0]), None, None))
+    argv = ["--g", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, *NON_FINITE, *extended]
+    with pytest.raises(SystemExit, match=r"^error: step 2: a pair's loss is inf; stopped before the update. The last good checkpoint is kept"):
+        train.main(train.parse_args(argv))
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+    monkeypatch.setattr(train, "sail_loss", lambda *a, **k: (real[0](*a, **k)[0] * float("inf"), None, None))  # the gradient too
+    with pytest.raises(SystemExit, match=r"step 1: a pair's loss is (nan|inf); stopped before the update. No checkpoint"):
         train.main(train.parse_args(["--g", "1", "--out_dir", str(tmp_path / "b"), "--cache_dir", cache, "--sft_steps", "40"]))
+
+
+def test_a_nan_delta_stops_the_run_before_it_is_self_labelled(tmp_path, cache, monkeypatch):
+    """A NaN log-probability on one self-labelled row at step 2: the run stops with its message,
+    not torch.bernoulli's error, before the self-label is drawn; step 1's checkpoint is kept."""
+    step, drawn = {"n": 0}, []
+    real_logps, real_label = train.sequence_logps_of, reward.self_label
+
+    def nan_at_step_2(model, *batch):
+        logps = real_logps(model, *batch)
+        if model.training:  # the policy's forward of the step
+            step["n"] += 1
+            if step["n"] == 2:
+                logps = logps.clone()
+                logps[0] = float("nan")
+        return logps
+
+    monkeypatch.setattr(train, "sequence_logps_of", nan_at_step_2)
+    monkeypatch.setattr(reward, "self_label", lambda *a, **k: drawn.append(1) or real_label(*a, **k))
+    argv = ["--method", "sail-pp", "--p", "1", "--out_dir", str(tmp_path), "--cache_dir", cache, *NON_FINITE]
+    with pytest.raises(SystemExit, match=r"^error: step 2: Delta \(a log-probability\) is nan; stopped before the update"):
+        train.main(train.parse_args(argv))
+    assert len(drawn) == 1 and torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 1
+
+
+def test_a_nan_reward_in_an_evaluation_names_it_and_keeps_its_checkpoint(tmp_path, cache, monkeypatch):
+    """The SFT model's evaluation is checked too (a NaN there would skew every win rate); a NaN in
+    step 2's evaluation is reported as after step 2's update, and step 2's due checkpoint is written."""
+    real_evaluate = train.evaluate
+    for at, where, kept in ((0, "the SFT model's evaluation", None), (2, "step 2's evaluation", 2)):
+        calls = {"n": 0}
+
+        def broken_at(run, eval_set, sft_rewards, at=at):
+            calls["n"] += 1
+            if calls["n"] == 1 + at // 2:  # the SFT model's, then one every 2 steps
+                gold = run.gold.reward
+                monkeypatch.setattr(run.gold, "reward", lambda p, r: gold(p, r) * float("nan"))
+            return real_evaluate(run, eval_set, sft_rewards)
+
+        monkeypatch.setattr(train, "evaluate", broken_at)
+        out = tmp_path / str(at)
+        argv = ["--g", "1", "--out_dir", str(out), "--cache_dir", cache, *NON_FINITE, "--eval_every", "2", "--save_every", "2"]
+        after = "after" if at else "before"
+        with pytest.raises(SystemExit, match=rf"^error: {where}: an oracle reward is nan; stopped {after} the update. "
+                                             + ("The last good" if kept else "No checkpoint")):
+            train.main(train.parse_args(argv))
+        if kept:
+            assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == kept
+
 
 def test_a_run_continues_under_a_newer_option_only_at_its_default():
     """A checkpoint or compared run from before an option existed does not record it: it is the
@@ -579,6 +651,31 @@ def test_the_evaluation_halves_split_by_prompt_with_several_samples_and_an_odd_c
     assert halves(eval_set, x=torch.arange(15.0)) == {"x_a": 2.5, "x_b": 10.0}  # rows 0-5, rows 6-14
 
 
+def test_the_accuracy_on_unseen_texts_is_the_accuracy_on_those_held_out_pairs_alone(cache):
+    """eval_acc_unseen: the implicit reward's accuracy on the held-out pairs whose texts are in no
+    training pair (data.unseen_pairs), recomputed here pair by pair after a perturbation of the policy."""
+    from plumbing.evaluation import make_eval_set
+    cfg = train.parse_args(["--eval_samples", "1", "--cache_dir", cache, "--sft_steps", "40", "--max_new_tokens", "4"])
+    inputs = data.load_inputs(cfg)
+    inputs.eval_prompts, inputs.eval_pairs = inputs.eval_prompts[:4], inputs.eval_pairs[:40]
+    run = train.setup_run(cfg, inputs, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in run.policy.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    eval_set = make_eval_set(run, inputs, train.reference_logps)
+    unseen = data.unseen_pairs(inputs.pairs, inputs.eval_pairs)
+    assert eval_set.unseen.tolist() == unseen and 0 < sum(unseen) < 40
+    out = train.evaluate(run, eval_set, None)[0]
+    right = []
+    for x, new in zip(inputs.eval_pairs, unseen):
+        if new:
+            batch = data.encode_responses(run.tokenizer, [x["prompt"]] * 2, [x["chosen"], x["rejected"]], cfg.max_prompt_len, cfg.max_new_tokens)
+            d = sail.sequence_logps_of(run.policy, *batch) - sail.sequence_logps_of(run.reference, *batch)  # (2,)
+            right.append(float(d[0] > d[1]) + 0.5 * float(d[0] == d[1]))
+    assert out["eval_acc_unseen"] == pytest.approx(sum(right) / len(right), abs=1e-6) and out["eval_acc_unseen"] != out["eval_acc"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Units the mutation run found untested: ddp's shares of the draws, the checked rewards, the phase
 # clock, the official term's baseline and size
@@ -606,10 +703,14 @@ def test_a_non_finite_reward_of_either_kind_stops_the_run(tmp_path, bad):
     broken = lambda p, r: torch.tensor([1.0, bad])  # noqa: E731
     run = SimpleNamespace(labeller=good, gold=broken, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                           cfg=SimpleNamespace(out_dir=str(tmp_path)), world=1, device=torch.device("cpu"))
-    distributed.stop_on_non_finite(run, SimpleNamespace(step=0))
+    distributed.stop_on_non_finite(run)
     assert run.labeller is not run.gold and torch.equal(run.labeller(["p"] * 2, ["a", "b"]), torch.ones(2))
-    with pytest.raises(SystemExit, match=r"step 1: an oracle reward is (nan|inf|-inf)"):
+    with pytest.raises(distributed.NonFinite) as stop:
         run.gold(["p"] * 2, ["a", "b"])
+    assert stop.value.args[0] == "an oracle reward" and str(stop.value.args[1]) == str(bad)
+    with pytest.raises(SystemExit, match=rf"^error: step 7: an oracle reward is {bad}; stopped before the update. No checkpoint"):
+        with distributed.stop_at("step 7", tmp_path):
+            run.gold(["p"] * 2, ["a", "b"])
 
 
 def test_the_phase_clock_adds_up_each_phase_and_starts_empty():
@@ -772,3 +873,36 @@ def test_an_explore_decoy_is_another_categorys_key_word_and_the_corpus_covers_ev
 
 def test_the_task_follows_task_seed_not_seed():
     assert data.embedded_task(train.parse_args(["--task", "explore", "--seed", "3"])).pairs[:5] == tasks.make_explore_task(0).pairs[:5]
+
+
+def test_the_code_revision_is_a_digest_of_the_source_a_run_executes(tmp_path):
+    """summary.json's "code": one digest for one source; a change to any file a run executes changes
+    it, a test file or a file outside SOURCE does not; without git, no commit."""
+    for f in outputs.SOURCE:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        if f.endswith(".py"):
+            (tmp_path / f).write_text(f"# {f}\n")
+        else:
+            (tmp_path / f).mkdir(exist_ok=True)
+            (tmp_path / f / "a.py").write_text("x = 1\n")
+    first = outputs.code_revision(str(tmp_path))
+    assert first["commit"] is None and first["dirty"] is None and len(first["digest"]) == 64
+    (tmp_path / "plumbing" / "test_a.py").write_text("y = 2\n")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "b.py").write_text("y = 2\n")
+    assert outputs.code_revision(str(tmp_path)) == first
+    for changed in ("sail.py", "extensions/a.py"):
+        text = (tmp_path / changed).read_text()
+        (tmp_path / changed).write_text(text + " ")
+        assert outputs.code_revision(str(tmp_path))["digest"] != first["digest"], changed
+        (tmp_path / changed).write_text(text)
+    assert outputs.code_revision(str(tmp_path)) == first
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True)
+    committed = outputs.code_revision(str(tmp_path))
+    assert committed["digest"] == first["digest"] and len(committed["commit"]) == 40 and committed["dirty"] is False
+    (tmp_path / "notes.txt").write_text("not source")
+    assert outputs.code_revision(str(tmp_path))["dirty"] is False
+    (tmp_path / "sail.py").write_text("changed")
+    assert outputs.code_revision(str(tmp_path))["dirty"] is True
