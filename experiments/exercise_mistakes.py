@@ -1,13 +1,19 @@
 """
-experiments/exercise_mistakes.py: does exercise 8's check (docs/exercises.md) catch a learner's
-mistakes? Each mistake below is seeded alone into a copy of train.py, and the exercise's tests
-(`test_sail.py -k step_by_hand`) run on it; then a correct step written in another order, which
-must pass. It prints, for each, how many of the tests fail.
+experiments/exercise_mistakes.py: exercise 8 (docs/exercises.md), its blanks and its check.
 
-    python -m experiments.exercise_mistakes        # about 3 minutes on 2 CPU cores
+    python -m experiments.exercise_mistakes --blank A   # blank part A's functions in train.py (B, C: the others)
+    python -m experiments.exercise_mistakes             # does the check catch a learner's mistakes? (~3 min)
 
-The edits are text replacements of train.py: test_experiments.py checks that each still applies.
+--blank PART replaces the bodies of that part's functions in train.py with `raise
+NotImplementedError`, keeping each signature and docstring, after saving train.py as
+train.py.before-exercise-8 (restore it with `mv train.py.before-exercise-8 train.py`).
+
+Without --blank: each mistake below is seeded alone into a copy of train.py, and the exercise's
+tests (`test_sail.py -k step_by_hand`) run on it; then a correct step written in another order,
+which must pass. It prints, for each, how many of the tests fail. The edits are text replacements
+of train.py: test_experiments.py checks that each still applies.
 """
+import ast
 import os
 import subprocess
 import sys
@@ -94,6 +100,38 @@ def run_tests(train_text):
         return p.stdout.strip().splitlines()[-1]
 
 
+PARTS = {"A": ["coefficients", "self_labels", "response_baselines"], "B": ["alignment_step"], "C": ["build_pairs"]}
+
+
+def blanked(text, names):
+    """train.py's text with the bodies of the functions `names` replaced by `raise NotImplementedError`
+    (each signature and docstring kept)."""
+    lines = text.splitlines(keepends=True)
+    functions = {node.name: node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)}
+    for node in sorted((functions[n] for n in names), key=lambda n: -n.lineno):  # from the bottom up: line numbers hold
+        first = node.body[1] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body[0]
+        lines[first.lineno - 1:node.end_lineno] = [f'    raise NotImplementedError("exercise 8: write {node.name}")\n']
+    return "".join(lines)
+
+
+def blank(part):
+    """--blank PART: save train.py, then blank that part's functions in it."""
+    path, saved = os.path.join(HERE, "train.py"), os.path.join(HERE, "train.py.before-exercise-8")
+    if os.path.exists(saved):
+        raise SystemExit(f"error: {saved} exists: restore it first (mv train.py.before-exercise-8 train.py), or delete it")
+    text = open(path).read()
+    with open(saved, "w") as f:
+        f.write(text)
+    with open(path, "w") as f:
+        f.write(blanked(text, PARTS[part]))
+    print(f"train.py: blanked {', '.join(PARTS[part])}; saved as train.py.before-exercise-8. Check: python -m pytest -q test_sail.py -k step_by_hand")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--blank"]:
+        if sys.argv[2:] not in ([p] for p in PARTS):
+            raise SystemExit(f"error: --blank takes one part: {', '.join(PARTS)}")
+        blank(sys.argv[2])
+        raise SystemExit(0)
     for name, edits in [*MISTAKES.items(), ("CORRECT, in another order", CORRECT_OTHER_ORDER)]:
         print(f"{name:45s} {run_tests(seeded(edits))}", flush=True)

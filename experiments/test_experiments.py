@@ -636,3 +636,29 @@ def test_fisher_exact_by_hand():
     assert tasks.fisher_exact(9, 512, 15, 512) == pytest.approx(0.3017, abs=1e-4) == tasks.fisher_exact(15, 512, 9, 512)
     assert tasks.fisher_exact(0, 3, 3, 3) == pytest.approx(2 / comb(6, 3))
     assert tasks.fisher_exact(2, 4, 2, 4) == pytest.approx(1.0)
+
+
+def test_exercise_8s_blanks_keep_each_signature_and_docstring_and_lose_nothing(tmp_path, monkeypatch):
+    """--blank PART: each of the part's functions keeps its signature and docstring and raises
+    NotImplementedError; every other function is untouched; train.py is saved first, and a second
+    blank before it is restored is refused."""
+    import ast
+    from experiments import exercise_mistakes as ex
+    text = open(os.path.join(HERE, "train.py")).read()
+    before = {n.name: n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
+    for part, names in ex.PARTS.items():
+        after = {n.name: n for n in ast.parse(ex.blanked(text, names)).body if isinstance(n, ast.FunctionDef)}
+        assert after.keys() == before.keys()
+        for name, node in after.items():
+            if name in names:
+                assert ast.get_docstring(node) == ast.get_docstring(before[name]) and ast.dump(node.args) == ast.dump(before[name].args)
+                assert isinstance(node.body[-1], ast.Raise) and len(node.body) == 2, name
+            else:
+                assert ast.dump(node) == ast.dump(before[name]), name
+    (tmp_path / "train.py").write_text(text)
+    monkeypatch.setattr(ex, "HERE", str(tmp_path))
+    ex.blank("B")
+    assert (tmp_path / "train.py.before-exercise-8").read_text() == text
+    assert 'raise NotImplementedError("exercise 8: write alignment_step")' in (tmp_path / "train.py").read_text()
+    with pytest.raises(SystemExit, match="exists: restore it first"):
+        ex.blank("A")
