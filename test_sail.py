@@ -781,7 +781,7 @@ def test_one_file_of_prompts_and_one_of_pairs_split_by_prompt(tmp_path, capsys):
     assert len(set(x.eval_prompts)) == 5 and len(x.train_prompts) == 46  # 45 prompts, one twice
     assert {q["prompt"] for q in x.eval_pairs} == set(x.eval_prompts) and len(x.eval_pairs) == 20 and len(x.pairs) == 180
     out = capsys.readouterr().out
-    assert "data: training 46 prompts and 180 pairs | held out 5 prompts and 20 pairs, split by prompt" in out
+    assert "data: training 46 prompts and 180 pairs | held out 5 prompts and 20 pairs (0 with texts in no training pair), split by prompt" in out
     assert f"data: {p} holds 1 exact duplicate rows" in out
     assert data.load_inputs(cfg).eval_prompts == x.eval_prompts
     assert data.load_inputs(train.parse_args(["--prompts", p, "--pairs", q, "--task_seed", "1"])).eval_prompts != x.eval_prompts

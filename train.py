@@ -110,8 +110,10 @@ def coefficients(cfg, response_scale=None):
 #          SFT copy), run.labeller (the oracle), run.pairs (offline pairs, each {"prompt",
 #          "chosen", "rejected"}), run.train_prompts, run.tokenizer, run.device, run.optimizer;
 #   state  plumbing/checkpoint.State: the run's random streams.
-# Nothing else of a run is here. Timing wraps these functions below the step. bf16 and offloading
-# live on the models (plumbing/models.py). Data parallelism, micro-batches and the extensions take
+# Nothing else of a run is here. Below the step ("Around the step"), some of these names are
+# rebound to the same functions wrapped with a timer (build_pairs, oracle_labels, the log-probs,
+# backward, optimizer_step) or a NaN/inf check (self_labels, pair_losses): each computes exactly what
+# it computes here. bf16 and offloading live on the models (plumbing/models.py). Data parallelism, micro-batches and the extensions take
 # extensions/step.py's step instead (`is_plain`, below).
 
 def draw_routes(run, state, B):
@@ -251,7 +253,7 @@ def alignment_step(run, state):
     logps = policy_logps(run, pairs.batch)  # (2B,)
     delta = (logps - ref).detach()  # (2B,)
     # 4. SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)).
-    self_labels(run, state, pairs, labels, delta)
+    self_labels(run, state, pairs, labels, delta)  # writes their y1_wins into labels
     # 5. Each pair's loss: DPO + the label term + the response term with its baseline.
     baseline = response_baselines(run, pairs, labels, delta)  # (B,) or None
     losses = pair_losses(run, pairs.route, labels.y1_wins, labels.valid, baseline, logps, ref)  # (B,)
@@ -374,6 +376,10 @@ def main(cfg):
     distributed.wrap_ddp(run)
     metrics_file = outputs.open_metrics(cfg, state.step) if master else None
     # The loop: one alignment step, then (rank 0) its log line, evaluation and checkpoint when due.
+    def keep(row, save, streams):  # a step whose evaluation stopped the run keeps its line and its due checkpoint
+        outputs.log_step(metrics_file, row)
+        if save:
+            checkpoint.save_checkpoint(run, state, streams)
     t_align = time.perf_counter()
     for step in tqdm(range(state.step + 1, cfg.steps + 1), initial=state.step, total=cfg.steps, desc=cfg.method,
                      dynamic_ncols=True, leave=False, disable=not master):
@@ -386,7 +392,7 @@ def main(cfg):
             continue  # ddp: evaluation, logging and checkpoints are rank 0's
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with distributed.stop_at(f"step {step}'s evaluation", cfg.out_dir, updated=True,
-                                     on_stop=lambda: save and checkpoint.save_checkpoint(run, state, streams)):
+                                     on_stop=lambda: keep(row, save, streams)):
                 row.update(evaluate(run, eval_set, sft_rewards)[0])
             state.history.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval_")}})
         outputs.log_step(metrics_file, row)

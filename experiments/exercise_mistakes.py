@@ -4,9 +4,10 @@ experiments/exercise_mistakes.py: exercise 8 (docs/exercises.md), its blanks and
     python -m experiments.exercise_mistakes --blank A   # blank part A's functions in train.py (B, C: the others)
     python -m experiments.exercise_mistakes             # does the check catch a learner's mistakes? (~3 min)
 
---blank PART replaces the bodies of that part's functions in train.py with `raise
-NotImplementedError`, keeping each signature and docstring, after saving train.py as
-train.py.before-exercise-8 (restore it with `mv train.py.before-exercise-8 train.py`).
+--blank PART replaces that part's functions in train.py by their signatures, a docstring saying
+what each returns (not how) and `raise NotImplementedError`, after saving the untouched train.py
+as train.py.before-exercise-8 (once: blank A, write it, then blank B, and your A stays; `mv
+train.py.before-exercise-8 train.py` restores the reference).
 
 Without --blank: each mistake below is seeded alone into a copy of train.py, and the exercise's
 tests (`test_sail.py -k step_by_hand`) run on it; then a correct step written in another order,
@@ -21,7 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STEP_SELF = "    self_labels(run, state, pairs, labels, delta)\n"
+STEP_SELF = "    self_labels(run, state, pairs, labels, delta)  # writes their y1_wins into labels\n"
 MISTAKES = {  # a learner's mistake -> its edits of train.py (old text, new text), each found exactly once
  "skip the self-labels": [(STEP_SELF, "")],
  "one sample used as both y1 and y2": [("""        x, x_mask = (t.to(run.device) for t in data.encode_prompts(tok, p + p, cfg.max_prompt_len))  # (2m, Tp) each, m = B - n
@@ -38,7 +39,7 @@ MISTAKES = {  # a learner's mistake -> its edits of train.py (old text, new text
  "y2 sampled after another pair's prompt": [("data.encode_prompts(tok, p + p, cfg.max_prompt_len))  # (2m, Tp)", "data.encode_prompts(tok, p + p[::-1], cfg.max_prompt_len))  # (2m, Tp)")],
  "dataset pair's y1 its rejected response": [("""prompts, y1, y2 = [x["prompt"] for x in dataset], [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]""",
                                               """prompts, y1, y2 = [x["prompt"] for x in dataset], [x["rejected"] for x in dataset], [x["chosen"] for x in dataset]""")],
- "self-labels from -h": [(STEP_SELF, "    self_labels(run, state, pairs, labels, -delta)\n")],
+ "self-labels from -h": [(STEP_SELF, STEP_SELF.replace(", delta)", ", -delta)"))],
  "self-labels drawn after the loss": [(STEP_SELF, ""), ("    backward(run, losses.mean())\n", "    backward(run, losses.mean())\n" + STEP_SELF)],
  "Delta without the reference": [("    delta = (logps - ref).detach()  # (2B,)\n", "    delta = logps.detach()  # (2B,)\n")],
  "the loss summed, not averaged": [("backward(run, losses.mean())", "backward(run, losses.sum())")],
@@ -101,30 +102,41 @@ def run_tests(train_text):
 
 
 PARTS = {"A": ["coefficients", "self_labels", "response_baselines"], "B": ["alignment_step"], "C": ["build_pairs"]}
+QUESTIONS = {  # a blanked function's docstring: what to return, not how (the reference's docstrings give part A away)
+    "coefficients": "Each route's (OFFLINE, DP, PP, PR) label-term and response-term coefficients, (4,) each,\n"
+                    "    from cfg (and response_scale, or cfg.response_scale when None). Which draws depend on theta on each route?",
+    "self_labels": "Draw the self-labels of the pairs that need one, into labels.y1_wins (B,) bool, from\n"
+                   "    delta (2B,) and state.label_gen. Which pairs, from which margin, with which probability?",
+    "response_baselines": "Each pair's response-term baseline b (B,), or None (run.cfg.baseline: loo, loo-all, none).",
+    "alignment_step": "One update of the SAIL family. Returns (pairs, labels, delta (2B,), grad_norm).",
+    "build_pairs": "Route B pairs and give each its two responses y1, y2. Returns data.Pairs (docs/exercises.md, part C).",
+}
 
 
 def blanked(text, names):
-    """train.py's text with the bodies of the functions `names` replaced by `raise NotImplementedError`
-    (each signature and docstring kept)."""
+    """train.py's text with each function of `names` reduced to its signature, a docstring saying what
+    it returns (QUESTIONS) and `raise NotImplementedError`."""
     lines = text.splitlines(keepends=True)
     functions = {node.name: node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)}
     for node in sorted((functions[n] for n in names), key=lambda n: -n.lineno):  # from the bottom up: line numbers hold
-        first = node.body[1] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body[0]
-        lines[first.lineno - 1:node.end_lineno] = [f'    raise NotImplementedError("exercise 8: write {node.name}")\n']
+        start = node.body[0].lineno  # the docstring's first line (every function blanked has one)
+        lines[start - 1:node.end_lineno] = [f'    """{QUESTIONS[node.name]}"""\n',
+                                            f'    raise NotImplementedError("exercise 8: write {node.name}")\n']
     return "".join(lines)
 
 
 def blank(part):
-    """--blank PART: save train.py, then blank that part's functions in it."""
+    """--blank PART: save train.py (once: blanking another part later keeps what you wrote), then
+    blank that part's functions in it."""
     path, saved = os.path.join(HERE, "train.py"), os.path.join(HERE, "train.py.before-exercise-8")
-    if os.path.exists(saved):
-        raise SystemExit(f"error: {saved} exists: restore it first (mv train.py.before-exercise-8 train.py), or delete it")
     text = open(path).read()
-    with open(saved, "w") as f:
-        f.write(text)
+    if not os.path.exists(saved):
+        with open(saved, "w") as f:
+            f.write(text)
     with open(path, "w") as f:
         f.write(blanked(text, PARTS[part]))
-    print(f"train.py: blanked {', '.join(PARTS[part])}; saved as train.py.before-exercise-8. Check: python -m pytest -q test_sail.py -k step_by_hand")
+    print(f"train.py: blanked {', '.join(PARTS[part])}; the reference is in train.py.before-exercise-8 "
+          "(mv it back to restore). Check: python -m pytest -q test_sail.py -k step_by_hand")
 
 
 if __name__ == "__main__":

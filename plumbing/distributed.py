@@ -182,11 +182,12 @@ def checks(name, fn, arg=None):
     runs; counting run as 0) raises NonFinite(name). train.py wraps the step's functions with it, below the step."""
     @functools.wraps(fn)
     def checked(run, *args, **kwargs):
+        world, device = getattr(run, "world", 1), getattr(run, "device", "cpu")  # a learner's run may name neither
         if arg is not None:
-            check_finite({name: args[arg - 1]}, run.world, run.device)
+            check_finite({name: args[arg - 1]}, world, device)
         out = fn(run, *args, **kwargs)
         if arg is None:
-            check_finite({name: out}, run.world, run.device)
+            check_finite({name: out}, world, device)
         return out
     return checked
 

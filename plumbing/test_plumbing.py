@@ -321,8 +321,9 @@ def test_a_nan_reward_in_an_evaluation_names_it_and_keeps_its_checkpoint(tmp_pat
         with pytest.raises(SystemExit, match=rf"^error: {where}: an oracle reward is nan; stopped {after} the update. "
                                              + ("The last good" if kept else "No checkpoint")):
             train.main(train.parse_args(argv))
-        if kept:
+        if kept:  # step 2's line and checkpoint: a resumed run goes on from step 3 with every line before it
             assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == kept
+            assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_run_continues_under_a_newer_option_only_at_its_default():
