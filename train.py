@@ -133,7 +133,9 @@ def build_pairs(run, state, B):
     Returns data.Pairs: its batch holds y1 of every pair in rows 0..B-1 and y2 in rows B..2B-1."""
     cfg, tok = run.cfg, run.tokenizer
     route, pair_ids, prompt_ids = draw_routes(run, state, B)  # (B,), (n,), (B - n,)
-    prompts, y1, y2, rows1, rows2, generated = [], [], [], [], [], 0  # per pair; rows: blocks of (ids, attention_mask, response_mask)
+    prompts, y1, y2 = [], [], []  # per pair: its prompt and the texts of its two responses
+    rows1, rows2 = [], []  # blocks of rows (ids, attention_mask, response_mask): y1's, then y2's
+    generated = 0  # tokens sampled
     if pair_ids:  # dataset pairs: y1 is the pair's chosen response, y2 its rejected one
         dataset = [run.pairs[i] for i in pair_ids]
         prompts, y1, y2 = [x["prompt"] for x in dataset], [x["chosen"] for x in dataset], [x["rejected"] for x in dataset]
@@ -146,7 +148,8 @@ def build_pairs(run, state, B):
         rows = sample(run.policy, x, x_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       eos_token_id=tok.eos_token_id, generator=state.sampling_gen)  # (2m, T2) each: y1 rows, then y2 rows
         texts = data.decode(tok, rows[0], rows[2])  # (2m,)
-        prompts, y1, y2, generated = prompts + p, y1 + texts[:len(p)], y2 + texts[len(p):], int(rows[2].sum())
+        prompts, y1, y2 = prompts + p, y1 + texts[:len(p)], y2 + texts[len(p):]  # the online pairs after the dataset's
+        generated = int(rows[2].sum())
         rows1.append(tuple(t[:len(p)] for t in rows))  # (m, T2) each
         rows2.append(tuple(t[len(p):] for t in rows))
     batch = data.pad_cat(rows1 + rows2, tok.pad_token_id)  # (2B, T) each: y1 of every pair, then y2
