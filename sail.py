@@ -80,7 +80,7 @@ def pair_value(h, beta, valid=None):
     responses are the same text (h = 0) and lower the more the policy separates them.
 
     Why not 0 for a tie: 0 is the supremum of l, so a policy whose two samples always tie (any
-    deterministic policy) would maximise J whatever its reward (the README's "Ties").
+    deterministic policy) would maximise J whatever its reward (the README's "What SAIL is", its paragraph on ties).
     h: (B,); beta: KL strength; valid: None or (B,) bool."""
     ell = F.logsigmoid(beta * h)  # (B,) the Bradley-Terry log-likelihood of the label
     if valid is None:

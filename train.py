@@ -199,11 +199,13 @@ def margin(labels, delta):
 
 def self_labels(run, state, pairs, labels, delta):
     """SAIL-DP and SAIL-PP pairs: the policy labels them itself from its implicit reward, z ~
-    Bernoulli(sigmoid(beta h)) (no oracle query); z decides which of y1, y2 is chosen in the loss."""
+    Bernoulli(sigmoid(beta h)) (no oracle query); z decides which of y1, y2 is chosen in the loss.
+    Returns the labels, their y1_wins (B,) drawn for those pairs."""
     B = len(pairs.route)
     mine = torch.from_numpy((pairs.route == DP) | (pairs.route == PP))  # (B,)
     if mine.any():
         labels.y1_wins[mine] = reward.self_label(delta[:B][mine] - delta[B:][mine], run.cfg.beta, state.label_gen)
+    return labels
 
 
 def response_baselines(run, pairs, labels, delta):
@@ -256,7 +258,7 @@ def alignment_step(run, state):
     logps = policy_logps(run, pairs.batch)  # (2B,)
     delta = (logps - ref).detach()  # (2B,)
     # 4. SAIL-DP and SAIL-PP pairs: the policy labels them itself, z ~ Bernoulli(sigmoid(beta h)).
-    self_labels(run, state, pairs, labels, delta)  # writes their y1_wins into labels
+    labels = self_labels(run, state, pairs, labels, delta)
     # 5. Each pair's loss: DPO + the label term + the response term with its baseline.
     baseline = response_baselines(run, pairs, labels, delta)  # (B,) or None
     losses = pair_losses(run, pairs.route, labels.y1_wins, labels.valid, baseline, logps, ref)  # (B,)

@@ -22,7 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STEP_SELF = "    self_labels(run, state, pairs, labels, delta)  # writes their y1_wins into labels\n"
+STEP_SELF = "    labels = self_labels(run, state, pairs, labels, delta)\n"
 MISTAKES = {  # a learner's mistake -> its edits of train.py (old text, new text), each found exactly once
  "skip the self-labels": [(STEP_SELF, "")],
  "one sample used as both y1 and y2": [("""        x, x_mask = (t.to(run.device) for t in data.encode_prompts(tok, p + p, cfg.max_prompt_len))  # (2m, Tp) each, m = B - n
@@ -105,8 +105,8 @@ PARTS = {"A": ["coefficients", "self_labels", "response_baselines"], "B": ["alig
 QUESTIONS = {  # a blanked function's docstring: what to return, not how (the reference's docstrings give part A away)
     "coefficients": "Each route's (OFFLINE, DP, PP, PR) label-term and response-term coefficients, (4,) each,\n"
                     "    from cfg (and response_scale, or cfg.response_scale when None). Which draws depend on theta on each route?",
-    "self_labels": "Draw the self-labels of the pairs that need one, into labels.y1_wins (B,) bool, from\n"
-                   "    delta (2B,) and state.label_gen. Which pairs, from which margin, with which probability?",
+    "self_labels": "Draw the self-labels of the pairs that need one into labels.y1_wins (B,) bool, from\n"
+                   "    delta (2B,) and state.label_gen, and return labels. Which pairs, from which margin, with which probability?",
     "response_baselines": "Each pair's response-term baseline b (B,), or None (run.cfg.baseline: loo, loo-all, none).",
     "alignment_step": "One update of the SAIL family. Returns (pairs, labels, delta (2B,), grad_norm).",
     "build_pairs": "Route B pairs and give each its two responses y1, y2. Returns data.Pairs (docs/exercises.md, part C).",

@@ -50,7 +50,7 @@ def alignment_step(run, state, sail_step):
     ref = [reference_logps(run, micro.rows(idx)) for idx in micro]  # (2m [+ m],) each
     delta, logps = policy_delta(run, micro, ref)  # (2B,) detached; logps: the loss's forward, or None
     # 4. Self-labels.
-    sail_step.self_labels(run, state, pairs, labels, delta)
+    labels = sail_step.self_labels(run, state, pairs, labels, delta)
     # 5. Each pair's loss and its backward, micro-batch by micro-batch; SAIL-RevKL's penalty after each.
     baseline = sail_step.response_baselines(run, pairs, labels, delta) if has_baseline(cfg) else None  # (B,) or None
     penalty = backward(run, sail_step, pairs, labels, baseline, micro, ref, logps)
