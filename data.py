@@ -120,8 +120,10 @@ TASKS = {"review": make_task}  # --task NAME -> its builder; plumbing/tasks.py a
 
 def embedded_task(cfg):
     """The embedded task that --task names: this file's review task (the default), or one of
-    plumbing/tasks.py's, which are built to probe exploration and off-policy pairs."""
-    return TASKS[cfg.task](cfg.task_seed)
+    plumbing/tasks.py's, which are built to probe exploration and off-policy pairs; a builder's
+    `options` name the options it also takes (explore: --explore_key_rate)."""
+    build = TASKS[cfg.task]
+    return build(cfg.task_seed, **{name: getattr(cfg, name) for name in getattr(build, "options", ())})
 
 
 def build_tokenizer(texts, vocab_size=512):

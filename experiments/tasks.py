@@ -5,6 +5,7 @@ what it is built to have, measured, then the comparison at equal KL and at equal
 
     python -m experiments.tasks --out_dir runs/tasks --eval_every 10   # 3 tasks x 6 rows x 3 betas x 5 seeds
     python -m experiments.tasks --out_dir runs/tasks --tasks explore --compare_seeds 2   # any compare or train.py option
+    python -m experiments.tasks --out_dir runs/dial --tasks_key_rates 0.005,0.01,0.02,0.05 --tasks_samples 32   # the dial, measured only
 
 Writes OUT_DIR/tasks.md, tasks.json and tasks.png (each task's frontier, one panel each): per task, its measured properties (`measure`): the SFT
 model's gold reward on the held-out prompts, the share of its samples in the top reward band, the
@@ -47,12 +48,20 @@ TOP_BAND = 3.0  # the top reward band: 3 and above of the maximum 4
 class TasksOptions(CompareOptions):
     tasks: str = arg(",".join(TASKS), "the embedded tasks to measure and compare, comma-separated (plumbing/tasks.py)")
     tasks_samples: int = arg(8, "SFT samples per held-out prompt for the measured properties")
+    tasks_key_rates: str = arg("", "the explore task's difficulty dial, measured only (no run): its SFT model's top-band share at "
+                                   "each --explore_key_rate, comma-separated (e.g. 0.005,0.01,0.02,0.05), against the review task's")
     compare_methods: str = arg("dpo,online-dpo,sail-pr,sail-pr-g1,sail-pp,sail-dp", "rows, as compare.py's --compare_methods")
     compare_betas: str = arg("0.1,0.3,1", "betas, as compare.py's --compare_betas (equal KL and equal labels need several)")
 
     def problems(self):
         unknown = [t for t in self.tasks.split(",") if t not in TASKS]
-        return super().problems() + ([f"--tasks: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}"] if unknown else []) \
+        try:
+            rates = [float(x) for x in self.tasks_key_rates.split(",")] if self.tasks_key_rates else []
+            bad = [x for x in rates if not 0 < x <= 0.5]
+        except ValueError:
+            bad = [self.tasks_key_rates]
+        return super().problems() + ([f"--tasks_key_rates {self.tasks_key_rates!r}: give rates in (0, 0.5], comma-separated"] if bad else []) \
+            + ([f"--tasks: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}"] if unknown else []) \
             + ([f"--tasks_samples must be >= 1, got {self.tasks_samples}"] if self.tasks_samples < 1 else []) \
             + (["--compare_betas: give several betas (the tasks are compared at equal KL and equal labels)"] if not self.compare_betas else [])
 
@@ -90,6 +99,41 @@ def fisher_exact(a, n, b, m):
     prob = [comb(n, x) * comb(m, k - x) / comb(n + m, k) for x in range(max(0, k - m), min(n, k) + 1)]
     seen = comb(n, a) * comb(m, b) / comb(n + m, k)
     return min(1.0, sum(q for q in prob if q <= seen * (1 + 1e-9)))
+
+
+def wilson(k, n, z=1.96):
+    """The 95% Wilson score interval of a share k of n (it stays inside [0, 1], and is not empty at k = 0)."""
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def measure_dial(cfg, opts):
+    """--tasks_key_rates: the explore task at each key rate (its SFT model trained once per rate and
+    cached under its corpus's digest), measured as `measure` does with --tasks_samples per held-out
+    prompt, against the review task's SFT model measured alike: each rate's top-band share with its
+    Wilson interval and Fisher's exact test against review's. Writes OUT_DIR/dial.md and dial.json;
+    runs nothing else: the rates of a comparison are chosen from these figures, before it."""
+    rates = [float(x) for x in opts.tasks_key_rates.split(",")]
+    review = measure(dataclasses.replace(cfg, task="review"), opts.tasks_samples)
+    found = {rate: measure(dataclasses.replace(cfg, task="explore", explore_key_rate=rate), opts.tasks_samples) for rate in rates}
+    lines = [f"SFT samples at temperature 1, {opts.tasks_samples} per held-out prompt ({review['samples']} per model), in the top "
+             "band (gold reward >= 3 of 4), [95% Wilson interval]; Fisher's exact test against the review task's SFT model.", "",
+             "| task | key rate (corpus) | SFT texts in the top band | SFT samples in the top band | against review |", "|---|---|---|---|---|",
+             f"| review | — | {review['sft_top']} of {review['sft_texts']} | {review['top_band_count']} of {review['samples']} "
+             f"({100 * review['top_band_share']:.2f}% [{', '.join(f'{100 * x:.2f}' for x in wilson(review['top_band_count'], review['samples']))}]) | — |"]
+    for rate, m in found.items():
+        lo, hi = wilson(m["top_band_count"], m["samples"])
+        p = fisher_exact(m["top_band_count"], m["samples"], review["top_band_count"], review["samples"])
+        lines.append(f"| explore | {rate:g} | {m['sft_top']} of {m['sft_texts']} | {m['top_band_count']} of {m['samples']} "
+                     f"({100 * m['top_band_share']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]) | p = {p:.2g} |")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "dial.json"), "w") as f:
+        json.dump({"review": review, "explore": {str(k): v for k, v in found.items()}}, f, indent=1)
+    with open(os.path.join(cfg.out_dir, "dial.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {"review": review, "explore": found}
 
 
 def sample_batches(model, tokenizer, prompts, cfg, device, generator):
@@ -250,7 +294,10 @@ def plot_tasks(runs, path, budget):
 
 def run_tasks(cfg, opts):
     """`python -m experiments.tasks`: for each task, `measure` then compare.compare in OUT_DIR/TASK;
-    then each other task against the review task (if it ran), and tasks.md."""
+    then each other task against the review task (if it ran), and tasks.md. --tasks_key_rates:
+    the explore task's dial measured instead (`measure_dial`), and nothing run."""
+    if opts.tasks_key_rates:
+        return measure_dial(cfg, opts)
     results, runs, vs = {}, {}, {}
     for name in opts.tasks.split(","):
         tcfg = dataclasses.replace(cfg, task=name, out_dir=os.path.join(cfg.out_dir, name))

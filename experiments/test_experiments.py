@@ -669,3 +669,36 @@ def test_exercise_8s_blanks_keep_each_signature_and_lose_nothing(tmp_path, monke
     assert (tmp_path / "train.py.before-exercise-8").read_text() == text  # the reference, untouched
     now = (tmp_path / "train.py").read_text()
     assert "return 1" in now and 'raise NotImplementedError("exercise 8: write alignment_step")' in now
+
+
+def test_wilson_interval_by_hand():
+    """12 of 512: centre (p + z²/2n) / (1 + z²/n), half-width z sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n); 0 of n is not empty."""
+    p, n, z = 12 / 512, 512, 1.96
+    d = 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    assert tasks.wilson(12, 512) == pytest.approx((centre - half, centre + half))
+    lo, hi = tasks.wilson(0, 2048)
+    assert lo == 0.0 and 0 < hi < 0.002
+
+
+def test_the_dial_is_measured_per_rate_against_the_review_task_and_runs_nothing(tmp_path, monkeypatch):
+    """--tasks_key_rates: `measure` on the review task and on explore at each rate (its option set on
+    the config), one table row each with the share, its Wilson interval and Fisher's p; no compare."""
+    seen = []
+
+    def fake_measure(cfg, samples):
+        seen.append((cfg.task, cfg.explore_key_rate, samples))
+        k = {"review": 40, "explore": int(cfg.explore_key_rate * 1000)}[cfg.task]
+        return {"samples": 2048, "top_band_count": k, "top_band_share": k / 2048, "sft_top": 7, "sft_texts": 20000}
+
+    monkeypatch.setattr(tasks, "measure", fake_measure)
+    monkeypatch.setattr(tasks, "compare", lambda *a, **k: pytest.fail("the dial runs no comparison"))
+    argv = ["--tasks_key_rates", "0.01,0.05", "--tasks_samples", "32", "--out_dir", str(tmp_path)]
+    out = train.cli(argv, run=tasks.run_tasks, extra=tasks.TasksOptions)
+    assert seen == [("review", 0.05, 32), ("explore", 0.01, 32), ("explore", 0.05, 32)] and set(out["explore"]) == {0.01, 0.05}
+    table = (tmp_path / "dial.md").read_text()
+    lo, hi = tasks.wilson(10, 2048)
+    assert f"| explore | 0.01 | 7 of 20000 | 10 of 2048 (0.49% [{100 * lo:.2f}, {100 * hi:.2f}]) | p = {tasks.fisher_exact(10, 2048, 40, 2048):.2g} |" in table
+    assert json.loads((tmp_path / "dial.json").read_text())["explore"]["0.05"]["top_band_count"] == 50
+    with pytest.raises(SystemExit, match=r"--tasks_key_rates '0.01,0.7': give rates in \(0, 0.5\]"):
+        train.parse_args(["--tasks_key_rates", "0.01,0.7"], extra=tasks.TasksOptions)

@@ -69,9 +69,11 @@ class RunOptions:
     pairs: str = arg("", "offline pairs JSONL ({'prompt','chosen','rejected'}); default: the embedded task's")
     eval_pairs: str = arg("", "held-out pairs JSONL for implicit-reward accuracy; default: the embedded task's")
     holdout: float = arg(0.1, "with --prompts/--pairs but no held-out file: the fraction of their distinct prompts held out for evaluation, with all their rows")
-    task: str = arg("review", "the embedded task: review (data.make_task), explore (the best responses rare under the SFT model) "
+    task: str = arg("review", "the embedded task: review (data.make_task), explore (a flat reward with a one-word jump to its top band) "
                               "or offpolicy (the review task, each offline response opened by a phrase the SFT model never writes): plumbing/tasks.py")
     task_seed: int = arg(0, "seed of the embedded task and its SFT model (kept fixed across --seed)")
+    explore_key_rate: float = arg(0.05, "--task explore: the share of its SFT texts, and of its pairs' responses, that say the "
+                                        "subject's key word (as many say another category's); 0.05: the task of docs/tasks.md")
     sft_steps: int = arg(600, "SFT steps for the embedded model (only when it is not cached)")
     sft_lr: float = arg(2e-3, "SFT learning rate (AdamW, cosine decay)")
     sft_batch_size: int = arg(64, "SFT batch size")
@@ -96,6 +98,7 @@ RANGES = [
                                 "grad_clip", "seed", "task_seed", "lora_rank", "proxy_pairs"]),
     (lambda x: 0 <= x <= 1, "between 0 and 1 (a probability)", ["r", "p", "g"]),
     (lambda x: 0 < x < 1, "strictly between 0 and 1", ["holdout"]),
+    (lambda x: 0 < x <= 0.5, "in (0, 0.5] (as many texts again say a decoy)", ["explore_key_rate"]),
     (lambda x: x > 0 and x % 4 == 0, "a positive multiple of 4 (its 4 attention heads)", ["proxy_width"]),
     (lambda x: x >= 1, ">= 1", ["steps", "grad_accum", "proxy_steps", "max_new_tokens", "max_prompt_len", "reward_batch_size", "sft_steps",
                                 "sft_batch_size", "eval_every", "eval_samples", "sample_every", "save_every"]),
@@ -188,6 +191,8 @@ def check_config(cfg, methods):
     if (probs[OFFLINE] or probs[DP]) and no_pairs:
         problems.append(f"--method {cfg.method} trains on offline pairs: give --pairs")
     files = [f"--{k}" for k in ("prompts", "eval_prompts", "pairs", "eval_pairs") if getattr(cfg, k)]
+    if cfg.explore_key_rate != 0.05 and cfg.task != "explore":
+        problems.append(f"--explore_key_rate {cfg.explore_key_rate:g} sets the explore task's corpus: use it with --task explore")
     if cfg.task != "review" and files:
         problems.append(f"--task {cfg.task} brings its own prompts and pairs: drop {', '.join(files)}, or use --task review")
     if cfg.proxy == "fit" and no_pairs:

@@ -11,11 +11,12 @@ The step's code does not know which task runs; a learner who reads the review ta
 this file.
 
   * review (data.make_task): short reviews, scored for sentiment, topic, repetition and a finished
-    sentence. Good reviews are common under the SFT model; it probes neither mechanism below.
-  * explore: the gold reward's best responses are rare under the SFT model. Each category of
+    sentence. It probes neither mechanism below.
+  * explore: a reward flat below its top band, with a one-word jump to it. Each category of
     subject has one key word (KEY_WORDS) worth 3 of the reward's 4 points, and the SFT corpus
     uses the subject's own key word in EXPLORE_KEY_RATE (5%) of its texts (and another
-    category's, worth nothing, as often), so a method must find the key words by sampling.
+    category's, worth nothing, as often): --explore_key_rate dials that share, and with it how
+    often the SFT model samples a key word (docs/tasks.md measures it).
     `explore_reward` is written out below and tested by hand.
   * offpolicy: the review task (its prompts, SFT corpus and gold reward, data.make_task's, bit for
     bit) with each response of its offline pairs, and of its held-out pairs, opened by a phrase its
@@ -44,7 +45,7 @@ from reward import ASPECTS, CATEGORY_OF, STOPWORDS, gold_reward, subject_of
 STREAM_ID = {"explore": 1, "offpolicy": 2}  # each task's spawn key for its random stream: never renumber (it would change the texts)
 
 # ---------------------------------------------------------------------------------------------
-# explore: the best responses are rare under the SFT model
+# explore: a flat reward, a one-word jump to its top band, and a dial on how often the corpus says the word
 
 KEY_WORDS = {"food": "fresh", "film": "classic", "place": "hidden", "gadget": "wireless"}  # worth 3 points each
 EXPLORE_KEY_RATE = 0.05  # the share of SFT texts with the subject's own key word (and, as often, another category's)
@@ -87,13 +88,13 @@ def task_rng(seed, task):
     return random.Random(int(np.random.SeedSequence(seed, spawn_key=(STREAM_ID[task],)).generate_state(1)[0]))
 
 
-def make_description(rng, subject):
+def make_description(rng, subject, key_rate=EXPLORE_KEY_RATE):
     """One description of `subject` from the explore task's SFT distribution."""
     category = CATEGORY_OF[subject]
     u = rng.random()
-    if u < EXPLORE_KEY_RATE:  # the subject's own key word, in the first adjective's place
+    if u < key_rate:  # the subject's own key word, in the first adjective's place
         a = KEY_WORDS[category]
-    elif u < 2 * EXPLORE_KEY_RATE:  # a decoy: another category's key word, worth nothing (a key word pays only for its own category)
+    elif u < 2 * key_rate:  # a decoy: another category's key word, worth nothing (a key word pays only for its own category)
         a = KEY_WORDS[rng.choice([c for c in KEY_WORDS if c != category])]
     else:
         a = rng.choice(DESCRIPTIONS)
@@ -102,15 +103,17 @@ def make_description(rng, subject):
                                                       b=rng.choice(DESCRIPTIONS))
 
 
-def make_explore_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs=256):
-    """The explore task, deterministically from `seed`, laid out as data.make_task's."""
+def make_explore_task(seed=0, n_sft=20000, n_pairs=4096, n_eval_prompts=64, n_eval_pairs=256, explore_key_rate=EXPLORE_KEY_RATE):
+    """The explore task, deterministically from `seed`, laid out as data.make_task's; the share of
+    its texts saying the subject's key word is explore_key_rate (--explore_key_rate: the difficulty
+    dial; the gold reward is the same at every rate)."""
     rng = task_rng(seed, "explore")
     prompts = [t.format(s=s) for t in EXPLORE_PROMPTS for s in CATEGORY_OF]  # 8 x 24 = 192
     rng.shuffle(prompts)
     eval_prompts, train_prompts = prompts[:n_eval_prompts], prompts[n_eval_prompts:]
 
     def respond(rng, prompt):
-        return make_description(rng, subject_of(prompt))
+        return make_description(rng, subject_of(prompt), explore_key_rate)
 
     # as data.make_task: the SFT text covers every prompt (unlabelled); held-out prompts get no training pair
     sft = [(p, respond(rng, p)) for p in (rng.choice(prompts) for _ in range(n_sft))]
@@ -141,3 +144,4 @@ def make_offpolicy_task(seed=0):
 
 TASKS = data.TASKS  # --task NAME: the review task's registry (data.py), with these two added
 TASKS.update(explore=make_explore_task, offpolicy=make_offpolicy_task)
+make_explore_task.options = ("explore_key_rate",)  # the options data.embedded_task hands it

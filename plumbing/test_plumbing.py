@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -812,6 +813,33 @@ def test_the_explore_tasks_best_responses_are_rare_in_its_sft_corpus():
     assert 0.03 < decoys < 0.06  # another category's key word, as often
 
 
+@pytest.mark.parametrize("rate", [0.005, 0.01, 0.02, 0.2])
+def test_the_explore_tasks_key_rate_is_a_dial_on_its_corpus_alone(rate):
+    """--explore_key_rate: the share of SFT texts saying the subject's own key word is the rate, and as
+    many say another category's (within 4 binomial standard deviations of 20000 texts, by hand); the
+    gold reward is the same function at every rate and labels every pair (chosen scores at least the
+    rejected); the prompts do not move; at 0.05 it is the task the digests above pin."""
+    own = lambda p, y: tasks.KEY_WORDS[tasks.CATEGORY_OF[tasks.subject_of(p)]] in y.split()  # noqa: E731
+    task, default = tasks.make_explore_task(0, explore_key_rate=rate), tasks.make_explore_task(0)
+    n, sd = len(task.sft), (rate * (1 - rate) / len(task.sft)) ** 0.5
+    share = sum(own(p, y) for p, y in task.sft) / n
+    decoy = sum(any(w in y.split() for w in tasks.KEY_WORDS.values()) and not own(p, y) for p, y in task.sft) / n
+    assert abs(share - rate) < 4 * sd and abs(decoy - rate) < 4 * sd
+    assert task.gold is tasks.explore_reward is default.gold
+    assert all(task.gold(x["prompt"], x["chosen"]) >= task.gold(x["prompt"], x["rejected"]) for x in task.pairs)
+    assert (task.train_prompts, task.eval_prompts) == (default.train_prompts, default.eval_prompts)
+    assert data.embedded_task(train.parse_args(["--task", "explore", "--explore_key_rate", str(rate)])).sft == task.sft
+    assert data.embedded_task(train.parse_args(["--task", "explore"])).sft == default.sft
+
+
+def test_the_key_rate_is_refused_outside_the_explore_task_and_its_range():
+    for argv, message in ((["--explore_key_rate", "0.02"], "--explore_key_rate 0.02 sets the explore task's corpus: use it with --task explore"),
+                          (["--task", "explore", "--explore_key_rate", "0.6"], "--explore_key_rate must be in (0, 0.5]"),
+                          (["--task", "explore", "--explore_key_rate", "0"], "--explore_key_rate must be in (0, 0.5]")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.parse_args(argv)
+
+
 def test_the_offpolicy_task_is_the_review_task_but_an_opener_on_each_offline_response():
     """Everything but the pairs is the review task's; each response of a pair (held-out pairs too) is
     an opener of OPENERS, drawn from the task's own stream, then the review pair's response: the gold
@@ -838,8 +866,8 @@ def test_the_task_option_picks_the_prompts_pairs_gold_reward_and_sft_model(tmp_p
     assert data.embedded_path(train.parse_args([])) == os.path.join(".cache", "embedded-sft-task0-steps600")  # the review task's, as before
     explore = os.path.basename(data.embedded_path(train.parse_args(["--task", "explore"])))
     assert explore.startswith("embedded-sft-explore-") and explore.endswith("-task0-steps600")  # and a digest of its SFT corpus:
-    monkeypatch.setattr(tasks, "EXPLORE_KEY_RATE", 0.1)  # another corpus, another model
-    assert os.path.basename(data.embedded_path(train.parse_args(["--task", "explore"]))) != explore
+    other = os.path.basename(data.embedded_path(train.parse_args(["--task", "explore", "--explore_key_rate", "0.1"])))
+    assert other != explore and other.startswith("embedded-sft-explore-")  # another corpus, another model
 
 
 def test_a_run_on_the_explore_task_is_scored_by_its_gold_reward(tmp_path, monkeypatch):
