@@ -112,9 +112,9 @@ def coefficients(cfg, response_scale=None):
 #   state  plumbing/checkpoint.State: the run's random streams.
 # Nothing else of a run is here. Below the step ("Around the step"), some of these names are
 # rebound to the same functions wrapped with a timer (build_pairs, oracle_labels, the log-probs,
-# backward, optimizer_step) or a NaN/inf check (self_labels, pair_losses): each computes exactly what
-# it computes here. bf16 and offloading live on the models (plumbing/models.py). Data parallelism, micro-batches and the extensions take
-# extensions/step.py's step instead (`is_plain`, below).
+# backward, optimizer_step) or a NaN/inf check (self_labels, pair_losses): each computes exactly
+# what it computes here. bf16 and offloading live on the models (plumbing/models.py). Data
+# parallelism, micro-batches and the extensions take extensions/step.py's step (`is_plain`, below).
 
 def draw_routes(run, state, B):
     """Route each of B pairs with the method's probabilities and draw what it needs: a dataset pair
