@@ -276,7 +276,7 @@ build_pairs, oracle_labels, reference_logps = timed("generate")(build_pairs), ti
 policy_logps, backward, optimizer_step = timed("policy")(policy_logps), timed("policy")(backward), timed("optimizer")(optimizer_step)
 # Non-finite stops (plumbing/distributed.py): Delta is checked before the self-labels, the pairs' losses
 # before the backward pass; a NaN or inf raises NonFinite, and main stops the run before the update.
-self_labels, pair_losses = distributed.checks("Delta (a log-probability)", self_labels, arg=4), distributed.checks("a pair's loss", pair_losses)
+self_labels, pair_losses = distributed.checks("Delta (a log-probability)", self_labels, arg="delta"), distributed.checks("a pair's loss", pair_losses)
 # The extended step (extensions/step.py) is built from these same functions: no part of SAIL is written twice.
 SAIL_STEP = SimpleNamespace(build_pairs=build_pairs, oracle_labels=oracle_labels, self_labels=self_labels, order_pairs=order_pairs,
                             response_baselines=response_baselines, pair_losses=pair_losses, coefficients=coefficients,

@@ -240,11 +240,12 @@ def finished(c, reuse="same-code"):
         summary = json.load(f)
     made_by = (summary.get("code") or {}).get("digest")
     if reuse == "same-code" and made_by != CODE["digest"]:
-        aside = f"{c.out_dir}.code-{(made_by or 'unrecorded')[:12]}"
+        base = aside = f"{c.out_dir}.code-{(made_by or 'unrecorded')[:12]}"
         k = 1
-        while os.path.exists(aside if k == 1 else f"{aside}.{k}"):
+        while os.path.exists(aside):  # never over an earlier one
             k += 1
-        os.replace(c.out_dir, aside if k == 1 else f"{aside}.{k}")
+            aside = f"{base}.{k}"
+        os.replace(c.out_dir, aside)
         print(f"compare: {c.out_dir} was made by other code ({(made_by or 'unrecorded')[:12]}); moved aside, rerun by {CODE['digest'][:12]}")
         return False
     return summary["steps"] == c.steps

@@ -15,6 +15,7 @@ kept and a line naming the step (or evaluation) and the quantity; the step holds
 import contextlib
 import functools
 import gc
+import inspect
 import os
 import sys
 
@@ -178,13 +179,15 @@ def check_finite(values, world=1, device="cpu"):
 
 
 def checks(name, fn, arg=None):
-    """fn(run, ...), checked: a NaN or inf in its result (or, arg=i, in its i-th argument, before it
-    runs; counting run as 0) raises NonFinite(name). train.py wraps the step's functions with it, below the step."""
+    """fn(run, ...), checked: a NaN or inf in its result, or (arg: a parameter's name) in that
+    argument before fn runs, raises NonFinite(name). train.py wraps step functions with it, below the step."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def checked(run, *args, **kwargs):
         world, device = getattr(run, "world", 1), getattr(run, "device", "cpu")  # a learner's run may name neither
         if arg is not None:
-            check_finite({name: args[arg - 1]}, world, device)
+            check_finite({name: signature.bind(run, *args, **kwargs).arguments[arg]}, world, device)
         out = fn(run, *args, **kwargs)
         if arg is None:
             check_finite({name: out}, world, device)
